@@ -1,0 +1,45 @@
+# One-command set-up: `make serve` to run, `make test` to test. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: 2.13.0 is the CPU build on disk; an unpinned torch may pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEPS_STAMP := $(VENV)/.deps-stamp
+MODELS_STAMP := $(VENV)/.models-stamp
+
+.PHONY: dev serve test lint bench clean
+
+dev: $(MODELS_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(DEPS_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+# Pulls are idempotent: a materialized model is reused, so this is quick the second time.
+$(MODELS_STAMP): $(DEPS_STAMP)
+	$(BIN)/ollm models pull smollm2-135m-instruct
+	$(BIN)/ollm models pull all-minilm-l6-v2
+	touch $@
+
+serve: dev
+	$(BIN)/ollm serve
+
+test: dev
+	$(BIN)/ruff check ollm workers server cli tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+lint: dev
+	$(BIN)/ruff check ollm workers server cli tests bench
+	$(BIN)/mypy
+
+bench: dev
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV)
