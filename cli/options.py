@@ -1,0 +1,57 @@
+"""Flags shared by several commands, mapped onto settings overrides ({section: {field: value}})."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ollm.errors import OllmError
+from ollm.settings import Settings, load_settings
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model alias, Hugging Face repo ID or local directory.")
+]
+BackendOption = Annotated[
+    str | None,
+    typer.Option("--backend", help="Force a backend: auto, optimized-native or transformers-generic."),
+]
+NoSpecializationOption = Annotated[
+    bool, typer.Option("--no-specialization", help="Prefer the generic Transformers path.")
+]
+PlanJsonOption = Annotated[bool, typer.Option("--plan-json", help="Print the runtime plan as JSON and exit.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DTypeOption = Annotated[str | None, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
+ModelsDirOption = Annotated[str | None, typer.Option("--models-dir", help="Where models are materialized.")]
+
+
+def runtime_overrides(
+    model: str | None = None,
+    backend: str | None = None,
+    no_specialization: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    models_dir: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "model_reference": model,
+        "backend": backend,
+        "use_specialization": False if no_specialization else None,
+        "device": device,
+        "dtype": dtype,
+        "models_dir": models_dir,
+    }
+
+
+def settings_or_exit(overrides: dict[str, dict[str, Any]]) -> Settings:
+    """Load settings; a bad value ends the command with the message and exit code 2."""
+    try:
+        return load_settings(overrides)
+    except OllmError as exc:
+        fail(str(exc), code=2)
+        raise AssertionError("unreachable") from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -1,0 +1,1 @@
+"""Inference engines: one interface, many concurrent requests (see base.Engine)."""

@@ -1,0 +1,187 @@
+"""The one internal generation request and event stream every API family translates to and from.
+
+A request travels as JSON (RQ job argument); events travel as JSON over Redis pub/sub. Translator
+modules (OpenAI chat/completions/Responses, native ollm routes, Ollama /api) map their wire
+formats onto these types and back; the engine only ever sees these.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(Strict):
+    type: Literal["text", "image"]
+    text: str | None = None
+    # Base64 image bytes or a data: URI.
+    image: str | None = None
+
+
+class ToolCall(Strict):
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    name: str
+    # Parsed JSON object; translators serialize it to a string where the wire format wants one.
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChatMessage(Strict):
+    role: Role
+    content: str | list[ContentPart] = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+    def images(self) -> list[str]:
+        if isinstance(self.content, str):
+            return []
+        return [part.image for part in self.content if part.type == "image" and part.image]
+
+
+class SamplingParams(Strict):
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Constraint(Strict):
+    """Constrained decoding: the output must match this, enforced token by token by a grammar."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+    # Literal text the output must start and end with around the JSON (e.g. a tool-call wrapper).
+    prefix: str = ""
+    suffix: str = ""
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> Constraint:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema constraint needs json_schema")
+        return self
+
+
+class GenerationRequest(Strict):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    model: str
+    # Exactly one of messages (rendered with the chat template) or prompt (used as raw text).
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    # A Jinja chat template that replaces the tokenizer's own (Ollama `template`, created models).
+    chat_template: str | None = None
+    sampling: SamplingParams = Field(default_factory=SamplingParams)  # type: ignore[arg-type]
+    constraint: Constraint | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
+class TopLogprob(Strict):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(Strict):
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class Usage(Strict):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(Strict):
+    """Milliseconds. queue: submitted -> admitted; prompt_eval: prefill; generation: decode."""
+
+    queue_ms: float = 0.0
+    load_ms: float = 0.0
+    prompt_eval_ms: float = 0.0
+    generation_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class ExecutionInfo(Strict):
+    model: str
+    backend: str
+    specialization_state: str
+    device: str
+    dtype: str
+    applied_passes: list[str] = Field(default_factory=list)
+    fallback_reason: str | None = None
+
+
+class TokenEvent(Strict):
+    type: Literal["token"] = "token"
+    text: str
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] = Field(default_factory=list)
+
+
+class FinalEvent(Strict):
+    type: Literal["final"] = "final"
+    finish_reason: FinishReason
+    text: str
+    usage: Usage
+    timings: Timings
+    execution: ExecutionInfo | None = None
+
+
+class ErrorEvent(Strict):
+    type: Literal["error"] = "error"
+    message: str
+    status: int = 500
+    code: str = "generation_failed"
+
+
+Event = Annotated[TokenEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]
+
+
+class EmbeddingRequest(Strict):
+    model: str
+    inputs: list[str] | list[list[int]]
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1)
+
+
+class EmbeddingResult(Strict):
+    model: str
+    embeddings: list[list[float]]
+    prompt_tokens: int

@@ -1,0 +1,222 @@
+"""Layered settings: CLI flags > ``OLLM_*`` env vars > TOML file > built-in defaults.
+
+Every tunable is a field here, with its default and its doc string; CLI flags, env vars
+(``OLLM_<SECTION>__<FIELD>``) and TOML keys (``[section] field = ...``) all derive from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from ollm.errors import SettingsError
+
+ENV_PREFIX = "OLLM_"
+ENV_DELIMITER = "__"
+CONFIG_FILE_ENV = "OLLM_CONFIG_FILE"
+DEFAULT_CONFIG_FILE = Path("ollm.toml")
+
+Backend = Literal["auto", "optimized-native", "transformers-generic"]
+VALID_BACKENDS: tuple[str, ...] = ("auto", "optimized-native", "transformers-generic")
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+StoreBackend = Literal["redis", "memory", "none"]
+SessionBackend = Literal["memory", "redis"]
+
+
+class Section(BaseModel):
+    # Unknown keys are mistakes (a typo in ollm.toml must not be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeSettings(Section):
+    model_reference: str = Field("smollm2-135m-instruct", description="Model alias, repo ID or local directory.")
+    embedding_model_reference: str = Field("all-minilm-l6-v2", description="Default embedding model.")
+    models_dir: Path = Field(
+        Path("~/.ollm/models"), description="Where pulled models are materialized as Transformers directories."
+    )
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+    dtype: DType = Field("auto", description="auto picks bfloat16 where it is fast, else float32.")
+    backend: Backend = Field("auto", description="Execution backend; auto lets the planner choose.")
+    use_specialization: bool = Field(True, description="Prefer the optimized backend when one applies.")
+    dense_projection_chunk_rows: int = Field(
+        0, ge=0, description="Chunk rows of large dense projections (0 = no chunking); bounds peak memory."
+    )
+    offline: bool = Field(False, description="Never contact a model hub.")
+
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir.expanduser()
+
+
+class GenerationSettings(Section):
+    max_new_tokens: int = Field(256, ge=1, le=131072)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, description="Fixed seed for reproducible sampling.")
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool = Field(True, description="Stream tokens as they are produced.")
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    reload: bool = False
+    api_key: str | None = Field(None, description="Bearer token; required when binding a non-loopback host.")
+    response_store_backend: StoreBackend = "redis"
+    response_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="How long stored responses live.")
+    session_backend: SessionBackend = "memory"
+    session_ttl_seconds: int = Field(24 * 3600, ge=1)
+    request_timeout_seconds: float = Field(600.0, gt=0, description="Longest a generation may take end to end.")
+    worker_lost_seconds: float = Field(
+        5.0, gt=0, description="How long a job's worker may miss heartbeats before the job is failed."
+    )
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    workers: int = Field(1, ge=0, description="Worker processes `ollm serve` starts in embedded mode.")
+
+
+class RedisSettings(Section):
+    url: str | None = Field(None, description="redis://host:port/db; unset means `ollm serve` runs its own.")
+    namespace: str = Field("ollm", description="Key prefix for everything ollm stores in Redis.")
+
+
+class WorkerSettings(Section):
+    models: list[str] = Field(default_factory=list, description="Models this worker serves (default: runtime one).")
+    max_batch: int = Field(16, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
+    max_tokens_per_step: int = Field(
+        256, ge=16, description="Prompt tokens prefilled per engine step, so prefill never stalls decoding."
+    )
+    kv_cache_max_tokens: int = Field(
+        262144, ge=256, description="KV cache budget (tokens across sequences) before requests wait."
+    )
+    heartbeat_seconds: float = Field(1.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)  # type: ignore[arg-type]
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    redis: RedisSettings = Field(default_factory=RedisSettings)  # type: ignore[arg-type]
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_data()
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=toml))
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get(CONFIG_FILE_ENV, str(DEFAULT_CONFIG_FILE))).expanduser()
+
+
+def _toml_data() -> dict[str, Any]:
+    path = config_file_path()
+    explicit = CONFIG_FILE_ENV in os.environ
+    if not path.exists():
+        if explicit:
+            raise SettingsError(f"config file {path} (from {CONFIG_FILE_ENV}) does not exist")
+        return {}
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+
+
+def _nested_get(data: dict[str, Any], keys: tuple[str, ...]) -> tuple[bool, Any]:
+    node: Any = data
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def env_var_name(section: str, field: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{field.upper()}"
+
+
+def describe_origin(keys: tuple[str, ...], overrides: dict[str, Any]) -> str:
+    """Where the value of ``section.field`` came from, in the words a user can act on."""
+    found, value = _nested_get(overrides, keys)
+    if found:
+        return f"command-line flag --{keys[-1].replace('_', '-')}={value!r}"
+    if len(keys) >= 2:
+        name = env_var_name(keys[0], keys[1])
+        if name in os.environ:
+            return f"{name}={os.environ[name]!r}"
+    elif f"{ENV_PREFIX}{keys[0].upper()}" in os.environ:
+        name = f"{ENV_PREFIX}{keys[0].upper()}"
+        return f"{name}={os.environ[name]!r}"
+    found, value = _nested_get(_toml_data(), keys)
+    if found:
+        return f"{config_file_path()}: [{keys[0]}] {'.'.join(keys[1:])} = {value!r}"
+    return "built-in default"
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the effective settings; ``overrides`` are CLI flags as ``{section: {field: value}}``.
+
+    Raises SettingsError naming the bad setting and where its value came from.
+    """
+    overrides = {section: {k: v for k, v in values.items() if v is not None}
+                 for section, values in (overrides or {}).items()}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            keys = tuple(str(part) for part in error["loc"])
+            setting = ".".join(keys)
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown setting '{setting}' (from {describe_origin(keys, overrides)})")
+            else:
+                problems.append(f"{setting}: {error['msg']} (from {describe_origin(keys, overrides)})")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every effective setting with its value and origin, for `ollm doctor`."""
+    overrides = overrides or {}
+    rows = []
+    for section_name in Settings.model_fields:
+        section = getattr(settings, section_name)
+        for field_name in type(section).model_fields:
+            value = getattr(section, field_name)
+            if section_name == "server" and field_name == "api_key" and value:
+                value = "***"
+            rows.append(
+                {
+                    "setting": f"{section_name}.{field_name}",
+                    "value": str(value) if isinstance(value, Path) else value,
+                    "origin": describe_origin((section_name, field_name), overrides),
+                }
+            )
+    return rows
