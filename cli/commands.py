@@ -1,3 +1,3 @@
 """Imports every command module so that each registers itself on the app."""
 
-from cli import generate, models, system  # noqa: F401
+from cli import generate, models, serve, system  # noqa: F401
