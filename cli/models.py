@@ -1,3 +1,228 @@
-"""Placeholder until its owner lands it."""
+"""`ollm models list|info|pull|rm`: the model catalogue from the command line."""
 
-from cli.main import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from cli.main import app
+from cli.options import (
+    BackendOption,
+    DeviceOption,
+    DTypeOption,
+    ModelsDirOption,
+    NoSpecializationOption,
+    PlanJsonOption,
+    fail,
+    runtime_overrides,
+    settings_or_exit,
+)
+from ollm.catalogue import list_models, model_info, remove_model
+from ollm.errors import OllmError
+from ollm.plan import plan_model
+from ollm.pull import PullProgress, pull_model
+
+models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ReferenceArgument = Annotated[
+    str, typer.Argument(help="Model alias, Hugging Face repo ID or local directory.")
+]
+
+
+@models_app.command("list")
+def list_command(
+    installed: Annotated[bool, typer.Option("--installed", help="Only materialized models.")] = False,
+    as_json: JsonOption = False,
+    models_dir: ModelsDirOption = None,
+) -> None:
+    """Built-in models and models discovered under the models directory."""
+    settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
+    listings = list_models(settings.runtime)
+    if installed:
+        listings = [listing for listing in listings if listing.availability == "materialized"]
+    if as_json:
+        typer.echo(json.dumps([listing.model_dump(mode="json") for listing in listings], indent=2))
+        return
+    table = Table(title=f"Models ({settings.runtime.resolved_models_dir()})")
+    for column in ("reference", "origin", "kind", "availability", "size", "capabilities"):
+        table.add_column(column)
+    for listing in listings:
+        table.add_row(
+            listing.reference,
+            listing.origin,
+            listing.kind or "?",
+            "[green]materialized[/]" if listing.availability == "materialized" else "not-materialized",
+            _human_bytes(listing.size) if listing.size is not None else "",
+            ", ".join(listing.capabilities),
+        )
+    Console().print(table)
+
+
+@models_app.command("info")
+def info_command(
+    reference: ReferenceArgument,
+    as_json: JsonOption = False,
+    backend: BackendOption = None,
+    no_specialization: NoSpecializationOption = False,
+    plan_json: PlanJsonOption = False,
+    device: DeviceOption = None,
+    dtype: DTypeOption = None,
+    models_dir: ModelsDirOption = None,
+) -> None:
+    """What a model is and how it would run, read from its config files without loading weights."""
+    overrides = runtime_overrides(
+        backend=backend,
+        no_specialization=no_specialization,
+        device=device,
+        dtype=dtype,
+        models_dir=models_dir,
+    )
+    settings = settings_or_exit({"runtime": overrides})
+    try:
+        if plan_json:
+            typer.echo(plan_model(reference, settings.runtime).model_dump_json(indent=2))
+            return
+        info = model_info(reference, settings.runtime)
+    except OllmError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    _print_info(info)
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    console = Console()
+    table = Table(show_header=False, title=info["reference"])
+    table.add_column(style="bold")
+    table.add_column()
+    skipped = {"plan", "plan_error", "reference", "parameters_source"}
+    for key, value in info.items():
+        if key in skipped or value is None:
+            continue
+        if key == "parameters":
+            value = f"{value:,} ({info.get('parameters_source')})"
+        elif key == "size":
+            value = _human_bytes(value)
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        table.add_row(key.replace("_", " "), str(value))
+    plan = info.get("plan")
+    if plan is not None:
+        for key in (
+            "support_level",
+            "backend",
+            "specialization_state",
+            "specialization_provider",
+            "device",
+            "dtype",
+        ):
+            if plan.get(key) is not None:
+                table.add_row(f"plan: {key.replace('_', ' ')}", str(plan[key]))
+        if plan["planned_passes"]:
+            table.add_row("plan: planned passes", ", ".join(plan["planned_passes"]))
+        if plan["fallback_reason"]:
+            table.add_row("plan: fallback reason", plan["fallback_reason"])
+    else:
+        table.add_row("plan", f"[yellow]{info['plan_error']}[/]")
+    console.print(table)
+
+
+@models_app.command("pull")
+def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = None) -> None:
+    """Download and convert a model into the models directory (no-op when already there)."""
+    settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
+    _quiet_transformers()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+        transient=False,
+    ) as progress:
+        display = _PullDisplay(progress)
+        try:
+            path = pull_model(reference, settings.runtime, display.update)
+        except OllmError as exc:
+            progress.stop()
+            fail(str(exc))
+            return
+        except KeyboardInterrupt:
+            progress.stop()
+            fail("pull interrupted; nothing was left behind", code=130)
+            return
+        display.finish()
+    typer.echo(f"{reference} is materialized at {path}")
+
+
+class _PullDisplay:
+    """One progress line per phase ("pulling", "converting", "verifying sha256 digest", ...)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+        self.phase: str | None = None
+
+    def update(self, event: PullProgress) -> None:
+        if event.status == "success":
+            return
+        phase = event.status.split(":", 1)[0]
+        if phase != self.phase:
+            self.finish()
+            self.phase = phase
+            self.task = self.progress.add_task(event.status, total=None, detail="")
+        assert self.task is not None
+        detail = ""
+        if event.total is not None and event.completed is not None:
+            detail = f"{_human_bytes(event.completed)}/{_human_bytes(event.total)}"
+        self.progress.update(
+            self.task,
+            description=event.status,
+            total=event.total,
+            completed=event.completed or 0,
+            detail=detail,
+        )
+
+    def finish(self) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[self.task]
+            self.progress.update(self.task, total=task.total or 1, completed=task.total or 1)
+            self.task = None
+
+
+def _quiet_transformers() -> None:
+    # Conversion goes through Transformers, whose own tqdm bars would tear through the rich display.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+@models_app.command("rm")
+def rm_command(reference: ReferenceArgument, models_dir: ModelsDirOption = None) -> None:
+    """Delete a pulled model from the models directory."""
+    settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
+    try:
+        path = remove_model(reference, settings.runtime)
+    except OllmError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"removed {reference} ({path})")
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

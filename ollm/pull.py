@@ -32,8 +32,8 @@ _HASH_CHUNK = 8 * 1024 * 1024
 
 
 class PullProgress(BaseModel):
-    """One progress report; ``total``/``completed`` are bytes for downloads and hashing, steps for
-    conversion, and None when unknown. Mirrors the fields of Ollama's /api/pull stream."""
+    """One progress report, mirroring Ollama's /api/pull stream: ``total``/``completed`` are
+    bytes (downloading, hashing) and None for steps without a byte count."""
 
     status: str
     total: int | None = None
@@ -156,10 +156,9 @@ def convert_gguf(gguf_file: Path, output: Path, report: ProgressCallback) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = 4
-    report(PullProgress(status="converting: reading GGUF tokenizer", total=steps, completed=0))
+    report(PullProgress(status="converting: reading GGUF tokenizer (1/4)"))
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    report(PullProgress(status="converting: dequantizing GGUF weights", total=steps, completed=1))
+    report(PullProgress(status="converting: dequantizing GGUF weights (2/4)"))
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16
     )
@@ -168,11 +167,10 @@ def convert_gguf(gguf_file: Path, output: Path, report: ProgressCallback) -> Non
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    report(PullProgress(status="converting: writing safetensors", total=steps, completed=2))
+    report(PullProgress(status="converting: writing safetensors (3/4)"))
     model.save_pretrained(output)
-    report(PullProgress(status="converting: writing tokenizer", total=steps, completed=3))
+    report(PullProgress(status="converting: writing tokenizer (4/4)"))
     tokenizer.save_pretrained(output)
-    report(PullProgress(status="converting: done", total=steps, completed=steps))
 
 
 def _from_hub(repo_id: str, runtime: RuntimeSettings, output: Path, report: ProgressCallback) -> None:
