@@ -186,8 +186,9 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
 
     Raises SettingsError naming the bad setting and where its value came from.
     """
-    overrides = {section: {k: v for k, v in values.items() if v is not None}
-                 for section, values in (overrides or {}).items()}
+    overrides = {
+        section: {k: v for k, v in values.items() if v is not None} for section, values in (overrides or {}).items()
+    }
     try:
         return Settings(**overrides)
     except ValidationError as exc:

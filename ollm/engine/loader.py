@@ -1,0 +1,204 @@
+"""RuntimePlan -> a loaded engine. The plan decides; this module only carries it out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSeq2SeqLM,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from ollm.engine.base import Engine, EventSink
+from ollm.engine.batching import BatchingEngine, supports_batching
+from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.prompting import render_ids, render_text
+from ollm.engine.sequence import Sequence
+from ollm.engine.single import SingleEngine
+from ollm.errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
+from ollm.generation import ExecutionInfo, GenerationRequest
+from ollm.plan import RuntimePlan
+from ollm.settings import Settings
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def execution_info(plan: RuntimePlan) -> ExecutionInfo:
+    return ExecutionInfo(
+        model=plan.reference,
+        backend=plan.backend,
+        specialization_state=plan.specialization_state,
+        device=plan.device,
+        dtype=plan.dtype,
+        applied_passes=list(plan.applied_passes),
+        fallback_reason=plan.fallback_reason,
+    )
+
+
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class _SequenceFactory:
+    """Everything a request needs before it can run: ids, length budget, grammar, sampler."""
+
+    def __init__(self, plan: RuntimePlan, model: Any, tokenizer: PreTrainedTokenizerBase, settings: Settings):
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.context = plan.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.kv_budget = settings.worker.kv_cache_max_tokens
+        self.device = model.device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._grammars: GrammarCompiler | None = None
+
+    def grammars(self) -> GrammarCompiler:
+        # Built on first use: compiling the tokenizer's vocabulary costs a second or two.
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+        return self._grammars
+
+    def sequence(
+        self, request: GenerationRequest, sink: EventSink, submitted: float, prompt_ids: list[int]
+    ) -> Sequence:
+        if len(prompt_ids) >= self.context:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids)} tokens; model {self.plan.reference} has a context of "
+                f"{self.context} tokens. Shorten the input."
+            )
+        max_new = min(request.sampling.max_new_tokens, self.context - len(prompt_ids))
+        if len(prompt_ids) + max_new > self.kv_budget:
+            raise ContextLengthError(
+                f"the request needs {len(prompt_ids) + max_new} tokens of KV cache, more than this worker's "
+                f"budget of {self.kv_budget} (worker.kv_cache_max_tokens). Lower max tokens or raise the budget."
+            )
+        grammar = self.grammars().mask_for(request.constraint) if request.constraint else None
+        return Sequence(
+            request,
+            sink,
+            prompt_ids,
+            max_new,
+            self.tokenizer,
+            self.vocab_size,
+            self.device,
+            self.eos_ids,
+            grammar,
+            submitted,
+        )
+
+
+def _refuse_images(plan: RuntimePlan, request: GenerationRequest) -> None:
+    if request.messages and any(m.images() for m in request.messages):
+        raise InvalidRequestError(
+            f"model {plan.reference} does not accept images (it has no vision support); send text only "
+            "or use a vision model",
+            param="messages",
+        )
+
+
+def _decode_image(data: str) -> Any:
+    from PIL import Image
+
+    if data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    except Exception as exc:
+        raise InvalidRequestError(f"an image could not be decoded: {exc}", param="images") from exc
+
+
+def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
+    if plan.kind == "echo":
+        from ollm.engine.echo import EchoEngine
+
+        return EchoEngine(plan)
+    if plan.kind == "embedding":
+        raise UnsupportedModelError(f"{plan.reference} is an embedding model; it cannot generate text")
+    if plan.path is None:
+        raise UnsupportedModelError(f"{plan.reference} is not materialized; run `ollm models pull {plan.reference}`")
+    started = time.perf_counter()
+    dtype = _DTYPES[plan.dtype]
+    info = execution_info(plan)
+    if plan.kind == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+        tokenizer = AutoTokenizer.from_pretrained(plan.path)
+        factory = _SequenceFactory(plan, model, tokenizer, settings)
+
+        def build(request: GenerationRequest, sink: EventSink, submitted: float) -> Sequence:
+            _refuse_images(plan, request)
+            return factory.sequence(request, sink, submitted, render_ids(tokenizer, request))
+
+        why_not = supports_batching(model)
+        if why_not:
+            info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
+        return BatchingEngine(
+            model,
+            tokenizer,
+            info,
+            build,
+            max_batch=1 if why_not else settings.worker.max_batch,
+            max_tokens_per_step=settings.worker.max_tokens_per_step,
+            kv_cache_max_tokens=settings.worker.kv_cache_max_tokens,
+            load_ms=(time.perf_counter() - started) * 1000,
+        )
+    if plan.kind == "seq2seq":
+        return _seq2seq_engine(plan, settings, info, dtype, started)
+    return _image_text_engine(plan, settings, info, dtype, started)
+
+
+def _seq2seq_engine(
+    plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
+) -> Engine:
+    assert plan.path is not None
+    model = AutoModelForSeq2SeqLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(plan.path)
+    factory = _SequenceFactory(plan, model, tokenizer, settings)
+
+    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+        _refuse_images(plan, request)
+        # Encoder-decoder models rarely have chat templates: the encoder reads the text itself.
+        text = request.prompt if request.prompt is not None else "\n".join(m.text() for m in request.messages or [])
+        ids = tokenizer(text)["input_ids"]
+        seq = factory.sequence(request, sink, submitted, list(ids))
+        return seq, {"input_ids": torch.tensor([ids], device=model.device)}
+
+    return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
+
+
+def _image_text_engine(
+    plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
+) -> Engine:
+    assert plan.path is not None
+    model = AutoModelForImageTextToText.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+    processor = AutoProcessor.from_pretrained(plan.path)
+    tokenizer = processor.tokenizer
+    factory = _SequenceFactory(plan, model, tokenizer, settings)
+
+    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+        images = [_decode_image(data) for m in request.messages or [] for data in m.images()]
+        if processor.chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = processor.chat_template
+        text = render_text(tokenizer, request, image_placeholders=True)
+        inputs = processor(text=text, images=images or None, return_tensors="pt").to(model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        seq = factory.sequence(request, sink, submitted, inputs["input_ids"][0].tolist())
+        return seq, dict(inputs)
+
+    return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)

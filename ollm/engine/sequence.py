@@ -1,0 +1,136 @@
+"""One request's life inside an engine: its tokens, its sampler, its text, its events."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ollm.engine.base import EventSink
+from ollm.engine.constrained import GrammarMask
+from ollm.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from ollm.engine.sampling import Sampler, token_logprob
+from ollm.generation import (
+    ErrorEvent,
+    ExecutionInfo,
+    FinalEvent,
+    FinishReason,
+    GenerationRequest,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+
+
+class Sequence:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        sink: EventSink,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        device: torch.device,
+        eos_ids: set[int],
+        grammar: GrammarMask | None,
+        submitted_at: float,
+    ) -> None:
+        self.request = request
+        self.sink = sink
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(request.sampling, prompt_ids, vocab_size, device)
+        self.grammar = grammar
+        self.generated: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.cancelled = False
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(request.sampling.stop)
+        self._text: list[str] = []
+        self.submitted_at = submitted_at
+        self.admitted_at = submitted_at
+        self.first_token_at: float | None = None
+        self.prefill_done_at = submitted_at
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.sampler.plain_greedy and self.grammar is None and not self.request.sampling.logprobs
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick this sequence's next token from its row of logits."""
+        token = self.sampler.choose(logits, self.grammar)
+        self.accept(token, logits if self.request.sampling.logprobs else None)
+        return token
+
+    def accept(self, token: int, logits: torch.Tensor | None = None) -> None:
+        """Record the next token, stream its text, and decide whether the sequence has ended."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.generated.append(token)
+        self.sampler.observe(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        if token in self._eos_ids:
+            self._finish_text("stop")
+            return
+        text = self._stops.feed(self._detok.add(token))
+        logprobs = []
+        if logits is not None:
+            logprobs = [token_logprob(logits, token, self.request.sampling.top_logprobs, self._decode_one)]
+        if text or logprobs:
+            self._text.append(text)
+            self.sink(TokenEvent(text=text, token_ids=[token], logprobs=logprobs))
+        if self._stops.stopped or (self.grammar is not None and self.grammar.finished):
+            self._finish_text("stop")
+        elif len(self.generated) >= self.max_new_tokens:
+            self._finish_text("length")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if not self.done:
+            self.finish_reason = "cancelled"
+
+    def fail(self, message: str, status: int = 500, code: str = "generation_failed") -> None:
+        self.finish_reason = self.finish_reason or "stop"
+        self.sink(ErrorEvent(message=message, status=status, code=code))
+
+    def final_event(self, info: ExecutionInfo, load_ms: float = 0.0) -> FinalEvent:
+        assert self.finish_reason is not None
+        now = time.perf_counter()
+        return FinalEvent(
+            finish_reason=self.finish_reason,
+            text="".join(self._text),
+            usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)),
+            timings=Timings(
+                queue_ms=(self.admitted_at - self.submitted_at) * 1000,
+                load_ms=load_ms,
+                prompt_eval_ms=(self.prefill_done_at - self.admitted_at) * 1000,
+                generation_ms=(now - self.prefill_done_at) * 1000,
+                total_ms=(now - self.submitted_at) * 1000,
+            ),
+            execution=info,
+        )
+
+    def _finish_text(self, reason: FinishReason) -> None:
+        if reason != "stop" or not self._stops.stopped:
+            # Text held back for a possible stop sequence (or a partial character) is real output.
+            tail = self._stops.feed(self._detok.flush()) + ("" if self._stops.stopped else self._stops.flush())
+            if tail:
+                self._text.append(tail)
+                self.sink(TokenEvent(text=tail))
+        self.finish_reason = reason
+
+    def _decode_one(self, token: int) -> str:
+        return str(self._tokenizer.decode([token], skip_special_tokens=False))
