@@ -1,0 +1,105 @@
+"""Shared fixtures: the real default models, isolated settings, throwaway model directories."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ollm.pull import pull_model
+from ollm.settings import RuntimeSettings
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def default_models_dir() -> Path:
+    """The models dir `make dev` pulls into, so the real models are pulled once per machine."""
+    return Path(os.environ.get("OLLM_RUNTIME__MODELS_DIR", "~/.ollm/models")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def default_runtime() -> RuntimeSettings:
+    return RuntimeSettings(models_dir=default_models_dir())  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_runtime: RuntimeSettings) -> Path:
+    """The real default chat model, materialized (pulled on first use, then reused)."""
+    return pull_model(DEFAULT_CHAT_MODEL, default_runtime)
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir(default_runtime: RuntimeSettings) -> Path:
+    """The real default embedding model, materialized (pulled on first use, then reused)."""
+    return pull_model(DEFAULT_EMBEDDING_MODEL, default_runtime)
+
+
+@pytest.fixture
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No OLLM_* variables and a cwd without ollm.toml, so only what the test sets counts.
+
+    Returns the working directory (where a test may write its own ollm.toml).
+    """
+    for name in list(os.environ):
+        if name.startswith("OLLM_"):
+            monkeypatch.delenv(name)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+@pytest.fixture
+def tmp_runtime(tmp_path: Path) -> RuntimeSettings:
+    """Runtime settings whose models dir is empty and private to the test."""
+    return RuntimeSettings(models_dir=tmp_path / "models")  # type: ignore[call-arg]
+
+
+ModelDirFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_model_dir() -> ModelDirFactory:
+    """Write a tiny Transformers-shaped directory: config.json plus real safetensors headers.
+
+    ``tensors`` maps names to shapes; extra files (``{"modules.json": [...]}``) are written as JSON
+    or text.
+    """
+
+    def make(
+        path: Path,
+        config: dict[str, Any],
+        tensors: dict[str, tuple[int, ...]] | None = None,
+        files: dict[str, Any] | None = None,
+    ) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(config))
+        shapes = tensors if tensors is not None else {"embed.weight": (8, 4)}
+        save_file({name: torch.zeros(shape) for name, shape in shapes.items()}, str(path / "model.safetensors"))
+        for name, content in (files or {}).items():
+            (path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def cli() -> Callable[..., Any]:
+    """Run the real `ollm` command in-process: cli("models", "list", "--json", env={...})."""
+    from cli import commands  # noqa: F401  (registers every command on the app)
+    from cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+        return runner.invoke(app, list(args), env=env)
+
+    return invoke

@@ -1,0 +1,156 @@
+"""The catalogue: listing, materialization checks, model info from headers, removal."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ollm.catalogue import (
+    BUILTIN_MODELS,
+    list_models,
+    materialized_path,
+    model_info,
+    remove_model,
+    require_materialized,
+)
+from ollm.errors import InvalidRequestError, ModelNotFoundError, ModelNotMaterializedError
+from ollm.settings import RuntimeSettings
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "max_position_embeddings": 2048,
+}
+TOOLS_TEMPLATE = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def by_reference(runtime: RuntimeSettings) -> dict[str, Any]:
+    return {listing.reference: listing for listing in list_models(runtime)}
+
+
+def test_empty_models_dir_lists_builtins_and_only_echo_is_materialized(tmp_runtime: RuntimeSettings) -> None:
+    listings = by_reference(tmp_runtime)
+    assert list(listings) == [entry.alias for entry in BUILTIN_MODELS]
+    assert {ref for ref, item in listings.items() if item.availability == "materialized"} == {"echo"}
+    assert listings["smollm2-135m-instruct"].repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert listings["gpt-oss-20B"].repo_id == "openai/gpt-oss-20b"
+    assert listings["all-minilm-l6-v2"].capabilities == ["embeddings"]
+
+
+def test_discovered_local_directories(tmp_runtime: RuntimeSettings, make_model_dir: Any) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    make_model_dir(models / "Qwen--Qwen2.5-0.5B", LLAMA_CONFIG, files={"chat_template.jinja": TOOLS_TEMPLATE})
+    make_model_dir(models / "my-finetune", {"model_type": "t5", "is_encoder_decoder": True})
+    (models / "half-copied").mkdir()
+    # In-progress pulls and removals are ollm's own dot-directories and are never listed.
+    make_model_dir(models / ".partial-llama3-1B-chat.0123abcd", LLAMA_CONFIG)
+    make_model_dir(models / ".removing-old.0123abcd", LLAMA_CONFIG)
+
+    listings = by_reference(tmp_runtime)
+    qwen = listings["Qwen/Qwen2.5-0.5B"]
+    assert (qwen.origin, qwen.kind, qwen.availability) == ("discovered-local", "causal-lm", "materialized")
+    assert qwen.capabilities == ["chat", "completion", "tools"]
+    assert qwen.size == sum(f.stat().st_size for f in (models / "Qwen--Qwen2.5-0.5B").iterdir())
+    finetune = listings[str(models / "my-finetune")]
+    assert (finetune.kind, finetune.capabilities) == ("seq2seq", ["completion"])
+    assert listings[str(models / "half-copied")].availability == "not-materialized"
+    assert not any("partial" in ref or "removing" in ref for ref in listings)
+    assert listings["llama3-1B-chat"].availability == "not-materialized"
+
+
+def test_materialized_alias_and_repo_dirs(tmp_runtime: RuntimeSettings, make_model_dir: Any) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    assert materialized_path("llama3-1B-chat", tmp_runtime) is None
+    make_model_dir(models / "llama3-1B-chat", LLAMA_CONFIG)
+    make_model_dir(models / "org--model", LLAMA_CONFIG)
+    assert materialized_path("LLAMA3-1b-CHAT", tmp_runtime) == models / "llama3-1B-chat"
+    assert materialized_path("org/model", tmp_runtime) == models / "org--model"
+    assert materialized_path("echo", tmp_runtime) is None
+
+
+def test_local_directory_is_used_in_place(tmp_runtime: RuntimeSettings, make_model_dir: Any, tmp_path: Path) -> None:
+    local = make_model_dir(tmp_path / "elsewhere", LLAMA_CONFIG)
+    assert require_materialized(str(local), tmp_runtime) == local
+    with pytest.raises(ModelNotFoundError, match="does not exist or has no config.json"):
+        require_materialized(str(tmp_path / "missing"), tmp_runtime)
+
+
+@pytest.mark.parametrize("reference", ["llama3-8B-chat", "Qwen/Qwen2.5-7B-Instruct"])
+def test_not_materialized_error_says_how_to_pull(tmp_runtime: RuntimeSettings, reference: str) -> None:
+    with pytest.raises(ModelNotMaterializedError) as caught:
+        require_materialized(reference, tmp_runtime)
+    assert f"ollm models pull {reference}" in str(caught.value)
+    assert caught.value.status == 404
+
+
+def test_info_counts_parameters_from_safetensors_headers(
+    tmp_runtime: RuntimeSettings, make_model_dir: Any, tmp_path: Path
+) -> None:
+    shapes = {"embed.weight": (100, 16), "layers.0.mlp.weight": (16, 48), "norm.weight": (16,)}
+    local = make_model_dir(tmp_path / "m", LLAMA_CONFIG, tensors=shapes, files={"chat_template.jinja": "x"})
+    info = model_info(str(local), tmp_runtime)
+    assert info["parameters"] == sum(math.prod(shape) for shape in shapes.values())
+    assert info["parameters_source"] == "safetensors headers"
+    assert (info["architecture"], info["context_length"], info["kind"]) == ("LlamaForCausalLM", 2048, "causal-lm")
+    assert info["capabilities"] == ["chat", "completion"]
+    assert info["plan"]["backend"] == "transformers-generic"
+
+
+def test_info_of_unpulled_alias_uses_catalogue_metadata(tmp_runtime: RuntimeSettings) -> None:
+    info = model_info("gemma3-12B", tmp_runtime)
+    assert info["availability"] == "not-materialized"
+    assert (info["kind"], info["architecture"]) == ("image-text", "Gemma3ForConditionalGeneration")
+    assert info["parameters_source"] == "catalogue"
+    assert info["plan"]["specialization_provider"] == "gemma3"
+
+
+def test_info_of_unpulled_repo_id_has_no_plan(tmp_runtime: RuntimeSettings) -> None:
+    info = model_info("Qwen/Qwen2.5-7B-Instruct", tmp_runtime)
+    assert info["plan"] is None
+    assert "ollm models pull Qwen/Qwen2.5-7B-Instruct" in info["plan_error"]
+
+
+def test_remove_model(tmp_runtime: RuntimeSettings, make_model_dir: Any, tmp_path: Path) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    make_model_dir(models / "org--model", LLAMA_CONFIG)
+    assert remove_model("org/model", tmp_runtime) == models / "org--model"
+    assert not (models / "org--model").exists()
+    assert not [p for p in models.iterdir() if p.is_dir()]
+    with pytest.raises(ModelNotFoundError, match="nothing to remove"):
+        remove_model("org/model", tmp_runtime)
+    with pytest.raises(InvalidRequestError, match="outside the models directory"):
+        remove_model(str(make_model_dir(tmp_path / "mine", LLAMA_CONFIG)), tmp_runtime)
+    assert (tmp_path / "mine" / "config.json").exists()
+    with pytest.raises(InvalidRequestError, match="built in"):
+        remove_model("echo", tmp_runtime)
+
+
+def test_cli_list_json_and_installed(cli: Any, tmp_path: Path, make_model_dir: Any) -> None:
+    models = tmp_path / "models"
+    make_model_dir(models / "org--model", LLAMA_CONFIG)
+    result = cli("models", "list", "--json", "--models-dir", str(models))
+    assert result.exit_code == 0, result.output
+    listed = {item["reference"]: item for item in json.loads(result.stdout)}
+    assert set(listed) == {entry.alias for entry in BUILTIN_MODELS} | {"org/model"}
+    assert listed["org/model"]["path"] == str(models / "org--model")
+
+    result = cli("models", "list", "--installed", "--json", "--models-dir", str(models))
+    assert [item["reference"] for item in json.loads(result.stdout)] == ["echo", "org/model"]
+
+    table = cli("models", "list", "--models-dir", str(models))
+    assert table.exit_code == 0 and "org/model" in table.stdout
+
+
+def test_cli_rm(cli: Any, tmp_path: Path, make_model_dir: Any) -> None:
+    models = tmp_path / "models"
+    make_model_dir(models / "llama3-1B-chat", LLAMA_CONFIG)
+    result = cli("models", "rm", "llama3-1B-chat", "--models-dir", str(models))
+    assert result.exit_code == 0, result.output
+    assert not (models / "llama3-1B-chat").exists()
+    again = cli("models", "rm", "llama3-1B-chat", "--models-dir", str(models))
+    assert again.exit_code == 1
+    assert "nothing to remove" in again.stderr
