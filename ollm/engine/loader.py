@@ -16,7 +16,9 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
+from ollm.embeddings import Embedder
 from ollm.engine.base import Engine, EventSink
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.constrained import GrammarCompiler
@@ -27,6 +29,8 @@ from ollm.errors import ContextLengthError, InvalidRequestError, UnsupportedMode
 from ollm.generation import ExecutionInfo, GenerationRequest
 from ollm.plan import RuntimePlan
 from ollm.settings import Settings
+
+transformers_logging.disable_progress_bar()  # load progress would garble CLI output and worker logs
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -202,3 +206,12 @@ def _image_text_engine(
         return seq, dict(inputs)
 
     return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
+
+
+def load_embedder(plan: RuntimePlan, settings: Settings) -> Embedder:
+    if plan.kind != "embedding" or plan.path is None:
+        raise UnsupportedModelError(
+            f"{plan.reference} is not a materialized embedding model; use an embedding model such as "
+            f"{settings.runtime.embedding_model_reference}"
+        )
+    return Embedder(plan.reference, plan.path, plan.device, _DTYPES[plan.dtype])
