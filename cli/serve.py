@@ -1,3 +1,155 @@
-"""Placeholder until its owner lands it."""
+"""`ollm serve` (the HTTP server, plus a private Redis and workers when no Redis URL is set) and
+`ollm worker` (an RQ worker holding models in memory)."""
 
-from cli.main import app  # noqa: F401
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import time
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from cli.main import app
+from cli.options import fail, settings_or_exit
+from ollm.errors import OllmError
+from ollm.settings import Settings
+
+HostOption = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")]
+PortOption = Annotated[int | None, typer.Option("--port", help="Port to bind (default 8000).")]
+LogLevelOption = Annotated[
+    str | None, typer.Option("--log-level", help="critical, error, warning, info, debug or trace.")
+]
+RedisUrlOption = Annotated[
+    str | None, typer.Option("--redis-url", help="redis://host:port/db or unix:///path; unset: private Redis.")
+]
+ModelsOption = Annotated[
+    list[str] | None,
+    typer.Option("--model", "-m", help="Model reference to serve; repeat for several (default: runtime one)."),
+]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM must unwind through `finally` so the embedded Redis and workers are stopped.
+    raise SystemExit(128 + signum)
+
+
+@app.command()
+def serve(
+    host: HostOption = None,
+    port: PortOption = None,
+    log_level: LogLevelOption = None,
+    reload: Annotated[bool | None, typer.Option("--reload/--no-reload", help="Restart on code changes.")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Worker processes to start when no Redis URL is set.")
+    ] = None,
+    redis_url: RedisUrlOption = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model the embedded workers serve.")] = None,
+) -> None:
+    """Serve the HTTP API. With no Redis URL, also run a private Redis and `--workers` workers."""
+    settings = settings_or_exit(
+        {
+            "server": {"host": host, "port": port, "log_level": log_level, "reload": reload, "workers": workers},
+            "redis": {"url": redis_url},
+            "runtime": {"model_reference": model},
+        }
+    )
+    server = settings.server
+    if not is_loopback(server.host) and not server.api_key:
+        fail(
+            f"refusing to bind {server.host}: a non-loopback address needs an API key. Set "
+            "OLLM_SERVER__API_KEY (or [server] api_key in ollm.toml); clients then send "
+            "`Authorization: Bearer <key>`.",
+            code=2,
+        )
+    logging.basicConfig(level=server.log_level.upper() if server.log_level != "trace" else "DEBUG")
+    signal.signal(signal.SIGTERM, _raise_exit)
+    stack = None
+    try:
+        if settings.redis.url is None:
+            from workers.supervisor import EmbeddedStack
+
+            reference = settings.runtime.model_reference
+            typer.echo(f"starting a private Redis and {server.workers} worker(s) for {reference}")
+            stack = EmbeddedStack(
+                settings.runtime.model_reference, server.workers, settings.redis.namespace, server.log_level
+            ).start()
+            settings.redis.url = stack.url
+        _run_uvicorn(settings)
+    except OllmError as exc:
+        fail(str(exc))
+    finally:
+        if stack is not None:
+            # A second Ctrl-C must not interrupt the clean-up half way.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stack.stop()
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import SETTINGS_ENV, create_app
+
+    server = settings.server
+    common = {"host": server.host, "port": server.port, "log_level": server.log_level}
+    if server.reload:
+        os.environ[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json"))
+        uvicorn.run("server.app:app_from_environment", factory=True, reload=True, **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+
+
+@app.command()
+def worker(
+    model: ModelsOption = None,
+    redis_url: RedisUrlOption = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Requests in flight at once.")] = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Run an RQ worker that loads its model(s) once and serves generation jobs from Redis."""
+    settings = settings_or_exit(
+        {"redis": {"url": redis_url}, "worker": {"models": model or None, "max_batch": max_batch}}
+    )
+    level = (log_level or "info").upper()
+    logging.basicConfig(level="DEBUG" if level == "TRACE" else level, format="%(asctime)s %(name)s %(message)s")
+    if not settings.redis.url:
+        fail("ollm worker needs a Redis: pass --redis-url or set OLLM_REDIS__URL", code=2)
+    assert settings.redis.url is not None
+    import redis
+
+    from workers.engines import load_models
+    from workers.job import JobContext, install
+    from workers.keys import Keys
+    from workers.worker import run_worker
+
+    models = settings.worker.models or [settings.runtime.model_reference]
+    started = time.perf_counter()
+    try:
+        engines, embedders = load_models(models, settings)
+    except OllmError as exc:
+        fail(str(exc))
+    served = sorted(set(engines) | set(embedders))
+    logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
+    connection = redis.Redis.from_url(settings.redis.url)
+    context = JobContext(connection, Keys(settings.redis.namespace), engines, embedders)
+    install(context)
+    try:
+        run_worker(served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level)
+    finally:
+        install(None)
+        for engine in {id(e): e for e in engines.values()}.values():
+            engine.close()

@@ -1,0 +1,65 @@
+"""The FastAPI app: routers of every API family, errors, limits, auth and offline docs.
+
+The app never loads a model: generation goes through ``server.dispatch`` to `ollm worker`s.
+Adding an API family: write ``server/<family>/{protocol,serving,api_router}.py`` with pure
+translators in serving.py over ``ollm.generation`` and the shared ``Services.dispatcher``, then
+include its router in ``ROUTERS`` below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from ollm.settings import Settings, load_settings
+from server.docs import install_docs
+from server.errors import install_error_handlers
+from server.middleware import BearerAuth, BodyLimit
+from server.native.api_router import router as native_router
+from server.openai.chat_completion.api_router import router as chat_completion_router
+from server.services import Services
+
+ROUTERS: list[APIRouter] = [native_router, chat_completion_router]
+
+# `ollm serve --reload` and uvicorn's worker processes import the app by name, so the resolved
+# settings (flags included) travel to them as JSON in this variable.
+SETTINGS_ENV = "OLLM_SERVE_SETTINGS"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    services = Services.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await services.close()
+
+    app = FastAPI(
+        title="ollm",
+        summary="Run Hugging Face Transformers models locally and serve them.",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    install_docs(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # Added last = outermost: a too-large or unauthenticated request is refused before parsing.
+    if settings.server.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.server.api_key)
+    app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn (``server.app:app_from_environment``)."""
+    raw = os.environ.get(SETTINGS_ENV)
+    settings = Settings.model_validate(json.loads(raw)) if raw else load_settings()
+    return create_app(settings)

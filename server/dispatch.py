@@ -1,0 +1,290 @@
+"""Shared dispatch for every API family: route a request to its model's queue and relay the events.
+
+The order is what makes it lossless: subscribe to the job's event channel, wait for Redis to
+confirm, and only then enqueue the RQ job, so the first token cannot be published before anyone
+listens. While waiting, a quiet stream is checked against the job's real RQ status and its worker's
+heartbeat, so a dead worker ends the request within ``server.worker_lost_seconds`` (and the job is
+moved to RQ's failed registry) instead of leaving the client hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+from pydantic import TypeAdapter
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.executions import ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.serializers import JSONSerializer
+
+from ollm.errors import GenerationTimeoutError, OllmError, ServiceUnavailableError
+from ollm.generation import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    ErrorEvent,
+    Event,
+    FinalEvent,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprob,
+)
+from ollm.settings import Settings
+from server.errors import error_from_event
+from workers.heartbeat import WorkerInfo, live_workers, worker_age
+from workers.keys import Keys
+
+log = logging.getLogger(__name__)
+
+GENERATE_JOB = "workers.job.generate"
+EMBED_JOB = "workers.job.embed"
+_EVENT = TypeAdapter[Event](Event)
+# Results are read back only when a published final event was missed; failures stay for inspection.
+_RESULT_TTL = 600
+_FAILURE_TTL = 7 * 24 * 3600
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class ClientDisconnected(OllmError):
+    """The client went away while waiting; its job has been cancelled. Nobody reads the answer."""
+
+    status = 499
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection")
+
+
+@dataclass
+class Completed:
+    """A finished non-streaming generation: the final event and the per-token logprobs, if asked."""
+
+    final: FinalEvent
+    logprobs: list[TokenLogprob]
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, sync: redis.Redis, connection: redis.asyncio.Redis) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis.namespace)
+        self.sync = sync
+        self.connection = connection
+        self.lost_after = settings.server.worker_lost_seconds
+        # Quiet streams are checked this often; a dead worker is noticed within lost_after + tick.
+        self.tick = min(1.0, self.lost_after / 4)
+
+    async def workers(self) -> list[WorkerInfo]:
+        return await live_workers(self.connection, self.keys, self.lost_after)
+
+    async def serving(self, model: str) -> list[WorkerInfo]:
+        return [w for w in await self.workers() if model in w.models]
+
+    async def require_worker(self, model: str) -> None:
+        if not await self.serving(model):
+            raise ServiceUnavailableError(
+                f"no live worker serves model {model!r}; start one with `ollm worker --model {model}`",
+                param="model",
+            )
+
+    async def submit(self, request: GenerationRequest) -> JobStream:
+        """Enqueue a generation; the returned stream yields its events. Raises 503 with no worker."""
+        return await self._submit(request.model, request.id, GENERATE_JOB, request.model_dump(mode="json"))
+
+    async def generate(self, request: GenerationRequest, disconnected: Disconnected | None = None) -> Completed:
+        """Run a generation to completion; an error event is raised as the matching ApiError."""
+        stream = await self.submit(request)
+        logprobs: list[TokenLogprob] = []
+        try:
+            async for event in stream.events(disconnected):
+                if isinstance(event, TokenEvent):
+                    logprobs += event.logprobs
+                elif isinstance(event, FinalEvent):
+                    return Completed(event, logprobs)
+                else:
+                    raise error_from_event(event)
+            raise AssertionError("a job stream always ends with a final or error event")
+        finally:
+            await stream.close()
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        stream = await self._submit(request.model, uuid.uuid4().hex, EMBED_JOB, request.model_dump(mode="json"))
+        try:
+            message = await stream.next_message()
+        finally:
+            await stream.close()
+        if message.get("type") == "embedding":
+            return EmbeddingResult.model_validate({k: v for k, v in message.items() if k != "type"})
+        raise error_from_event(ErrorEvent.model_validate(message))
+
+    async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
+        await self.require_worker(model)
+        pubsub = self.connection.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.events(job_id))
+            # Wait for the confirmation: from here on every publish on the channel reaches us.
+            confirmed = await pubsub.get_message(timeout=5.0)
+            if not confirmed or confirmed.get("type") != "subscribe":
+                raise ServiceUnavailableError("Redis did not confirm the event subscription")
+            await asyncio.to_thread(self._enqueue, model, job_id, function, payload)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return JobStream(self, pubsub, job_id, model)
+
+    def _enqueue(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> None:
+        timeout = self.settings.server.request_timeout_seconds
+        queue = Queue(self.keys.queue(model), connection=self.sync, serializer=JSONSerializer)
+        queue.enqueue(
+            function,
+            payload,
+            job_id=job_id,
+            job_timeout=int(timeout) + 30,
+            ttl=int(timeout),
+            result_ttl=_RESULT_TTL,
+            failure_ttl=_FAILURE_TTL,
+            description=f"{function.rsplit('.', 1)[-1]} {model}",
+        )
+
+    async def cancel(self, job_id: str) -> None:
+        """Stop a job: the worker running it cancels within a few tokens; a queued one never runs."""
+        async with self.connection.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.cancelled(job_id), 1, ex=int(self.settings.server.request_timeout_seconds) + 60)
+            pipe.publish(self.keys.cancel_channel, job_id)
+            await pipe.execute()
+        await asyncio.to_thread(self._cancel_if_queued, job_id)
+
+    def _cancel_if_queued(self, job_id: str) -> None:
+        try:
+            job = Job.fetch(job_id, connection=self.sync, serializer=JSONSerializer)
+            if job.get_status() == JobStatus.QUEUED:
+                job.cancel()
+        except NoSuchJobError:
+            pass
+
+    async def check_job(self, job_id: str, model: str) -> dict[str, Any] | None:
+        """The message that ends a quiet stream whose job can no longer produce one, else None."""
+        job, status = await asyncio.to_thread(self._job_status, job_id)
+        if job is None:
+            return _error("the job vanished from Redis before it finished", 500, "job_lost")
+        if status == JobStatus.FINISHED:
+            # The final event was published while the subscription was down; the result has it.
+            result = await asyncio.to_thread(job.return_value)
+            if isinstance(result, dict):
+                return {"type": "final", **result} if "type" not in result else result
+            return _error("the job finished without a result", 500, "job_lost")
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            return _error(f"the job {status.value}", 500, "generation_failed")
+        if status == JobStatus.STARTED:
+            age = await worker_age(self.connection, self.keys, job.worker_name or "")
+            if age is None or age > self.lost_after:
+                message = (
+                    f"worker {job.worker_name} serving model {model!r} stopped responding "
+                    f"(no heartbeat for over {self.lost_after:g}s); the request was abandoned"
+                )
+                await asyncio.to_thread(self._fail_lost_job, job, message)
+                return _error(message, 503, "worker_lost")
+            return None
+        if not await self.serving(model):
+            await asyncio.to_thread(self._cancel_if_queued, job_id)
+            return _error(f"no live worker serves model {model!r} any more", 503, "service_unavailable")
+        return None
+
+    def _job_status(self, job_id: str) -> tuple[Job | None, JobStatus | None]:
+        try:
+            job = Job.fetch(job_id, connection=self.sync, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None, None
+        return job, job.get_status(refresh=False)
+
+    def _fail_lost_job(self, job: Job, message: str) -> None:
+        """What RQ's own abandoned-job cleanup does, now rather than after the execution TTL."""
+        with self.sync.pipeline() as pipe:
+            record_job_failure(job, f"AbandonedJobError: {message}", pipe)
+            pipe.execute()
+        try:
+            with self.sync.pipeline() as pipe:
+                ExecutionRegistry(job.id, self.sync).delete(job, pipe)
+                pipe.execute()
+        except (ValueError, redis.RedisError) as exc:
+            # Leftover started-registry entries are harmless: RQ skips jobs that are not STARTED.
+            log.debug("could not clear executions of lost job %s: %s", job.id, exc)
+
+
+class JobStream:
+    """The events of one enqueued job, read from its pub/sub channel; ``close`` when done."""
+
+    def __init__(self, dispatcher: Dispatcher, pubsub: Any, job_id: str, model: str) -> None:
+        self.dispatcher = dispatcher
+        self.pubsub = pubsub
+        self.id = job_id
+        self.model = model
+        self.deadline = time.monotonic() + dispatcher.settings.server.request_timeout_seconds
+        self.finished = False
+        self._closed = False
+
+    async def next_message(self, disconnected: Disconnected | None = None) -> dict[str, Any]:
+        dispatcher = self.dispatcher
+        quiet_since = time.monotonic()
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                await self._cancel_quietly()
+                self.finished = True
+                timeout = dispatcher.settings.server.request_timeout_seconds
+                raise GenerationTimeoutError(
+                    f"the request did not finish within {timeout:g}s (server.request_timeout_seconds)"
+                )
+            message = await self.pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(dispatcher.tick, remaining)
+            )
+            if message is not None and message.get("type") == "message":
+                data: dict[str, Any] = json.loads(message["data"])
+                self.finished = data.get("type") in ("final", "error", "embedding")
+                return data
+            if disconnected is not None and await disconnected():
+                raise ClientDisconnected()
+            if time.monotonic() - quiet_since >= dispatcher.tick:
+                ending = await dispatcher.check_job(self.id, self.model)
+                if ending is not None:
+                    self.finished = True
+                    return ending
+                quiet_since = time.monotonic()
+
+    async def next_event(self, disconnected: Disconnected | None = None) -> Event:
+        return _EVENT.validate_python(await self.next_message(disconnected))
+
+    async def events(self, disconnected: Disconnected | None = None) -> AsyncIterator[Event]:
+        while not self.finished:
+            yield await self.next_event(disconnected)
+
+    async def close(self) -> None:
+        """Unsubscribe; a job that has not finished (client gone, error) is cancelled first."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            await self._cancel_quietly()
+        try:
+            await self.pubsub.aclose()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("closing pubsub of %s: %s", self.id, exc)
+
+    async def _cancel_quietly(self) -> None:
+        try:
+            await self.dispatcher.cancel(self.id)
+        except redis.RedisError as exc:
+            log.warning("could not cancel job %s: %s", self.id, exc)
+
+
+def _error(message: str, status: int, code: str) -> dict[str, Any]:
+    return ErrorEvent(message=message, status=status, code=code).model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""The native ollm routes: health, models, plan, prompt and sessions."""

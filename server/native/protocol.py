@@ -1,0 +1,107 @@
+"""Wire format of the native ollm routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Timings
+from workers.heartbeat import WorkerInfo
+
+
+class _Body(BaseModel):
+    # A misspelt option must be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingOptions(_Body):
+    """Per-request sampling; anything left out comes from the [generation] settings."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        return self.model_dump(include=set(SamplingOptions.model_fields))
+
+
+class PromptRequest(SamplingOptions):
+    prompt: str = Field(min_length=1)
+    model: str | None = Field(None, description="Defaults to runtime.model_reference.")
+    system: str | None = None
+
+
+class SessionCreateRequest(_Body):
+    model: str | None = Field(None, description="Defaults to runtime.model_reference.")
+    system: str | None = None
+
+
+class SessionPromptRequest(SamplingOptions):
+    prompt: str = Field(min_length=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PromptResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    execution: ExecutionInfo | None = None
+    session_id: str | None = None
+
+
+class TokenChunk(BaseModel):
+    """``event: token`` of the native SSE stream; ``event: final`` carries a PromptResponse."""
+
+    id: str
+    text: str
+
+
+class SessionResponse(BaseModel):
+    id: str
+    model: str
+    system: str | None
+    messages: list[ChatMessage]
+    created_at: float
+    updated_at: float
+
+
+class PlanRequest(_Body):
+    model: str | None = Field(None, description="Defaults to runtime.model_reference.")
+    backend: Literal["auto", "optimized-native", "transformers-generic"] | None = None
+    device: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    use_specialization: bool | None = None
+
+
+class ModelServing(BaseModel):
+    workers: int
+    hosts: list[str]
+    in_flight: int
+
+
+class RedisStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    redis: RedisStatus
+    models: dict[str, ModelServing]
+    workers: list[WorkerInfo]

@@ -1,0 +1,28 @@
+"""Sampling parameters for a request: the client's values over the configured generation defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from ollm.errors import InvalidRequestError
+from ollm.generation import SamplingParams
+from ollm.settings import GenerationSettings
+
+_FROM_DEFAULTS = (
+    "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+    "repetition_penalty", "frequency_penalty", "presence_penalty",
+)  # fmt: skip
+
+
+def sampling_params(defaults: GenerationSettings, **given: Any) -> SamplingParams:
+    """``given`` holds what the client sent (None = not sent); the rest comes from ``defaults``."""
+    values: dict[str, Any] = {name: getattr(defaults, name) for name in _FROM_DEFAULTS}
+    values.update({name: value for name, value in given.items() if value is not None})
+    try:
+        return SamplingParams.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise InvalidRequestError(f"{param}: {first['msg']}", param=param) from None

@@ -1,0 +1,61 @@
+"""Everything a route needs, built once per app: settings, Redis clients, dispatcher, stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio
+from fastapi import Request
+
+from ollm.errors import SettingsError
+from ollm.settings import Settings
+from server.dispatch import Dispatcher
+from server.stores.responses import ResponseStore, response_store
+from server.stores.sessions import SessionStore, session_store
+from workers.keys import Keys
+
+# Short socket timeouts: with Redis down a request must fail fast with 503, not hang.
+_CONNECT_TIMEOUT = 2.0
+_SOCKET_TIMEOUT = 10.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: Keys
+    sync: redis.Redis
+    connection: redis.asyncio.Redis
+    dispatcher: Dispatcher
+    responses: ResponseStore
+    sessions: SessionStore
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        url = settings.redis.url
+        if not url:
+            raise SettingsError("the server needs redis.url (`ollm serve` starts a private Redis when it is unset)")
+        keys = Keys(settings.redis.namespace)
+        sync = redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT)
+        connection = redis.asyncio.Redis.from_url(
+            url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT
+        )
+        return cls(
+            settings=settings,
+            keys=keys,
+            sync=sync,
+            connection=connection,
+            dispatcher=Dispatcher(settings, sync, connection),
+            responses=response_store(settings.server, connection, keys),
+            sessions=session_store(settings.server, connection, keys),
+        )
+
+    async def close(self) -> None:
+        await self.connection.aclose()
+        self.sync.close()
+
+
+def services(request: Request) -> Services:
+    """FastAPI dependency: ``services: Services = Depends(services)``."""
+    found: Services = request.app.state.services
+    return found

@@ -1,0 +1,86 @@
+"""Server-sent events: framing, and the relay from a job stream to an HTTP streaming response.
+
+Every streaming route waits for the job's first event before answering, so an error that happens
+at once (unknown model on the worker, prompt too long) still gets its proper HTTP status; after
+that, errors become the last event of the stream. The relay cancels the job whenever the stream
+ends early, which is how a client disconnect reaches the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+from fastapi.responses import StreamingResponse
+
+from ollm.generation import ErrorEvent, Event, FinalEvent
+from server.dispatch import JobStream
+from server.errors import error_from_event, event_from_error
+
+log = logging.getLogger(__name__)
+
+Frames = Callable[[Event], Iterable[str]]
+OnFinal = Callable[[FinalEvent], Awaitable[None]]
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+async def first_event(stream: JobStream) -> Event:
+    """The job's first event; an immediate error is raised so the route answers with its status."""
+    try:
+        event = await stream.next_event()
+    except BaseException:
+        await stream.close()
+        raise
+    if isinstance(event, ErrorEvent):
+        await stream.close()
+        raise error_from_event(event)
+    return event
+
+
+def event_stream(
+    stream: JobStream, first: Event, frames: Frames, *, head: Iterable[str] = (), tail: Iterable[str] = (),
+    on_final: OnFinal | None = None,
+) -> StreamingResponse:  # fmt: skip
+    """A text/event-stream response: ``head``, the frames of every event, then ``tail``."""
+    return StreamingResponse(
+        _relay(stream, first, frames, list(head), list(tail), on_final),
+        media_type="text/event-stream",
+        # Proxies must pass tokens through as they come, not buffer the stream.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _relay(
+    stream: JobStream, first: Event, frames: Frames, head: list[str], tail: list[str], on_final: OnFinal | None
+) -> AsyncIterator[str]:
+    try:
+        for frame in head:
+            yield frame
+        event: Event = first
+        while True:
+            if isinstance(event, FinalEvent) and on_final is not None:
+                await on_final(event)
+            for frame in frames(event):
+                yield frame
+            if isinstance(event, FinalEvent | ErrorEvent):
+                break
+            try:
+                event = await stream.next_event()
+            except Exception as exc:  # Redis gone, timeout: the stream still ends with a real event.
+                event = event_from_error(exc)
+        for frame in tail:
+            yield frame
+    finally:
+        # A disconnect cancels this generator inside a cancelled scope; shield the clean-up so
+        # the cancel actually reaches Redis.
+        with anyio.CancelScope(shield=True):
+            await stream.close()

@@ -1,0 +1,1 @@
+"""Server-side state that must outlive one request: stored responses and sessions."""

@@ -1,0 +1,34 @@
+"""Load the engines a worker serves, once, at start-up: reference -> plan -> engine or embedder.
+
+Each engine is registered under the reference as given and under the planner's resolved name, so
+a request naming either (an alias or its repo ID) reaches it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ollm.engine.base import Engine
+from ollm.settings import Settings
+from workers.job import Embedder
+
+log = logging.getLogger(__name__)
+
+
+def load_models(references: list[str], settings: Settings) -> tuple[dict[str, Engine], dict[str, Embedder]]:
+    from ollm.engine import loader
+    from ollm.plan import plan_model
+
+    engines: dict[str, Engine] = {}
+    embedders: dict[str, Embedder] = {}
+    for reference in references:
+        plan = plan_model(reference, settings.runtime)
+        names = list(dict.fromkeys([reference, plan.resolved_reference]))
+        log.info("loading %s (%s, %s on %s)", reference, plan.kind, plan.backend, plan.device)
+        if plan.kind == "embedding":
+            embedder: Embedder = loader.load_embedder(plan, settings)  # type: ignore[attr-defined,unused-ignore]
+            embedders.update(dict.fromkeys(names, embedder))
+        else:
+            engine = loader.load_engine(plan, settings)
+            engines.update(dict.fromkeys(names, engine))
+    return engines, embedders

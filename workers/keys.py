@@ -1,0 +1,53 @@
+"""Every Redis name ollm uses, in one place, so the server and the workers always agree.
+
+All keys and channels start with the configured namespace; RQ's own keys all start with ``rq:``,
+and a namespace of ``rq`` is refused, so the two never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ollm.errors import SettingsError
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "ollm"
+
+    def __post_init__(self) -> None:
+        if not self.namespace or self.namespace == "rq":
+            raise SettingsError(
+                f"redis.namespace {self.namespace!r} would collide with RQ's keys; pick another"
+            )
+
+    def queue(self, model: str) -> str:
+        """The RQ queue name for one served model reference (RQ stores it under ``rq:queue:``)."""
+        return f"{self.namespace}:model:{model}"
+
+    def events(self, job_id: str) -> str:
+        """Pub/sub channel the worker publishes one job's events on."""
+        return f"{self.namespace}:events:{job_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel every worker listens on for request ids to cancel."""
+        return f"{self.namespace}:cancel"
+
+    def cancelled(self, job_id: str) -> str:
+        """Marker set before a cancel is published, for a job no worker had picked up yet."""
+        return f"{self.namespace}:cancelled:{job_id}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.namespace}:worker:{name}"
+
+    @property
+    def workers(self) -> str:
+        """Set of worker names; members whose heartbeat key expired are pruned by readers."""
+        return f"{self.namespace}:workers"
+
+    def response(self, response_id: str) -> str:
+        return f"{self.namespace}:response:{response_id}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.namespace}:session:{session_id}"

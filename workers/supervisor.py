@@ -1,0 +1,102 @@
+"""The embedded stack of `ollm serve` with no Redis URL: a private Redis plus N worker processes.
+
+Children start in their own sessions (a terminal's Ctrl-C reaches only `ollm serve`, which then
+stops them in order) and, on Linux, are told to die with their parent, so even a killed
+`ollm serve` leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+
+from ollm.errors import ServiceUnavailableError
+from workers.keys import Keys
+from workers.redis_server import RedisServer
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+# A worker first loads its model; a large one on CPU can take minutes.
+_READY_TIMEOUT = 600.0
+_STOP_TIMEOUT = 15.0
+
+
+def die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM this child when its parent exits (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:
+    return [
+        sys.executable, "-c", "from cli.main import main; main()",
+        "worker", "--model", model, "--redis-url", redis_url, "--log-level", log_level,
+    ]  # fmt: skip
+
+
+class EmbeddedStack:
+    def __init__(self, model: str, workers: int, namespace: str, log_level: str = "info") -> None:
+        self.model = model
+        self.count = workers
+        self.keys = Keys(namespace)
+        self.log_level = log_level
+        self.redis = RedisServer()
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return self.redis.url
+
+    def start(self) -> EmbeddedStack:
+        self.redis.start()
+        log.info("private Redis at %s", self.url)
+        for _ in range(self.count):
+            self.workers.append(
+                subprocess.Popen(
+                    worker_command(self.model, self.url, self.log_level),
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
+        """Block until every worker has registered, so the server answers from its first request."""
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while client.scard(self.keys.workers) < self.count:
+                dead = [w for w in self.workers if w.poll() is not None]
+                if dead:
+                    raise ServiceUnavailableError(
+                        f"a worker for {self.model!r} exited with status {dead[0].returncode} while starting; "
+                        "see its log above"
+                    )
+                if time.monotonic() > deadline:
+                    raise ServiceUnavailableError(f"workers for {self.model!r} not ready after {timeout:g}s")
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        for process in self.workers:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.workers.clear()
+        self.redis.stop()

@@ -1,0 +1,161 @@
+"""The `ollm worker` process: an RQ worker that keeps its models loaded and runs many jobs at once.
+
+RQ's default worker forks a horse per job, which would reload the model every time; this one
+subclasses ``SimpleWorker`` (jobs run in-process) and hands each dequeued job to a bounded thread
+pool, going straight back to dequeueing while up to ``worker.max_batch`` jobs are in flight. All of
+them submit to the same engine, which batches them. ``perform_job`` is safe to run from several
+threads in rq 3: each call gets its own Execution (``worker.executions`` holds many), builds its
+own pipelines, and the current job is a context variable. Job timeouts use ``TimerDeathPenalty``
+because SIGALRM only reaches the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from redis.client import PubSub, PubSubWorkerThread
+from rq import Queue
+from rq.exceptions import StopRequested
+from rq.executions import Execution
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import SimpleWorker, WorkerStatus
+
+from workers.heartbeat import Heartbeat
+from workers.job import JobContext
+
+log = logging.getLogger(__name__)
+
+
+class GenerationWorker(SimpleWorker):
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(
+        self,
+        queues: list[str],
+        connection: redis.Redis,
+        context: JobContext,
+        max_concurrency: int,
+        heartbeat_seconds: float,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
+        self.context = context
+        self.max_concurrency = max_concurrency
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ollm-job")
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self._registration = Heartbeat(
+            connection,
+            context.keys,
+            self.name,
+            models=sorted(set(context.engines) | set(context.embedders)),
+            max_batch=max_concurrency,
+            interval=heartbeat_seconds,
+            in_flight=context.in_flight,
+        )
+        self._cancel_pubsub: PubSub | None = None
+        self._cancel_thread: PubSubWorkerThread | None = None
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        self._listen_for_cancels()
+        # Registered last: the server routes here only once this worker can take jobs.
+        self._registration.start()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        # Only take a job off the queue when there is a slot for it, so a busy worker leaves
+        # queued jobs to idle workers.
+        while not self._slots.acquire(timeout=1.0):
+            pass
+        try:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        except BaseException:
+            self._slots.release()
+            raise
+        if result is None:
+            self._slots.release()
+        return result
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        with self._running_lock:
+            self._running += 1
+        self._pool.submit(self._perform, job, queue, execution)
+
+    def _perform(self, job: Job, queue: Queue, execution: Execution) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        except Exception:
+            log.exception("job %s crashed outside RQ's own handling", job.id)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+                idle = self._running == 0
+            if idle:
+                with contextlib.suppress(redis.RedisError):
+                    self.set_state(WorkerStatus.IDLE)
+            self._slots.release()
+
+    def _shutdown(self) -> None:
+        # The main thread is blocked dequeueing, not running a job, so always leave the loop now;
+        # teardown waits for the jobs in flight (a second signal makes it a cold shutdown).
+        raise StopRequested()
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        self.context.cancel_all()
+        super().request_force_stop(signum, frame)
+
+    def teardown(self) -> None:
+        self._registration.stop()
+        self._pool.shutdown(wait=True)
+        if self._cancel_thread is not None:
+            self._cancel_thread.stop()
+            self._cancel_thread.join(timeout=2)
+        if self._cancel_pubsub is not None:
+            self._cancel_pubsub.close()
+        super().teardown()
+
+    def _listen_for_cancels(self) -> None:
+        self._cancel_pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+        self._cancel_pubsub.subscribe(**{self.context.keys.cancel_channel: self._on_cancel})
+        self._cancel_thread = self._cancel_pubsub.run_in_thread(
+            sleep_time=1.0, daemon=True, exception_handler=_log_pubsub_error
+        )
+
+    def _on_cancel(self, message: dict[str, Any]) -> None:
+        data = message.get("data")
+        request_id = data.decode() if isinstance(data, bytes) else str(data)
+        self.context.cancel(request_id)
+
+
+def _log_pubsub_error(exc: BaseException, pubsub: PubSub, thread: PubSubWorkerThread) -> None:
+    # The pubsub reconnects and resubscribes on the next read; a Redis blip must not kill cancels.
+    log.warning("cancel listener: %s", exc)
+    if isinstance(exc, redis.ConnectionError):
+        threading.Event().wait(1.0)
+
+
+def run_worker(
+    models: list[str],
+    connection: redis.Redis,
+    context: JobContext,
+    max_concurrency: int,
+    heartbeat_seconds: float,
+    log_level: str = "INFO",
+) -> None:
+    """Serve the given model references until SIGINT/SIGTERM."""
+    queues = [context.keys.queue(model) for model in models]
+    worker = GenerationWorker(queues, connection, context, max_concurrency, heartbeat_seconds)
+    log.info("worker %s serving %s", worker.name, json.dumps(models))
+    worker.work(logging_level=log_level)
