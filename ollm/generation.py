@@ -96,7 +96,7 @@ class GenerationRequest(Strict):
     tools: list[dict[str, Any]] | None = None
     # A Jinja chat template that replaces the tokenizer's own (Ollama `template`, created models).
     chat_template: str | None = None
-    sampling: SamplingParams = Field(default_factory=SamplingParams)  # type: ignore[arg-type]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     constraint: Constraint | None = None
 
     @model_validator(mode="after")
