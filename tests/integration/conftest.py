@@ -1,0 +1,87 @@
+"""Fixtures that own the real processes of the serving tests (see harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Server, Worker, free_port, new_namespace
+from workers.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests isolate themselves by namespace."""
+    server = RedisServer(port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return new_namespace()
+
+
+WorkerFactory = Callable[..., Worker]
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, redis_server: RedisServer, namespace: str) -> Iterator[WorkerFactory]:
+    started: list[Worker] = []
+
+    def start(*models: str, redis_url: str | None = None, wait: bool = True, **env: str) -> Worker:
+        log = tmp_path / f"worker{len(started)}.log"
+        worker = Worker(redis_url or redis_server.url, namespace, list(models) or ["echo"], log, **env)
+        started.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, redis_server: RedisServer, namespace: str) -> Iterator[ServerFactory]:
+    started: list[Server] = []
+
+    def start(redis_url: str | None = None, **env: str) -> Server:
+        log = tmp_path / f"server{len(started)}.log"
+        server = Server(redis_url or redis_server.url, namespace, log, **env)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class Stack:
+    """A server and one echo worker sharing a namespace, for the tests that only read from them."""
+
+    def __init__(self, server: Server, worker: Worker, namespace: str, redis_url: str) -> None:
+        self.server = server
+        self.worker = worker
+        self.namespace = namespace
+        self.redis_url = redis_url
+
+
+@pytest.fixture(scope="module")
+def echo_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
+    """Started once per module: worker start-up dominates the cost of these tests."""
+    ns = new_namespace()
+    logs = tmp_path_factory.mktemp("echo-stack")
+    # 20 ms per token: slow enough to disconnect mid-stream, fast enough for short prompts.
+    worker = Worker(redis_server.url, ns, ["echo"], logs / "worker.log", OLLM_ECHO_TOKEN_DELAY="0.02")
+    server = Server(redis_server.url, ns, logs / "server.log", OLLM_SERVER__WORKER_LOST_SECONDS="2")
+    try:
+        worker.wait_ready()
+        server.wait_ready()
+        yield Stack(server, worker, ns, redis_server.url)
+    finally:
+        server.stop()
+        worker.stop()

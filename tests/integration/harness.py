@@ -1,0 +1,162 @@
+"""Real processes for the serving tests: a redis-server, `ollm worker`s and `ollm serve`.
+
+Each helper owns its process and stops it (SIGTERM, then SIGKILL) in ``stop()``; the fixtures in
+conftest.py call ``stop()`` whatever the test did, so nothing outlives a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+OLLM = [sys.executable, "-c", "from cli.main import main; main()"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(namespace: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLM_")}
+    # The real models dir (pulled once per machine) unless the caller overrides it.
+    if "OLLM_RUNTIME__MODELS_DIR" in os.environ:
+        env["OLLM_RUNTIME__MODELS_DIR"] = os.environ["OLLM_RUNTIME__MODELS_DIR"]
+    env.update({"OLLM_REDIS__NAMESPACE": namespace, "OLLM_CONFIG_FILE": os.devnull, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Process:
+    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.popen = subprocess.Popen(command, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+class Worker(Process):
+    def __init__(self, redis_url: str, namespace: str, models: list[str], log: Path, **env: str) -> None:
+        command = [*OLLM, "worker", "--redis-url", redis_url]
+        for model in models:
+            command += ["--model", model]
+        super().__init__(command, base_env(namespace, **env), log)
+        self.models = models
+        self.redis_url = redis_url
+        self.namespace = namespace
+
+    def registered_name(self) -> str | None:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            for name in client.smembers(f"{self.namespace}:workers"):
+                pid = client.hget(f"{self.namespace}:worker:{name.decode()}", "pid")
+                if pid is not None and int(pid) == self.pid:
+                    return str(name.decode())
+            return None
+        finally:
+            client.close()
+
+    def wait_ready(self, timeout: float = 120.0) -> Worker:
+        def ready() -> str | None:
+            if not self.alive():
+                raise RuntimeError(f"worker exited:\n{self.output()}")
+            return self.registered_name()
+
+        wait_until(ready, timeout, f"worker for {self.models} to register")
+        return self
+
+
+class Server(Process):
+    def __init__(self, redis_url: str, namespace: str, log: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [*OLLM, "serve", "--redis-url", redis_url, "--port", str(self.port), "--log-level", "warning"]
+        super().__init__(command, base_env(namespace, **env), log)
+
+    def wait_ready(self, timeout: float = 60.0) -> Server:
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"server exited:\n{self.output()}")
+            try:
+                return httpx.get(f"{self.url}/v1/health", timeout=2).status_code in (200, 503)
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout, "the server to answer")
+        return self
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(event name, data) for each server-sent event, as a client parses them."""
+    event: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif line.startswith("event:"):
+            event = line[len("event:") :].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:") :].strip())
+
+
+def json_events(lines: Iterator[str]) -> Iterator[tuple[str | None, Any]]:
+    for event, data in sse_events(lines):
+        yield event, data if data == "[DONE]" else json.loads(data)
+
+
+def new_namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
