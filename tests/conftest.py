@@ -27,7 +27,7 @@ def default_models_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def default_runtime() -> RuntimeSettings:
-    return RuntimeSettings(models_dir=default_models_dir())  # type: ignore[call-arg]
+    return RuntimeSettings.model_validate({"models_dir": default_models_dir()})
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def tmp_runtime(tmp_path: Path) -> RuntimeSettings:
     """Runtime settings whose models dir is empty and private to the test."""
-    return RuntimeSettings(models_dir=tmp_path / "models")  # type: ignore[call-arg]
+    return RuntimeSettings.model_validate({"models_dir": tmp_path / "models"})
 
 
 ModelDirFactory = Callable[..., Path]

@@ -58,7 +58,7 @@ def test_default_model_answers(default_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0][inputs["input_ids"].shape[1] :])
