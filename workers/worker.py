@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 class GenerationWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
+    # After a Redis outage, be back within seconds rather than RQ's default of up to a minute.
+    max_connection_wait_time = 2.0
 
     def __init__(
         self,
