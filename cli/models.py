@@ -22,18 +22,17 @@ from cli.options import (
     runtime_overrides,
     settings_or_exit,
 )
-from ollm.catalogue import list_models, model_info, remove_model
+from ollm.catalogue import is_echo, list_models, materialized_path, model_info, remove_model
 from ollm.errors import OllmError
 from ollm.plan import plan_model
 from ollm.pull import PullProgress, pull_model
+from ollm.references import parse_reference
 
 models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-ReferenceArgument = Annotated[
-    str, typer.Argument(help="Model alias, Hugging Face repo ID or local directory.")
-]
+ReferenceArgument = Annotated[str, typer.Argument(help="Model alias, Hugging Face repo ID or local directory.")]
 
 
 @models_app.command("list")
@@ -140,6 +139,18 @@ def _print_info(info: dict[str, Any]) -> None:
 def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = None) -> None:
     """Download and convert a model into the models directory (no-op when already there)."""
     settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
+    try:
+        ref = parse_reference(reference)
+        existing = None if is_echo(ref) else materialized_path(ref, settings.runtime)
+    except OllmError as exc:
+        fail(str(exc))
+        return
+    if is_echo(ref):
+        typer.echo("echo is built in; there is nothing to pull")
+        return
+    if existing is not None:
+        typer.echo(f"{reference} is materialized at {existing}")
+        return
     _quiet_transformers()
     with Progress(
         SpinnerColumn(),
@@ -147,11 +158,10 @@ def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = Non
         BarColumn(),
         TaskProgressColumn(),
         TextColumn("{task.fields[detail]}"),
-        transient=False,
     ) as progress:
         display = _PullDisplay(progress)
         try:
-            path = pull_model(reference, settings.runtime, display.update)
+            path = pull_model(ref, settings.runtime, display.update)
         except OllmError as exc:
             progress.stop()
             fail(str(exc))

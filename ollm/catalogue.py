@@ -467,6 +467,8 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
     ref = as_reference(ref)
     entry = find_alias(ref.name) if ref.kind == "alias" else None
     path = materialized_path(ref, runtime)
+    if ref.kind == "local_path" and path is None:
+        require_materialized(ref, runtime)  # raises: a missing local directory is simply not found
     info: dict[str, Any] = {
         "reference": ref.raw,
         "resolved_reference": ref.name,

@@ -154,3 +154,8 @@ def test_cli_rm(cli: Any, tmp_path: Path, make_model_dir: Any) -> None:
     again = cli("models", "rm", "llama3-1B-chat", "--models-dir", str(models))
     assert again.exit_code == 1
     assert "nothing to remove" in again.stderr
+
+
+def test_info_of_missing_local_directory_is_not_found(tmp_runtime: RuntimeSettings, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist or has no config.json"):
+        model_info(str(tmp_path / "missing"), tmp_runtime)

@@ -110,3 +110,10 @@ def test_installed_console_script(models_dir: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert any(item["reference"] == "smollm2-135m-instruct" for item in json.loads(result.stdout))
+
+
+def test_pull_echo_is_a_no_op(cli: Any, tmp_path: Path) -> None:
+    result = cli("models", "pull", "ECHO", "--models-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "nothing to pull" in result.stdout
+    assert list(tmp_path.iterdir()) == []
