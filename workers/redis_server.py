@@ -17,6 +17,7 @@ from pathlib import Path
 import redis
 
 from ollm.errors import ServiceUnavailableError
+from workers.lifetime import die_with_parent
 
 
 def redis_server_binary() -> str:
@@ -61,7 +62,8 @@ class RedisServer:
             "--loglevel", "warning",
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url)

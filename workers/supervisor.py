@@ -7,7 +7,6 @@ stops them in order) and, on Linux, are told to die with their parent, so even a
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import subprocess
@@ -18,21 +17,14 @@ import redis
 
 from ollm.errors import ServiceUnavailableError
 from workers.keys import Keys
+from workers.lifetime import die_with_parent
 from workers.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 # A worker first loads its model; a large one on CPU can take minutes.
 _READY_TIMEOUT = 600.0
 _STOP_TIMEOUT = 15.0
-
-
-def die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when its parent exits (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:

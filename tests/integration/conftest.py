@@ -34,9 +34,11 @@ ServerFactory = Callable[..., Server]
 def start_worker(tmp_path: Path, redis_server: RedisServer, namespace: str) -> Iterator[WorkerFactory]:
     started: list[Worker] = []
 
-    def start(*models: str, redis_url: str | None = None, wait: bool = True, **env: str) -> Worker:
+    def start(
+        *models: str, redis_url: str | None = None, ns: str | None = None, wait: bool = True, **env: str
+    ) -> Worker:
         log = tmp_path / f"worker{len(started)}.log"
-        worker = Worker(redis_url or redis_server.url, namespace, list(models) or ["echo"], log, **env)
+        worker = Worker(redis_url or redis_server.url, ns or namespace, list(models) or ["echo"], log, **env)
         started.append(worker)
         return worker.wait_ready() if wait else worker
 
@@ -49,9 +51,9 @@ def start_worker(tmp_path: Path, redis_server: RedisServer, namespace: str) -> I
 def start_server(tmp_path: Path, redis_server: RedisServer, namespace: str) -> Iterator[ServerFactory]:
     started: list[Server] = []
 
-    def start(redis_url: str | None = None, **env: str) -> Server:
+    def start(redis_url: str | None = None, ns: str | None = None, **env: str) -> Server:
         log = tmp_path / f"server{len(started)}.log"
-        server = Server(redis_url or redis_server.url, namespace, log, **env)
+        server = Server(redis_url or redis_server.url, ns or namespace, log, **env)
         started.append(server)
         return server.wait_ready()
 
@@ -70,9 +72,11 @@ class Stack:
         self.redis_url = redis_url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def echo_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
-    """Started once per module: worker start-up dominates the cost of these tests."""
+    """Started once: process start-up dominates these tests. Tests that need another server (or
+    another model) on the same echo worker start it in ``echo_stack.namespace``; tests that break
+    things (kill a worker, stop Redis) use processes of their own."""
     ns = new_namespace()
     logs = tmp_path_factory.mktemp("echo-stack")
     # 20 ms per token: slow enough to disconnect mid-stream, fast enough for short prompts.

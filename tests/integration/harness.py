@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import redis
 
+from workers.lifetime import die_with_parent
+
 OLLM = [sys.executable, "-c", "from cli.main import main; main()"]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +58,9 @@ class Process:
     def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self._log = log.open("wb")
-        self.popen = subprocess.Popen(command, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
 
     @property
     def pid(self) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.integration.conftest import ServerFactory, WorkerFactory
+from tests.integration.conftest import Stack, WorkerFactory
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +16,11 @@ REAL_MODEL = "smollm2-135m-instruct"
 
 
 def test_two_models_on_two_queues_serve_concurrent_requests(
-    default_model_dir: Path, start_worker: WorkerFactory, start_server: ServerFactory
+    default_model_dir: Path, echo_stack: Stack, start_worker: WorkerFactory
 ) -> None:
-    echo_worker = start_worker("echo", wait=False, OLLM_ECHO_TOKEN_DELAY="0.01")
-    real_worker = start_worker(REAL_MODEL, wait=False)
-    echo_worker.wait_ready()
-    real_worker.wait_ready(timeout=300)
-    server = start_server()
+    # A second worker, for the real model, joins the echo worker behind the same server.
+    start_worker(REAL_MODEL, ns=echo_stack.namespace).wait_ready(timeout=300)
+    server = echo_stack.server
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def ask(model: str, content: str) -> openai.types.chat.ChatCompletion:
