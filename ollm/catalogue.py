@@ -34,6 +34,7 @@ Availability = Literal["materialized", "not-materialized"]
 
 MANIFEST_NAME = ".ollm-manifest.json"
 PARTIAL_PREFIX = ".partial-"
+REMOVING_PREFIX = ".removing-"
 ECHO_ALIAS = "echo"
 
 
@@ -538,7 +539,7 @@ def remove_model(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
     if not path.is_dir():
         raise ModelNotFoundError(f"model {ref.raw!r} is not materialized under {models_dir}; nothing to remove")
     with model_lock(models_dir, path.name):
-        doomed = models_dir / f".removing-{path.name}.{uuid.uuid4().hex}"
+        doomed = models_dir / f"{REMOVING_PREFIX}{path.name}.{uuid.uuid4().hex}"
         os.replace(path, doomed)
         shutil.rmtree(doomed)
     return path

