@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import time
 from typing import Any
@@ -117,14 +118,29 @@ def _refuse_images(plan: RuntimePlan, request: GenerationRequest) -> None:
 
 
 def _decode_image(data: str) -> Any:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    data = data.strip()
     if data.startswith("data:"):
-        data = data.split(",", 1)[1]
+        data = data.split(",", 1)[-1]
     try:
-        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-    except Exception as exc:
-        raise InvalidRequestError(f"an image could not be decoded: {exc}", param="images") from exc
+        # validate=True: the lenient default skips stray characters and turns garbage into bytes.
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise InvalidRequestError(
+            f"an image is not valid base64 ({exc}); send base64-encoded image bytes or a data: URI",
+            param="messages",
+        ) from exc
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.convert("RGB")  # convert() reads the pixels now, inside this try
+    except UnidentifiedImageError as exc:
+        raise InvalidRequestError(
+            f"an image ({len(raw)} bytes) is not in a format Pillow can read; send PNG, JPEG, GIF or WebP",
+            param="messages",
+        ) from exc
+    except Exception as exc:  # truncated files, decompression bombs...
+        raise InvalidRequestError(f"an image could not be decoded: {exc}", param="messages") from exc
 
 
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
@@ -176,10 +192,18 @@ def _seq2seq_engine(
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
         _refuse_images(plan, request)
-        # Encoder-decoder models rarely have chat templates: the encoder reads the text itself.
-        text = request.prompt if request.prompt is not None else "\n".join(m.text() for m in request.messages or [])
-        ids = tokenizer(text)["input_ids"]
-        seq = factory.sequence(request, sink, submitted, list(ids))
+        if request.prompt is None and not (request.chat_template or tokenizer.chat_template):
+            # Encoder-decoder models rarely have chat templates: the encoder reads the text itself.
+            text = "\n".join(m.text() for m in request.messages or [])
+        else:
+            text = render_text(tokenizer, request)
+        # Special tokens always: encoders are trained on inputs that end in EOS (T5's </s>).
+        ids = list(tokenizer(text)["input_ids"])
+        if not text.strip() or not ids:
+            raise InvalidRequestError(
+                "the prompt is empty", param="prompt" if request.prompt is not None else "messages"
+            )
+        seq = factory.sequence(request, sink, submitted, ids)
         return seq, {"input_ids": torch.tensor([ids], device=model.device)}
 
     return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
@@ -192,17 +216,34 @@ def _image_text_engine(
     model = AutoModelForImageTextToText.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
     processor = AutoProcessor.from_pretrained(plan.path)
     tokenizer = processor.tokenizer
+    if processor.chat_template and not tokenizer.chat_template:
+        # Vision checkpoints often keep the template on the processor only; render_text reads the tokenizer's.
+        tokenizer.chat_template = processor.chat_template
     factory = _SequenceFactory(plan, model, tokenizer, settings)
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
         images = [_decode_image(data) for m in request.messages or [] for data in m.images()]
-        if processor.chat_template and not tokenizer.chat_template:
-            tokenizer.chat_template = processor.chat_template
         text = render_text(tokenizer, request, image_placeholders=True)
-        inputs = processor(text=text, images=images or None, return_tensors="pt").to(model.device)
+        try:
+            inputs = processor(
+                text=text,
+                images=images or None,
+                # As in render_ids: a chat template writes its own BOS, a raw prompt gets the tokenizer's.
+                add_special_tokens=request.prompt is not None,
+                return_tensors="pt",
+            )
+        except ValueError as exc:  # e.g. image placeholders in the text that no image fills
+            raise InvalidRequestError(f"the images do not fit the prompt: {exc}", param="messages") from exc
+        prompt_ids = inputs["input_ids"][0].tolist()
+        if not prompt_ids:
+            raise InvalidRequestError(
+                "the prompt is empty", param="prompt" if request.prompt is not None else "messages"
+            )
+        inputs = inputs.to(model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        seq = factory.sequence(request, sink, submitted, inputs["input_ids"][0].tolist())
+        # prompt_ids include the image placeholder tokens the processor expanded: they fill the context too.
+        seq = factory.sequence(request, sink, submitted, prompt_ids)
         return seq, dict(inputs)
 
     return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)

@@ -28,12 +28,38 @@ log = logging.getLogger(__name__)
 # Builds the Sequence and the keyword arguments for model.generate (input ids, pixel values...).
 InputsBuilder = Callable[[GenerationRequest, EventSink, float], tuple[Sequence, dict[str, Any]]]
 
+# generate() fills every option we leave unset from the checkpoint's generation_config.json, and
+# checkpoints ship decoding policy there (bart-large-cnn: num_beams=4, min_length=56,
+# no_repeat_ngram_size=3; others: repetition_penalty). Those processors would run before the
+# Sequence and silently reshape the distribution the request's own sampling draws from, and beam
+# search would hand it several rows per step. So every policy knob is pinned to its neutral value
+# here; format constraints (forced BOS/EOS, suppressed or banned tokens) are left to the checkpoint.
+_NEUTRAL_DECODING: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    # Takes precedence over a checkpoint's min_length (which also setting min_length=0 would warn about).
+    "min_new_tokens": 0,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+}
+
 
 class _HandToSequence(LogitsProcessor):
     def __init__(self, seq: Sequence) -> None:
         self._seq = seq
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._seq.done:
+            # Cancelled between two steps: the stopping criterion ends generate after this step, and
+            # the Sequence must not record (or stream) a token it never chose.
+            return scores
         token = self._seq.choose(scores[0].float())
         forced = torch.full_like(scores, float("-inf"))
         forced[:, token] = 0.0
@@ -82,25 +108,37 @@ class SingleEngine:
         while (item := self._inbox.get()) is not None:
             request, sink, submitted = item
             try:
-                seq, inputs = self._build(request, sink, submitted)
-            except OllmError as exc:
-                sink(ErrorEvent(message=exc.message, status=exc.status, code=exc.code))
-                continue
-            if request.id in self._cancelled:
+                self._serve(request, sink, submitted)
+            finally:
+                self._current = None
                 self._cancelled.discard(request.id)
-                seq.cancel()
-            elif not self._generate(seq, inputs):
-                continue
-            load_ms, self._load_ms = self._load_ms, 0.0
-            sink(seq.final_event(self.info, load_ms))
+
+    def _serve(self, request: GenerationRequest, sink: EventSink, submitted: float) -> None:
+        try:
+            seq, inputs = self._build(request, sink, submitted)
+        except OllmError as exc:
+            sink(ErrorEvent(message=exc.message, status=exc.status, code=exc.code))
+            return
+        except Exception as exc:  # Anything else (a processor's ValueError...) would kill this thread.
+            log.exception("preparing the request failed")
+            sink(ErrorEvent(message=f"the request could not be prepared: {exc}", status=500))
+            return
+        # Published before the cancelled-set check: cancel() adds to the set and then looks at
+        # _current, so whichever order the two threads run in, one of them sees the other.
+        self._current = seq
+        if request.id in self._cancelled:
+            seq.cancel()
+        elif not self._generate(seq, inputs):
+            return
+        load_ms, self._load_ms = self._load_ms, 0.0
+        sink(seq.final_event(self.info, load_ms))
 
     def _generate(self, seq: Sequence, inputs: dict[str, Any]) -> bool:
         """Run the sequence to its end; False when it failed (its error event is already sent)."""
-        self._current = seq
         seq.admitted_at = time.perf_counter()
-        config = GenerationConfig(
-            max_new_tokens=seq.max_new_tokens, do_sample=False, pad_token_id=self._pad, eos_token_id=None
-        )
+        # The Sequence decides when to stop (EOS, stop strings, grammar, its own length budget);
+        # generate's own EOS check uses the same ids, so it never ends a sequence early.
+        config = GenerationConfig(max_new_tokens=seq.max_new_tokens, pad_token_id=self._pad, **_NEUTRAL_DECODING)
         try:
             with torch.inference_mode():
                 self._model.generate(
@@ -113,10 +151,10 @@ class SingleEngine:
             log.exception("generate failed")
             seq.fail(f"generation failed: {exc}")
             return False
-        finally:
-            self._current = None
         if seq.first_token_at is not None:
             seq.prefill_done_at = seq.first_token_at
         if not seq.done:
-            seq.finish_reason = "length"  # generate hit the model's own length limit
+            # generate stopped on a limit of its own (a checkpoint's stop_strings, max_length). Finish
+            # through the Sequence so text held back for a partial character or stop string is sent.
+            seq._finish_text("length")
         return True
