@@ -163,11 +163,16 @@ def env_var_name(section: str, field: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{field.upper()}"
 
 
+# Fields whose command-line flag is not simply --field-name.
+_FLAG_NAMES = {"model_reference": "--model", "use_specialization": "--no-specialization"}
+
+
 def describe_origin(keys: tuple[str, ...], overrides: dict[str, Any]) -> str:
     """Where the value of ``section.field`` came from, in the words a user can act on."""
     found, value = _nested_get(overrides, keys)
-    if found:
-        return f"command-line flag --{keys[-1].replace('_', '-')}={value!r}"
+    if found and value is not None:
+        flag = _FLAG_NAMES.get(keys[-1], "--" + keys[-1].replace("_", "-"))
+        return f"command-line flag {flag}={value!r}"
     if len(keys) >= 2:
         name = env_var_name(keys[0], keys[1])
         if name in os.environ:
