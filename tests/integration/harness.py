@@ -99,12 +99,12 @@ class Worker(Process):
         self.namespace = namespace
 
     def registered_name(self) -> str | None:
-        client = redis.Redis.from_url(self.redis_url)
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
             for name in client.smembers(f"{self.namespace}:workers"):
-                pid = client.hget(f"{self.namespace}:worker:{name.decode()}", "pid")
+                pid = client.hget(f"{self.namespace}:worker:{name}", "pid")
                 if pid is not None and int(pid) == self.pid:
-                    return str(name.decode())
+                    return str(name)
             return None
         finally:
             client.close()

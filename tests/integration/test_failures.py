@@ -63,10 +63,10 @@ def test_worker_killed_mid_stream_ends_the_request_cleanly(
 
 
 def worker_in_flight(redis_url: str, namespace: str) -> int:
-    connection = redis.Redis.from_url(redis_url)
+    connection = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         return sum(
-            int(connection.hget(f"{namespace}:worker:{name.decode()}", "in_flight") or 0)
+            int(connection.hget(f"{namespace}:worker:{name}", "in_flight") or 0)
             for name in connection.smembers(f"{namespace}:workers")
         )
     finally:

@@ -139,6 +139,7 @@ def test_client_disconnect_cancels_the_job(echo_stack: Stack) -> None:
         job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
         wait_until(lambda: job.get_status() == "finished", 3, "the cancelled job to finish")
         result = job.return_value()
+        assert result is not None
         assert result["finish_reason"] == "cancelled"
         assert result["usage"]["completion_tokens"] < 100
     finally:

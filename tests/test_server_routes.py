@@ -1,0 +1,173 @@
+"""The app in-process over fakeredis, with the real job function run by a thread standing in for
+a worker: routing, dispatch, errors, limits and auth without starting any process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from rq import Queue
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from ollm.engine.echo import EchoEngine
+from ollm.generation import ChatMessage, GenerationRequest
+from ollm.settings import Settings
+from server.app import create_app
+from server.dispatch import Dispatcher
+from server.services import Services
+from server.stores.responses import response_store
+from server.stores.sessions import session_store
+from workers import job as job_module
+from workers.heartbeat import Heartbeat
+from workers.job import JobContext
+from workers.keys import Keys
+
+
+class FakeWorker:
+    """Runs queued jobs through the real job function, like `ollm worker` minus the process."""
+
+    def __init__(self, sync: redis.Redis, keys: Keys) -> None:
+        self.engine = EchoEngine()
+        self.context = JobContext(sync, keys, {"echo": self.engine})
+        self.queue = Queue(keys.queue("echo"), connection=sync, serializer=JSONSerializer)
+        self.heartbeat = Heartbeat(sync, keys, "fake", ["echo"], 4, interval=60, in_flight=self.context.in_flight)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> FakeWorker:
+        job_module.install(self.context)
+        self.heartbeat.beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        job_module.install(None)
+        self.engine.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            found = Queue.dequeue_any([self.queue], None, connection=self.queue.connection, serializer=JSONSerializer)
+            if found is None:
+                self._stop.wait(0.01)
+                continue
+            found[0].perform()
+
+
+@pytest.fixture
+def settings(clean_settings_env: Path) -> Settings:
+    return Settings(
+        redis={"url": "redis://fake", "namespace": "unit"},
+        server={"worker_lost_seconds": 1.0, "max_request_bytes": 2048, "api_key": None},
+    )
+
+
+def services_for(settings: Settings) -> Services:
+    server = fakeredis.FakeServer()
+    sync = fakeredis.FakeRedis(server=server)
+    connection = fakeredis.FakeAsyncRedis(server=server)
+    keys = Keys(settings.redis.namespace)
+    return Services(
+        settings=settings, keys=keys, sync=sync, connection=connection,
+        dispatcher=Dispatcher(settings, sync, connection),
+        responses=response_store(settings.server, connection, keys),
+        sessions=session_store(settings.server, connection, keys),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def services(settings: Settings) -> Services:
+    return services_for(settings)
+
+
+@pytest.fixture
+def client(settings: Settings, services: Services) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, services)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def worker(services: Services) -> Iterator[FakeWorker]:
+    fake = FakeWorker(services.sync, services.keys).start()
+    yield fake
+    fake.stop()
+
+
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": "in process"}]}
+
+
+def test_chat_completion_through_the_queue(client: TestClient, worker: FakeWorker) -> None:
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "in process"
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 2 + 2 + 1  # role, 2 tokens, finish, DONE
+
+
+def test_no_live_worker_is_503_naming_the_model(client: TestClient) -> None:
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["message"].startswith("no live worker serves model 'echo'")
+
+
+def test_health_lists_workers_per_model(client: TestClient, worker: FakeWorker) -> None:
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok"
+    assert health["models"] == {"echo": {"workers": 1, "hosts": [worker.heartbeat._static["host"]], "in_flight": 0}}
+
+
+def test_a_job_whose_worker_stopped_beating_is_failed(services: Services) -> None:
+    dispatcher = services.dispatcher
+    request = GenerationRequest(model="echo", messages=[ChatMessage(role="user", content="x")])
+    dispatcher._enqueue("echo", request.id, "workers.job.generate", request.model_dump(mode="json"))
+    queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
+    found = Queue.dequeue_any([queue], None, connection=services.sync, serializer=JSONSerializer)
+    assert found is not None
+    job = found[0]
+    with services.sync.pipeline() as pipe:
+        job.prepare_for_execution("gone-worker", pipe)  # started by a worker that never beats
+        pipe.execute()
+    ending: dict[str, Any] | None = asyncio.run(dispatcher.check_job(request.id, "echo"))
+    assert ending is not None and ending["code"] == "worker_lost" and ending["status"] == 503
+    assert request.id in FailedJobRegistry(queue.name, connection=services.sync).get_job_ids()
+
+
+def test_validation_errors_use_the_openai_error_body(client: TestClient) -> None:
+    answer = client.post("/v1/chat/completions", json={"model": "echo", "messages": "nope"})
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["param"] == "messages" and error["type"] == "invalid_request_error"
+    assert client.post("/v1/sessions/x/prompt", json={}).json()["error"]["param"] == "prompt"
+
+
+def test_body_too_large_is_413(client: TestClient) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 4096}]}
+    answer = client.post("/v1/chat/completions", json=big)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "echo", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 512
+        yield b'"}]}'
+
+    chunked = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+
+
+def test_api_key_guards_everything_but_health(settings: Settings) -> None:
+    settings.server.api_key = "k"
+    with TestClient(create_app(settings, services_for(settings))) as client:
+        assert client.get("/v1/health").status_code == 200
+        assert client.get("/docs").status_code == 401
+        assert client.get("/docs", headers={"Authorization": "Bearer k"}).status_code == 200

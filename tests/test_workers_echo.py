@@ -1,0 +1,63 @@
+"""The echo engine honours the Engine protocol: many requests, limits, stop strings, cancel."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from ollm.engine.base import stream
+from ollm.engine.echo import EchoEngine
+from ollm.generation import ChatMessage, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
+
+
+def request(text: str, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(
+        model="echo",
+        messages=[ChatMessage(role="system", content="ignored"), ChatMessage(role="user", content=text)],
+        sampling=SamplingParams.model_validate(sampling),
+    )
+
+
+def test_echoes_the_last_user_message_word_by_word() -> None:
+    engine = EchoEngine(token_delay=0)
+    events = list(stream(engine, request("one two  three")))
+    engine.close()
+    assert [e.text for e in events if isinstance(e, TokenEvent)] == ["one", " two", "  three"]
+    final = events[-1]
+    assert isinstance(final, FinalEvent) and final.text == "one two  three" and final.finish_reason == "stop"
+    assert final.usage.prompt_tokens == 4 and final.usage.completion_tokens == 3
+
+
+def test_max_new_tokens_and_stop_strings() -> None:
+    engine = EchoEngine(token_delay=0)
+    limited = list(stream(engine, request("a b c d", max_new_tokens=2)))[-1]
+    stopped = list(stream(engine, request("a b. c d", stop=["."])))[-1]
+    engine.close()
+    assert isinstance(limited, FinalEvent) and (limited.text, limited.finish_reason) == ("a b", "length")
+    assert isinstance(stopped, FinalEvent) and (stopped.text, stopped.finish_reason) == ("a b", "stop")
+
+
+def test_cancel_ends_a_request_within_a_token() -> None:
+    engine = EchoEngine(token_delay=0.01)
+    events: queue.Queue[Event] = queue.Queue()
+    long = request(" ".join(["w"] * 500))
+    engine.submit(long, events.put)
+    assert isinstance(events.get(timeout=2), TokenEvent)
+    engine.cancel(long.id)
+    while not isinstance(event := events.get(timeout=2), FinalEvent):
+        pass
+    engine.close()
+    assert event.finish_reason == "cancelled" and event.usage.completion_tokens < 10
+
+
+def test_requests_in_flight_advance_together() -> None:
+    engine = EchoEngine(token_delay=0.01)
+    finals: queue.Queue[Event] = queue.Queue()
+    started = time.monotonic()
+    for _ in range(10):
+        engine.submit(request(" ".join(["w"] * 20)), lambda e: finals.put(e) if isinstance(e, FinalEvent) else None)
+    done = [finals.get(timeout=5) for _ in range(10)]
+    elapsed = time.monotonic() - started
+    engine.close()
+    assert all(isinstance(e, FinalEvent) and e.usage.completion_tokens == 20 for e in done)
+    assert elapsed < 1.0  # one 20-step batch (~0.2 s), not 10 x 20 steps
