@@ -18,7 +18,8 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from ollm.engine.echo import EchoEngine
-from ollm.generation import ChatMessage, GenerationRequest
+from ollm.errors import OllmError
+from ollm.generation import ChatMessage, EmbeddingRequest, EmbeddingResult, GenerationRequest
 from ollm.settings import Settings
 from server.app import create_app
 from server.dispatch import Dispatcher
@@ -31,14 +32,24 @@ from workers.job import JobContext
 from workers.keys import Keys
 
 
+class LengthEmbedder:
+    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        texts = [str(item) for item in request.inputs]
+        return EmbeddingResult(model=request.model, embeddings=[[float(len(t))] for t in texts], prompt_tokens=2)
+
+
 class FakeWorker:
     """Runs queued jobs through the real job function, like `ollm worker` minus the process."""
 
     def __init__(self, sync: redis.Redis, keys: Keys) -> None:
         self.engine = EchoEngine()
-        self.context = JobContext(sync, keys, {"echo": self.engine})
-        self.queue = Queue(keys.queue("echo"), connection=sync, serializer=JSONSerializer)
-        self.heartbeat = Heartbeat(sync, keys, "fake", ["echo"], 4, interval=60, in_flight=self.context.in_flight)
+        self.context = JobContext(sync, keys, {"echo": self.engine}, {"lengths": LengthEmbedder()})
+        self.queues = [
+            Queue(keys.queue(model), connection=sync, serializer=JSONSerializer) for model in ("echo", "lengths")
+        ]
+        self.heartbeat = Heartbeat(
+            sync, keys, "fake", ["echo", "lengths"], 4, interval=60, in_flight=self.context.in_flight
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,7 +67,8 @@ class FakeWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            found = Queue.dequeue_any([self.queue], None, connection=self.queue.connection, serializer=JSONSerializer)
+            connection = self.queues[0].connection
+            found = Queue.dequeue_any(self.queues, None, connection=connection, serializer=JSONSerializer)
             if found is None:
                 self._stop.wait(0.01)
                 continue
@@ -114,6 +126,13 @@ def test_chat_completion_through_the_queue(client: TestClient, worker: FakeWorke
     assert lines[-1] == "data: [DONE]" and len(lines) == 2 + 2 + 1  # role, 2 tokens, finish, DONE
 
 
+def test_embeddings_go_through_the_same_job_path(services: Services, worker: FakeWorker) -> None:
+    result = asyncio.run(services.dispatcher.embed(EmbeddingRequest(model="lengths", inputs=["ab", "abcd"])))
+    assert result.embeddings == [[2.0], [4.0]]
+    with pytest.raises(OllmError, match="no live worker serves model 'nope'"):
+        asyncio.run(services.dispatcher.embed(EmbeddingRequest(model="nope", inputs=["x"])))
+
+
 def test_no_live_worker_is_503_naming_the_model(client: TestClient) -> None:
     answer = client.post("/v1/chat/completions", json=CHAT)
     assert answer.status_code == 503
@@ -123,7 +142,8 @@ def test_no_live_worker_is_503_naming_the_model(client: TestClient) -> None:
 def test_health_lists_workers_per_model(client: TestClient, worker: FakeWorker) -> None:
     health = client.get("/v1/health").json()
     assert health["status"] == "ok"
-    assert health["models"] == {"echo": {"workers": 1, "hosts": [worker.heartbeat._static["host"]], "in_flight": 0}}
+    serving = {"workers": 1, "hosts": [worker.heartbeat._static["host"]], "in_flight": 0}
+    assert health["models"] == {"echo": serving, "lengths": serving}
 
 
 def test_a_job_whose_worker_stopped_beating_is_failed(services: Services) -> None:

@@ -26,7 +26,7 @@ def load_models(references: list[str], settings: Settings) -> tuple[dict[str, En
         names = list(dict.fromkeys([reference, plan.resolved_reference]))
         log.info("loading %s (%s, %s on %s)", reference, plan.kind, plan.backend, plan.device)
         if plan.kind == "embedding":
-            embedder: Embedder = loader.load_embedder(plan, settings)  # type: ignore[attr-defined,unused-ignore]
+            embedder: Embedder = loader.load_embedder(plan, settings)
             embedders.update(dict.fromkeys(names, embedder))
         else:
             engine = loader.load_engine(plan, settings)
