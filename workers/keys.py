@@ -51,3 +51,23 @@ class Keys:
 
     def session(self, session_id: str) -> str:
         return f"{self.namespace}:session:{session_id}"
+
+    # -- keep-alive and derived models (the Ollama /api family) -----------------------------------
+
+    def keep_alive(self, model: str) -> str:
+        """The keep-alive a client last asked for on ``model`` (JSON: seconds, or null for forever)."""
+        return f"{self.namespace}:keep_alive:{model}"
+
+    @property
+    def residency_channel(self) -> str:
+        """Pub/sub channel telling workers to load or unload a model now ({"model", "action"})."""
+        return f"{self.namespace}:residency"
+
+    def loaded(self, host: str, pid: int) -> str:
+        """Hash of the models one worker process holds in memory (model -> JSON size/expires_at)."""
+        return f"{self.namespace}:loaded:{host}:{pid}"
+
+    @property
+    def derived_models(self) -> str:
+        """Hash of models created with /api/create: name -> JSON definition over a base model."""
+        return f"{self.namespace}:derived_models"
