@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ollm.errors import InvalidRequestError
 from ollm.generation import ChatMessage, GenerationRequest
+from ollm.tools import render_tool_call, tools_system_prompt
 
 # Most chat templates predate OpenAI's "developer" role; it means what "system" means to them.
 _TEMPLATE_ROLE = {"developer": "system"}
@@ -31,6 +32,41 @@ def template_message(message: ChatMessage, image_placeholders: bool = False) -> 
     return out
 
 
+def _supports_tools(template: str) -> bool:
+    return "tools" in template and "tool_call" in template
+
+
+def template_messages(
+    request: GenerationRequest, template: str, image_placeholders: bool = False
+) -> list[dict[str, Any]]:
+    """The request's messages for ``template``; tool use is spelled out for templates without it.
+
+    A template that knows no tools would drop the tool list, earlier calls and tool results, so
+    they are written into the conversation in the convention ollm.tools parses back.
+    """
+    assert request.messages is not None
+    if _supports_tools(template):
+        return [template_message(m, image_placeholders) for m in request.messages]
+    messages: list[dict[str, Any]] = []
+    for message in request.messages:
+        out = template_message(message, image_placeholders)
+        out.pop("tool_calls", None)
+        out.pop("tool_call_id", None)
+        if message.tool_calls:
+            calls = "\n".join(render_tool_call(call) for call in message.tool_calls)
+            out["content"] = f"{message.text()}\n{calls}".strip()
+        if message.role == "tool":
+            out = {"role": "user", "content": f"<tool_response>\n{message.text()}\n</tool_response>"}
+        messages.append(out)
+    if request.tools:
+        instructions = tools_system_prompt(request.tools)
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{instructions}"
+        else:
+            messages.insert(0, {"role": "system", "content": instructions})
+    return messages
+
+
 def render_text(
     tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, image_placeholders: bool = False
 ) -> str:
@@ -46,8 +82,8 @@ def render_text(
         )
     try:
         text = tokenizer.apply_chat_template(
-            [template_message(m, image_placeholders) for m in request.messages],
-            tools=list(request.tools) if request.tools else None,
+            template_messages(request, template, image_placeholders),
+            tools=list(request.tools) if request.tools and _supports_tools(template) else None,
             chat_template=template,
             add_generation_prompt=True,
             tokenize=False,
