@@ -65,6 +65,8 @@ class SamplingParams(Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
+    # Generate exactly max_new_tokens (benchmarks; vLLM and llama.cpp's server offer the same).
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

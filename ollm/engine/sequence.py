@@ -82,7 +82,7 @@ class Sequence:
         self.sampler.observe(token)
         if self.grammar is not None:
             self.grammar.accept(token)
-        if token in self._eos_ids:
+        if token in self._eos_ids and not self.request.sampling.ignore_eos:
             self._finish_text("stop")
             return
         text = self._stops.feed(self._detok.add(token))
