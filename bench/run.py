@@ -1,0 +1,203 @@
+"""`python -m bench.run`: throughput and latency of the whole stack against concurrency.
+
+By default it starts the stacks it measures (embedded `ollm serve`: private Redis + one worker):
+the batching stack, the same stack with ``max_batch=1``, and an echo-model stack for pipeline
+overhead; plus in-process ``generate`` as the baseline, and llama-cpp-python's server as a peer
+when it is installed. ``--url`` measures an already running server instead. Writes a JSON file and
+a PNG plot, prints a table, and checks the targets of issue #4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.baselines import generate_one_at_a_time
+from bench.client import LevelResult, run_level
+from bench.peer import llama_cpp_peer
+from bench.stack import embedded_stack
+from ollm.devices import resolve_device, resolve_dtype
+from ollm.plan import plan_model
+from ollm.settings import load_settings
+
+ECHO_PROMPT_WORDS = 200
+
+
+def measure(base_url: str, model: str, levels: list[int], per_client: int, max_tokens: int) -> list[LevelResult]:
+    results = []
+    for concurrency in levels:
+        level = asyncio.run(run_level(base_url, model, concurrency, per_client, max_tokens))
+        print(_row(model, level), flush=True)
+        results.append(level)
+    return results
+
+
+def _row(label: str, level: LevelResult) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:8.2f}"
+
+    return (
+        f"{label:<28} c={level.concurrency:<3} tok/s={level.tokens_per_second:8.1f} "
+        f"ttft p50/p95 ms={ms(level.ttft_p50)}/{ms(level.ttft_p95)} "
+        f"itl p50/p95 ms={ms(level.itl_p50)}/{ms(level.itl_p95)} req/s={level.requests_per_second:6.2f} "
+        f"errors={level.errors}"
+    )
+
+
+def echo_overhead(log_dir: Path, levels: list[int], per_client: int) -> list[LevelResult]:
+    """The echo model does no work, so its latencies are what HTTP + RQ + pub/sub cost."""
+    import bench.client as client
+
+    saved = client.PROMPTS
+    client.PROMPTS = [" ".join(f"w{i}" for i in range(ECHO_PROMPT_WORDS))]
+    try:
+        with embedded_stack("echo", 16, log_dir / "echo.log") as url:
+            # Warm-up: the first request pays for connection set-up and imports.
+            asyncio.run(run_level(url, "echo", 1, 3, ECHO_PROMPT_WORDS))
+            return measure(url, "echo", levels, per_client * 5, ECHO_PROMPT_WORDS)
+    finally:
+        client.PROMPTS = saved
+
+
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    stack = {level["concurrency"]: level for level in report.get("stack", [])}
+    single = {level["concurrency"]: level for level in report.get("stack_max_batch_1", [])}
+    echo = {level["concurrency"]: level for level in report.get("echo", [])}
+    generate = report.get("in_process_generate", {}).get("tokens_per_second")
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, target: str, ok: bool | None) -> None:
+        checks.append({"target": name, "value": value, "wanted": target, "met": ok})
+
+    if 16 in stack and 1 in stack:
+        ratio = stack[16]["tokens_per_second"] / stack[1]["tokens_per_second"]
+        check("aggregate tok/s at 16 vs single stream, same stack", ratio, ">= 6x", ratio >= 6)
+        ttft = stack[16]["ttft_p50"]
+        check("TTFT p50 at 16 streams (s)", ttft, "< 1.5 s", ttft is not None and ttft < 1.5)
+    if 16 in stack and 16 in single:
+        ratio = stack[16]["tokens_per_second"] / single[16]["tokens_per_second"]
+        check("aggregate tok/s at 16 vs max_batch=1 stack at 16", ratio, ">= 4x", ratio >= 4)
+    if 1 in stack and generate:
+        ratio = stack[1]["tokens_per_second"] / generate
+        check("single-stream tok/s vs in-process generate", ratio, ">= 0.9", ratio >= 0.9)
+    if 1 in echo:
+        ttft, itl = echo[1]["ttft_p50"], echo[1]["itl_p50"]
+        check("echo: added latency to first token p50 (ms)", ttft * 1000 if ttft else None, "< 5 ms",
+              ttft is not None and ttft < 0.005)  # fmt: skip
+        check("echo: added latency per token p50 (ms)", itl * 1000 if itl is not None else None, "< 0.5 ms",
+              itl is not None and itl < 0.0005)  # fmt: skip
+    return checks
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("stack", "ollm (continuous batching)"), ("stack_max_batch_1", "ollm max_batch=1"),
+                       ("llama_cpp_python", "llama-cpp-python server")):  # fmt: skip
+        levels = report.get(key) or []
+        if not levels:
+            continue
+        xs = [lv["concurrency"] for lv in levels]
+        left.plot(xs, [lv["tokens_per_second"] for lv in levels], marker="o", label=label)
+        right.plot(xs, [(lv["ttft_p50"] or 0) * 1000 for lv in levels], marker="o", label=f"{label} TTFT p50")
+        right.plot(xs, [(lv["itl_p50"] or 0) * 1000 for lv in levels], marker="x", linestyle="--",
+                   label=f"{label} ITL p50")  # fmt: skip
+    generate = report.get("in_process_generate", {}).get("tokens_per_second")
+    if generate:
+        left.axhline(generate, color="grey", linestyle=":", label="in-process generate, 1 at a time")
+    left.set(xlabel="concurrent streams", ylabel="aggregate output tokens/s", title="Throughput")
+    right.set(xlabel="concurrent streams", ylabel="ms", title="Latency", yscale="log")
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    fig.suptitle(f"{report['model']} on {report['machine']['device']} ({report['machine']['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="Measure this running server instead of starting stacks.")
+    parser.add_argument("--model", default=None, help="Model reference (default: the configured default).")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="Comma-separated concurrency levels.")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--baseline-levels", default="1,16", help="Levels for the max_batch=1 stack and peer.")
+    parser.add_argument("--skip-baselines", action="store_true", help="Only the batching stack.")
+    parser.add_argument("--skip-echo", action="store_true", help="No pipeline-overhead run.")
+    parser.add_argument("--out", default="bench/results", help="Directory for the JSON, PNG and logs.")
+    args = parser.parse_args()
+
+    settings = load_settings({"runtime": {"model_reference": args.model}})
+    model = settings.runtime.model_reference
+    levels = [int(x) for x in args.concurrency.split(",")]
+    baseline_levels = [int(x) for x in args.baseline_levels.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(settings.runtime.device)
+    report: dict[str, Any] = {
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests_per_client,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": device,
+            "dtype": resolve_dtype(settings.runtime.dtype, device),
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if args.url:
+        report["stack"] = [lv.as_dict() for lv in measure(args.url, model, levels, args.requests_per_client,
+                                                          args.max_tokens)]  # fmt: skip
+    else:
+        plan = plan_model(model, settings.runtime)
+        if not args.skip_baselines and plan.path is not None:
+            print("in-process generate, one request at a time…", flush=True)
+            report["in_process_generate"] = generate_one_at_a_time(plan.path, plan.dtype, args.max_tokens, 4)
+            print(f"  {report['in_process_generate']['tokens_per_second']:.1f} tok/s", flush=True)
+        with embedded_stack(model, settings.worker.max_batch, out / "stack.log") as url:
+            asyncio.run(run_level(url, model, 1, 1, 8))  # warm-up
+            report["stack"] = [lv.as_dict() for lv in measure(url, model, levels, args.requests_per_client,
+                                                              args.max_tokens)]  # fmt: skip
+        if not args.skip_baselines:
+            with embedded_stack(model, 1, out / "stack-max-batch-1.log") as url:
+                asyncio.run(run_level(url, model, 1, 1, 8))
+                report["stack_max_batch_1"] = [
+                    lv.as_dict() for lv in measure(url, f"{model}", baseline_levels, 1, args.max_tokens)
+                ]
+            with llama_cpp_peer(model, settings.runtime, out / "llama-cpp.log") as peer:
+                if peer is not None:
+                    url, peer_model = peer
+                    report["llama_cpp_python"] = [
+                        lv.as_dict() for lv in measure(url, peer_model, baseline_levels, 1, args.max_tokens)
+                    ]
+        if not args.skip_echo:
+            report["echo"] = [lv.as_dict() for lv in echo_overhead(out, [1, 16], args.requests_per_client)]
+    report["targets"] = check_targets(report)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = out / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    png_path = out / f"bench-{stamp}.png"
+    plot(report, png_path)
+    print()
+    for target in report["targets"]:
+        value = target["value"]
+        shown = "-" if value is None else f"{value:.2f}"
+        print(f"{'MET ' if target['met'] else 'MISS'} {target['target']}: {shown} (wanted {target['wanted']})")
+    print(f"\nwrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Start a whole ollm stack (`ollm serve` in embedded mode: private Redis + workers) for a benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+OLLM = str(Path(sys.executable).parent / "ollm")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_model(base_url: str, model: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{base_url}/v1/health", timeout=2.0)
+            if health.status_code == 200 and model in health.json().get("models", {}):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no worker for {model} at {base_url} after {timeout:.0f}s")
+
+
+@contextmanager
+def embedded_stack(
+    model: str, max_batch: int, log_path: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`ollm serve` with its own Redis and one worker serving ``model``; yields the base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "OLLM_WORKER__MAX_BATCH": str(max_batch),
+        "OLLM_SERVER__LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
+    env.pop("OLLM_REDIS__URL", None)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [OLLM, "serve", "--port", str(port), "--model", model, "--workers", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_model(base_url, model)
+            yield base_url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
