@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionTokenLogprob
 from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import (
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message import ChatCompletionMessage
+from openai.types.chat.chat_completion_message_function_tool_call import (
+    ChatCompletionMessageFunctionToolCall,
+    Function,
+)
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
-from openai.types.completion_usage import CompletionUsage
 
 from ollm.errors import InvalidRequestError
 from ollm.generation import (
@@ -26,7 +32,6 @@ from ollm.generation import (
     ErrorEvent,
     Event,
     FinalEvent,
-    FinishReason,
     GenerationRequest,
     TokenEvent,
     TokenLogprob,
@@ -34,18 +39,31 @@ from ollm.generation import (
     Usage,
 )
 from ollm.settings import GenerationSettings
+from ollm.tools import ToolCallParser, parse_tool_calls
+from server.dispatch import Completed
 from server.errors import error_body
-from server.openai.chat_completion.protocol import ChatCompletionRequest, Message
+from server.openai.chat_completion.protocol import ChatCompletionRequest, Message, NamedToolChoice
+from server.openai.common import (
+    ToolPlan,
+    arguments_json,
+    completion_usage,
+    fan_out,
+    finish_reason,
+    image_part,
+    json_constraint,
+    parse_arguments,
+    stop_list,
+    tool_plan,
+)
+from server.openai.runs import generate_all
 from server.sampling import sampling_params
 from server.services import Services
 from server.sse import DONE, event_stream, first_event, sse
 
-OpenAIFinish = Literal["stop", "length", "tool_calls"]
-
 # ---- pure translation ------------------------------------------------------------------------
 
 
-def from_message(message: Message) -> ChatMessage:
+def from_message(message: Message, index: int) -> ChatMessage:
     content: str | list[ContentPart]
     if message.content is None or isinstance(message.content, str):
         content = message.content or ""
@@ -55,16 +73,16 @@ def from_message(message: Message) -> ChatMessage:
             if part.type == "text":
                 content.append(ContentPart(type="text", text=part.text or ""))
             elif part.image_url is not None:
-                content.append(ContentPart(type="image", image=part.image_url.url))
-    tool_calls = []
-    for call in message.tool_calls or []:
-        try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(
-                f"tool call {call.id} has arguments that are not JSON: {exc}", param="messages"
-            ) from None
-        tool_calls.append(ToolCall(id=call.id, name=call.function.name, arguments=arguments))
+                content.append(image_part(part.image_url.url, f"messages.{index}.content"))
+            else:
+                raise InvalidRequestError("an image_url part needs image_url.url", param=f"messages.{index}.content")
+    tool_calls = [
+        ToolCall(
+            id=call.id, name=call.function.name,
+            arguments=parse_arguments(call.function.arguments, f"messages.{index}.tool_calls"),
+        )
+        for call in message.tool_calls or []
+    ]  # fmt: skip
     return ChatMessage(
         role=message.role, content=content, tool_calls=tool_calls, tool_call_id=message.tool_call_id,
         name=message.name,
@@ -73,49 +91,47 @@ def from_message(message: Message) -> ChatMessage:
 
 def constraint_of(request: ChatCompletionRequest) -> Constraint | None:
     response_format = request.response_format
-    if response_format is None or response_format.type == "text":
+    if response_format is None:
         return None
-    if response_format.type == "json_object":
-        return Constraint(type="json_object")
-    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-        raise InvalidRequestError(
-            "response_format json_schema needs json_schema.schema", param="response_format.json_schema"
-        )
-    return Constraint(type="json_schema", json_schema=response_format.json_schema.schema_)
+    schema = response_format.json_schema.schema_ if response_format.json_schema else None
+    return json_constraint(response_format.type, schema, "response_format.json_schema")
+
+
+def plan_of(request: ChatCompletionRequest) -> ToolPlan:
+    choice = request.tool_choice
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+    return tool_plan(tools, name)
 
 
 def from_chat_request(request: ChatCompletionRequest, defaults: GenerationSettings) -> GenerationRequest:
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
     sampling = sampling_params(
         defaults,
         max_new_tokens=request.max_completion_tokens or request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
-        stop=stop,
+        stop=stop_list(request.stop),
         frequency_penalty=request.frequency_penalty,
         presence_penalty=request.presence_penalty,
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs if request.logprobs else None,
+        ignore_eos=request.ignore_eos,
     )
+    plan = plan_of(request)
     return GenerationRequest(
         model=request.model,
-        messages=[from_message(message) for message in request.messages],
-        tools=request.tools,
+        messages=[from_message(message, i) for i, message in enumerate(request.messages)],
+        tools=plan.tools,
         sampling=sampling,
-        constraint=constraint_of(request),
+        # A forced tool call wins over response_format: the call's arguments follow the tool's schema.
+        constraint=plan.constraint or constraint_of(request),
     )
 
 
-def finish_reason(reason: FinishReason) -> OpenAIFinish:
-    # OpenAI has no "cancelled"; a cancelled request is only ever seen by a client that went away.
-    return "stop" if reason == "cancelled" else reason
-
-
-def completion_usage(usage: Usage) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens
-    )
+def parses_tools(request: GenerationRequest) -> bool:
+    # Output is read for calls exactly when the model was offered tools (tool_choice "none" offers none).
+    return bool(request.tools)
 
 
 def token_logprobs(logprobs: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
@@ -132,18 +148,39 @@ def completion_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
 
-def to_chat_completion(
-    request: GenerationRequest, final: FinalEvent, logprobs: list[TokenLogprob], created: int
-) -> ChatCompletion:
-    choice = Choice(
-        index=0,
-        message=ChatCompletionMessage(role="assistant", content=final.text),
-        finish_reason=finish_reason(final.finish_reason),
+def _message_tool_call(call: ToolCall) -> ChatCompletionMessageFunctionToolCall:
+    return ChatCompletionMessageFunctionToolCall(
+        id=call.id, type="function", function=Function(name=call.name, arguments=arguments_json(call))
+    )
+
+
+def to_choice(request: GenerationRequest, index: int, final: FinalEvent, logprobs: list[TokenLogprob]) -> Choice:
+    content, calls = parse_tool_calls(final.text) if parses_tools(request) else (final.text, [])
+    message = ChatCompletionMessage(
+        role="assistant", content=content if content or not calls else None,
+        tool_calls=[_message_tool_call(call) for call in calls] or None,
+    )  # fmt: skip
+    return Choice(
+        index=index, message=message, finish_reason=finish_reason(final.finish_reason, bool(calls)),
         logprobs=ChoiceLogprobs(content=token_logprobs(logprobs)) if request.sampling.logprobs else None,
+    )  # fmt: skip
+
+
+def to_chat_completion(
+    request: GenerationRequest, final: FinalEvent, logprobs: list[TokenLogprob], created: int,
+    more: Sequence[Completed] = (),
+) -> ChatCompletion:  # fmt: skip
+    """Choice 0 from ``final``; choices 1.. (``n`` > 1) from ``more``; usage is their sum."""
+    choices = [to_choice(request, 0, final, logprobs)]
+    choices += [to_choice(request, i, done.final, done.logprobs) for i, done in enumerate(more, start=1)]
+    # Every choice read the same prompt once; OpenAI counts it once.
+    usage = Usage(
+        prompt_tokens=final.usage.prompt_tokens,
+        completion_tokens=final.usage.completion_tokens + sum(done.final.usage.completion_tokens for done in more),
     )
     return ChatCompletion(
         id=completion_id(request.id), object="chat.completion", created=created, model=request.model,
-        choices=[choice], usage=completion_usage(final.usage),
+        choices=choices, usage=completion_usage(usage),
     )  # fmt: skip
 
 
@@ -160,25 +197,60 @@ def first_chunk(request: GenerationRequest, created: int) -> str:
     return _chunk(request, created, [ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=None)])
 
 
-def chunk_frames(request: GenerationRequest, created: int, include_usage: bool) -> Any:
-    """SSE frames for one event: a content delta, the finishing chunk(s), or an error object."""
+class ChunkFrames:
+    """SSE frames for each event of one streamed choice: content deltas, tool-call deltas (a call's
+    id and name first, then its arguments), the finishing chunk(s), or an error object."""
 
-    def frames(event: Event) -> Iterable[str]:
+    def __init__(self, request: GenerationRequest, created: int, include_usage: bool) -> None:
+        self.request = request
+        self.created = created
+        self.include_usage = include_usage
+        self.parser = ToolCallParser() if parses_tools(request) else None
+        self.calls = 0
+
+    def _choice(self, delta: ChoiceDelta, logprobs: list[TokenLogprob] | None = None, finish: Any = None) -> str:
+        chunk_logprobs = ChunkLogprobs(content=token_logprobs(logprobs)) if logprobs is not None else None
+        choice = ChunkChoice(index=0, delta=delta, logprobs=chunk_logprobs, finish_reason=finish)
+        return _chunk(self.request, self.created, [choice])
+
+    def _call_frames(self, calls: list[ToolCall]) -> list[str]:
+        out = []
+        for call in calls:
+            head = ChoiceDeltaToolCall(
+                index=self.calls, id=call.id, type="function",
+                function=ChoiceDeltaToolCallFunction(name=call.name, arguments=""),
+            )  # fmt: skip
+            arguments = ChoiceDeltaToolCall(
+                index=self.calls, function=ChoiceDeltaToolCallFunction(arguments=arguments_json(call))
+            )
+            out += [self._choice(ChoiceDelta(tool_calls=[head])), self._choice(ChoiceDelta(tool_calls=[arguments]))]
+            self.calls += 1
+        return out
+
+    def __call__(self, event: Event) -> Iterable[str]:
         if isinstance(event, TokenEvent):
-            logprobs = ChunkLogprobs(content=token_logprobs(event.logprobs)) if request.sampling.logprobs else None
-            delta = ChoiceDelta(content=event.text)
-            choice = ChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=None)
-            return [_chunk(request, created, [choice])]
+            text, calls = self.parser.feed(event.text) if self.parser else (event.text, [])
+            logprobs = event.logprobs if self.request.sampling.logprobs else None
+            out = [self._choice(ChoiceDelta(content=text), logprobs)] if text or logprobs else []
+            return out + self._call_frames(calls)
         if isinstance(event, FinalEvent):
-            finish = ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=finish_reason(event.finish_reason))
-            out = [_chunk(request, created, [finish])]
-            if include_usage:
-                out.append(_chunk(request, created, [], usage=event.usage))
+            out = []
+            if self.parser is not None:
+                text, calls = self.parser.finish()
+                if text:
+                    out.append(self._choice(ChoiceDelta(content=text)))
+                out += self._call_frames(calls)
+            finish = finish_reason(event.finish_reason, self.calls > 0)
+            out.append(self._choice(ChoiceDelta(), finish=finish))
+            if self.include_usage:
+                out.append(_chunk(self.request, self.created, [], usage=event.usage))
             return out
         assert isinstance(event, ErrorEvent)
         return [sse(error_body(event.status, event.message, code=event.code))]
 
-    return frames
+
+def chunk_frames(request: GenerationRequest, created: int, include_usage: bool) -> ChunkFrames:
+    return ChunkFrames(request, created, include_usage)
 
 
 # ---- wiring ----------------------------------------------------------------------------------
@@ -188,9 +260,11 @@ async def create_chat_completion(services: Services, http: Request, body: ChatCo
     request = from_chat_request(body, services.settings.generation)
     created = int(time.time())
     if not body.stream:
-        done = await services.dispatcher.generate(request, http.is_disconnected)
-        completion = to_chat_completion(request, done.final, done.logprobs, created)
+        done, *more = await generate_all(services.dispatcher, fan_out(request, body.n), http.is_disconnected)
+        completion = to_chat_completion(request, done.final, done.logprobs, created, more)
         return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
+    if body.n > 1:
+        raise InvalidRequestError("stream with n > 1 is not supported; ask for one choice per stream", param="n")
     job = await services.dispatcher.submit(request)
     first = await first_event(job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
