@@ -30,8 +30,9 @@ ROUTERS: list[APIRouter] = [native_router, chat_completion_router]
 SETTINGS_ENV = "OLLM_SERVE_SETTINGS"
 
 
-def create_app(settings: Settings) -> FastAPI:
-    services = Services.build(settings)
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    """``services`` is for tests that bring their own Redis clients (fakeredis)."""
+    services = services or Services.build(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

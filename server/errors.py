@@ -92,7 +92,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(location) or None
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", "body"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
@@ -107,6 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        if param == "body":
+            # Not JSON at all is bad input (400); JSON of the wrong shape is a validation error (422).
+            return error_response(400, message, code="invalid_json")
         return error_response(422, message, code="invalid_request", param=param)
 
     @app.exception_handler(StarletteHTTPException)
