@@ -17,7 +17,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from ollm.generation import ErrorEvent, Event, FinalEvent
-from server.dispatch import JobStream
+from server.dispatch import Disconnected, JobStream
 from server.errors import error_from_event, event_from_error
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,14 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"{head}data: {payload}\n\n"
 
 
-async def first_event(stream: JobStream) -> Event:
-    """The job's first event; an immediate error is raised so the route answers with its status."""
+async def first_event(stream: JobStream, disconnected: Disconnected | None = None) -> Event:
+    """The job's first event; an immediate error is raised so the route answers with its status.
+
+    Pass ``http.is_disconnected``: until the response starts, only polling notices a client that
+    gave up while its job was still queued.
+    """
     try:
-        event = await stream.next_event()
+        event = await stream.next_event(disconnected)
     except BaseException:
         await stream.close()
         raise

@@ -155,5 +155,5 @@ async def run_prompt(
         await remember(final)
         return JSONResponse(to_prompt_response(request, final, session_id).model_dump(mode="json"))
     job = await services.dispatcher.submit(request)
-    first = await first_event(job)
+    first = await first_event(job, http.is_disconnected)
     return event_stream(job, first, stream_frames(request, session_id), on_final=remember)
