@@ -133,6 +133,7 @@ def worker(
 
     from workers.engines import load_models
     from workers.job import JobContext, install
+    from workers.keep_alive import Residency
     from workers.keys import Keys
     from workers.worker import run_worker
 
@@ -145,11 +146,16 @@ def worker(
     served = sorted(set(engines) | set(embedders))
     logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis.url)
-    context = JobContext(connection, Keys(settings.redis.namespace), engines, embedders)
+    keys = Keys(settings.redis.namespace)
+    # Keep-alive: idle models are unloaded and reloaded on their next request (Ollama's keep_alive).
+    residency = Residency.around(engines, embedders, settings, connection, keys)
+    context = JobContext(connection, keys, residency.engines, residency.embedders)
     install(context)
+    residency.start()
     try:
         run_worker(served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level)
     finally:
         install(None)
-        for engine in {id(e): e for e in engines.values()}.values():
+        residency.stop()
+        for engine in {id(e): e for e in residency.engines.values()}.values():
             engine.close()

@@ -20,10 +20,11 @@ from server.docs import install_docs
 from server.errors import install_error_handlers
 from server.middleware import BearerAuth, BodyLimit
 from server.native.api_router import router as native_router
+from server.ollama.api_router import router as ollama_router
 from server.openai.chat_completion.api_router import router as chat_completion_router
 from server.services import Services
 
-ROUTERS: list[APIRouter] = [native_router, chat_completion_router]
+ROUTERS: list[APIRouter] = [native_router, chat_completion_router, ollama_router]
 
 # `ollm serve --reload` and uvicorn's worker processes import the app by name, so the resolved
 # settings (flags included) travel to them as JSON in this variable.

@@ -1,0 +1,68 @@
+"""Which model an Ollama name means: a created (derived) model over its base, or a model ollm knows.
+
+Ollama names carry a tag (``smollm2-135m-instruct:latest``); ollm references do not, so the
+default tag is dropped. A name is usable when a live worker serves it or it is materialized here;
+anything else gets Ollama's "model not found, try pulling it first" (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ollm import catalogue
+from ollm.errors import InvalidRequestError, OllmError
+from ollm.references import parse_reference
+from server.ollama.errors import OllamaModelNotFound
+from server.ollama.registry import DerivedModel, Registry
+from server.ollama.serving import model_name
+from server.services import Services
+
+# A created model's name: Ollama's [namespace/]name[:tag], without path tricks.
+_FORBIDDEN = ("..", "//", "\\")
+
+
+@dataclass
+class Resolved:
+    """``base``: the model reference workers serve (the queue name); ``derived``: its defaults."""
+
+    base: str
+    derived: DerivedModel | None
+
+
+def registry(services: Services) -> Registry:
+    return Registry(services.connection, services.keys)
+
+
+async def base_name(services: Services, name: str) -> str | None:
+    """The name to dispatch ``name`` under, or None when no worker serves it and it is not here."""
+    served = {model for worker in await services.dispatcher.workers() for model in worker.models}
+    if name in served:
+        return name
+    try:
+        ref = parse_reference(name)
+    except OllmError:
+        return None
+    if ref.name in served:
+        return ref.name
+    materialized = await asyncio.to_thread(catalogue.is_materialized, ref, services.settings.runtime)
+    return ref.name if materialized else None
+
+
+async def resolve(services: Services, name: str) -> Resolved:
+    short = model_name(name)
+    derived = await registry(services).get(short)
+    base = await base_name(services, derived.base if derived else short)
+    if base is None:
+        raise OllamaModelNotFound(name)
+    return Resolved(base, derived)
+
+
+def check_new_name(name: str) -> str:
+    """A name /api/create or /api/copy may give a model; returns it without the default tag."""
+    short = model_name(name)
+    if not short or short.startswith(("/", ".", "~")) or any(bad in short for bad in _FORBIDDEN):
+        raise InvalidRequestError(f"invalid model name {name!r}", param="model")
+    if catalogue.find_alias(short) is not None:
+        raise InvalidRequestError(f"{name!r} is a built-in model; choose another name", param="model")
+    return short
