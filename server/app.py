@@ -22,9 +22,21 @@ from server.middleware import BearerAuth, BodyLimit
 from server.native.api_router import router as native_router
 from server.ollama.api_router import router as ollama_router
 from server.openai.chat_completion.api_router import router as chat_completion_router
+from server.openai.completion.api_router import router as completion_router
+from server.openai.embeddings.api_router import router as embeddings_router
+from server.openai.models.api_router import router as models_router
+from server.openai.responses.api_router import router as responses_router
 from server.services import Services
 
-ROUTERS: list[APIRouter] = [native_router, chat_completion_router, ollama_router]
+ROUTERS: list[APIRouter] = [
+    native_router,
+    chat_completion_router,
+    completion_router,
+    embeddings_router,
+    models_router,
+    responses_router,
+    ollama_router,
+]
 
 # `ollm serve --reload` and uvicorn's worker processes import the app by name, so the resolved
 # settings (flags included) travel to them as JSON in this variable.

@@ -1,0 +1,22 @@
+"""Request side of the OpenAI embeddings wire format; the response uses the `openai` package's types."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # OpenAI's limits: at most 2048 inputs per request.
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, a token array, or a list of token arrays."
+    )
+    model: str = DEFAULT_EMBEDDING_MODEL
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Truncate to this many dimensions and renormalize.")
+    user: str | None = None
