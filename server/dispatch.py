@@ -21,6 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from pydantic import TypeAdapter
+from redis.asyncio.client import PubSub
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.executions import ExecutionRegistry
@@ -82,14 +83,24 @@ class Dispatcher:
         self.lost_after = settings.server.worker_lost_seconds
         # Quiet streams are checked this often; a dead worker is noticed within lost_after + tick.
         self.tick = min(1.0, self.lost_after / 4)
+        self._served: tuple[float, set[str]] = (0.0, set())
+        self.subscriptions = Subscriptions(connection)
 
     async def workers(self) -> list[WorkerInfo]:
-        return await live_workers(self.connection, self.keys, self.lost_after)
+        workers = await live_workers(self.connection, self.keys, self.lost_after)
+        self._served = (time.monotonic(), {model for worker in workers for model in worker.models})
+        return workers
 
     async def serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in await self.workers() if model in w.models]
 
     async def require_worker(self, model: str) -> None:
+        # Under load every request would re-read every registration; a served model is trusted for
+        # one tick (a worker lost meanwhile is caught by the job checks), an unserved one is re-read
+        # so a worker that just started is used at once.
+        read_at, served = self._served
+        if model in served and time.monotonic() - read_at < self.tick:
+            return
         if not await self.serving(model):
             raise ServiceUnavailableError(
                 f"no live worker serves model {model!r}; start one with `ollm worker --model {model}`",
@@ -128,18 +139,14 @@ class Dispatcher:
 
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
         await self.require_worker(model)
-        pubsub = self.connection.pubsub()
+        channel = self.keys.events(job_id)
+        pubsub = await self.subscriptions.open(channel)
         try:
-            await pubsub.subscribe(self.keys.events(job_id))
-            # Wait for the confirmation: from here on every publish on the channel reaches us.
-            confirmed = await pubsub.get_message(timeout=5.0)
-            if not confirmed or confirmed.get("type") != "subscribe":
-                raise ServiceUnavailableError("Redis did not confirm the event subscription")
             await asyncio.to_thread(self._enqueue, model, job_id, function, payload)
         except BaseException:
-            await pubsub.aclose()
+            await self.subscriptions.release(pubsub, channel)
             raise
-        return JobStream(self, pubsub, job_id, model)
+        return JobStream(self, pubsub, channel, job_id, model)
 
     def _enqueue(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> None:
         timeout = self.settings.server.request_timeout_seconds
@@ -220,12 +227,68 @@ class Dispatcher:
             log.debug("could not clear executions of lost job %s: %s", job.id, exc)
 
 
+class Subscriptions:
+    """Pub/sub connections for job event channels, kept open and reused.
+
+    Opening a connection per request (connect, HELLO, CLIENT SETINFO) cost more than the rest of
+    dispatch together. A connection goes back to the idle list only after Redis has acknowledged
+    the unsubscribe, so no late event of one job can reach the next.
+    """
+
+    def __init__(self, connection: redis.asyncio.Redis, keep: int = 64) -> None:
+        self.connection = connection
+        self.keep = keep
+        self._idle: list[PubSub] = []
+
+    async def open(self, channel: str) -> PubSub:
+        """A pub/sub subscribed to ``channel``; returns once Redis has confirmed the subscription."""
+        pubsub = self._idle.pop() if self._idle else self.connection.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            if not await self._acknowledged(pubsub, "subscribe"):
+                raise ServiceUnavailableError("Redis did not confirm the event subscription")
+        except BaseException:
+            await _close(pubsub)
+            raise
+        return pubsub
+
+    async def release(self, pubsub: PubSub, channel: str) -> None:
+        if len(self._idle) >= self.keep:
+            await _close(pubsub)
+            return
+        try:
+            await pubsub.unsubscribe(channel)
+            if await self._acknowledged(pubsub, "unsubscribe"):
+                self._idle.append(pubsub)
+                return
+        except (redis.RedisError, OSError) as exc:
+            log.debug("dropping pub/sub connection: %s", exc)
+        await _close(pubsub)
+
+    async def _acknowledged(self, pubsub: PubSub, kind: str) -> bool:
+        # Events published before an unsubscribe is acknowledged are read and dropped here.
+        deadline = time.monotonic() + 5.0
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = await pubsub.get_message(timeout=remaining)
+            if message is not None and message.get("type") == kind:
+                return True
+        return False
+
+
+async def _close(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()
+    except (redis.RedisError, OSError) as exc:
+        log.debug("closing pub/sub connection: %s", exc)
+
+
 class JobStream:
     """The events of one enqueued job, read from its pub/sub channel; ``close`` when done."""
 
-    def __init__(self, dispatcher: Dispatcher, pubsub: Any, job_id: str, model: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, pubsub: PubSub, channel: str, job_id: str, model: str) -> None:
         self.dispatcher = dispatcher
         self.pubsub = pubsub
+        self.channel = channel
         self.id = job_id
         self.model = model
         self.deadline = time.monotonic() + dispatcher.settings.server.request_timeout_seconds
@@ -274,10 +337,7 @@ class JobStream:
         self._closed = True
         if not self.finished:
             await self._cancel_quietly()
-        try:
-            await self.pubsub.aclose()
-        except (redis.RedisError, OSError) as exc:
-            log.debug("closing pubsub of %s: %s", self.id, exc)
+        await self.dispatcher.subscriptions.release(self.pubsub, self.channel)
 
     async def _cancel_quietly(self) -> None:
         try:
