@@ -187,7 +187,8 @@ class Dispatcher:
             # The final event was published while the subscription was down; the result has it.
             result = await asyncio.to_thread(job.return_value)
             if isinstance(result, dict):
-                return {"type": "final", **result} if "type" not in result else result
+                # A generation's result is its final event; an embedding job's is the bare result.
+                return result if "type" in result else {"type": "embedding", **result}
             return _error("the job finished without a result", 500, "job_lost")
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             return _error(f"the job {status.value}", 500, "generation_failed")

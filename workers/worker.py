@@ -39,6 +39,8 @@ class GenerationWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
     # After a Redis outage, be back within seconds rather than RQ's default of up to a minute.
     max_connection_wait_time = 2.0
+    # At hundreds of jobs a second, one log line per job is enough.
+    log_result_lifespan = False
 
     def __init__(
         self,
