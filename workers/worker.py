@@ -100,7 +100,11 @@ class GenerationWorker(SimpleWorker):
         return result
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        try:
+            execution = self.prepare_execution(job)
+        except BaseException:
+            self._slots.release()
+            raise
         with self._running_lock:
             self._running += 1
         self._pool.submit(self._perform, job, queue, execution)
