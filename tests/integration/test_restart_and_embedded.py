@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -126,13 +125,3 @@ def test_api_key_is_required_on_every_route_but_health(echo_stack: Stack, start_
         ok = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200
 
-
-def test_non_loopback_bind_without_api_key_is_refused() -> None:
-    started = time.monotonic()
-    result = subprocess.run(
-        [*OLLM, "serve", "--host", "0.0.0.0", "--redis-url", "redis://127.0.0.1:1/0"],
-        env=base_env(new_namespace()), cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "API key" in result.stderr and "OLLM_SERVER__API_KEY" in result.stderr
-    assert time.monotonic() - started < 30
