@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 import redis
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -182,3 +183,26 @@ def test_docs_work_offline(echo_stack: Stack) -> None:
             html = client.get(page).text
             assert "/v1/chat/completions" in html
             assert "<script" not in html and "cdn" not in html.lower()
+
+
+def test_a_client_that_gives_up_on_a_non_streaming_request_cancels_it(echo_stack: Stack) -> None:
+    words = " ".join(f"gaveup{i}" for i in range(500))  # 10 s if nobody stops it
+    body = {"model": "echo", "prompt": words}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{echo_stack.server.url}/v1/prompt", json=body, timeout=0.5)
+    connection = redis.Redis.from_url(echo_stack.redis_url)
+    try:
+        jobs = Queue(f"{echo_stack.namespace}:model:echo", connection=connection, serializer=JSONSerializer)
+        registry = jobs.finished_job_registry
+
+        def cancelled_job() -> dict[str, object] | None:
+            for job in Job.fetch_many(registry.get_job_ids(), connection=connection, serializer=JSONSerializer):
+                result = job.return_value() if job else None
+                if result and result["text"].startswith("gaveup0 gaveup1") and result["finish_reason"] == "cancelled":
+                    return dict(result)
+            return None
+
+        result = wait_until(cancelled_job, 5, "the abandoned job to be cancelled")
+        assert result["usage"]["completion_tokens"] < 200  # type: ignore[index]
+    finally:
+        connection.close()
