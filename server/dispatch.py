@@ -295,28 +295,32 @@ class JobStream:
         self.deadline = time.monotonic() + dispatcher.settings.server.request_timeout_seconds
         self.finished = False
         self._closed = False
+        self._client_checked = time.monotonic()
 
     async def next_message(self, disconnected: Disconnected | None = None) -> dict[str, Any]:
         dispatcher = self.dispatcher
         quiet_since = time.monotonic()
         while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if self.deadline <= now:
                 await self._cancel_quietly()
                 self.finished = True
                 timeout = dispatcher.settings.server.request_timeout_seconds
                 raise GenerationTimeoutError(
                     f"the request did not finish within {timeout:g}s (server.request_timeout_seconds)"
                 )
+            # Once per tick, whether or not tokens are flowing: nobody may be waiting any more.
+            if disconnected is not None and now - self._client_checked >= dispatcher.tick:
+                self._client_checked = now
+                if await disconnected():
+                    raise ClientDisconnected()
             message = await self.pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(dispatcher.tick, remaining)
+                ignore_subscribe_messages=True, timeout=min(dispatcher.tick, self.deadline - now)
             )
             if message is not None and message.get("type") == "message":
                 data: dict[str, Any] = json.loads(message["data"])
                 self.finished = data.get("type") in ("final", "error", "embedding")
                 return data
-            if disconnected is not None and await disconnected():
-                raise ClientDisconnected()
             if time.monotonic() - quiet_since >= dispatcher.tick:
                 ending = await dispatcher.check_job(self.id, self.model)
                 if ending is not None:
