@@ -1,0 +1,1 @@
+"""Ollama's native API (/api/*): Ollama clients pointed at `ollm serve` work unchanged."""
