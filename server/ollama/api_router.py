@@ -201,15 +201,18 @@ async def embeddings(body: EmbeddingsRequest, svc: Services = Depends(services))
 async def _listed(svc: Services) -> dict[str, ListedModel]:
     """Materialized models by their ollm name, then created models over them."""
 
-    def scan() -> list[catalogue.ModelListing]:
-        return catalogue.list_models(svc.settings.runtime)
+    def scan() -> list[tuple[catalogue.ModelListing, str | None]]:
+        found = []
+        for listing in catalogue.list_models(svc.settings.runtime):
+            if listing.availability == "materialized" and listing.path is not None:
+                config = catalogue.read_json(listing.path / "config.json") or {}
+                found.append((listing, config.get("dtype") or config.get("torch_dtype")))
+        return found
 
     out: dict[str, ListedModel] = {}
-    for listing in await asyncio.to_thread(scan):
-        if listing.availability != "materialized" or listing.path is None:
-            continue
+    for listing, dtype in await asyncio.to_thread(scan):
         entry = catalogue.find_alias(listing.reference)
-        out[listing.reference] = catalog.listed(listing, entry.parameters if entry else None)
+        out[listing.reference] = catalog.listed(listing, entry.parameters if entry else None, dtype)
     for derived in await registry(svc).all():
         out[derived.name] = catalog.listed_derived(derived, out.get(model_name(derived.base)))
     return out

@@ -68,7 +68,7 @@ def details(family: str | None, parameters: int | None, dtype: str | None = None
     )
 
 
-def listed(listing: ModelListing, parameters: int | None = None) -> ListedModel:
+def listed(listing: ModelListing, parameters: int | None = None, dtype: str | None = None) -> ListedModel:
     name = display_name(listing.reference)
     return ListedModel(
         name=name,
@@ -76,7 +76,7 @@ def listed(listing: ModelListing, parameters: int | None = None) -> ListedModel:
         modified_at=iso(listing.modified_at),
         size=listing.size or 0,
         digest=bare_digest(listing.digest),
-        details=details(listing.family, parameters),
+        details=details(listing.family, parameters, dtype),
     )
 
 
