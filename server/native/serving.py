@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,6 +10,7 @@ import redis
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from ollm import catalogue
 from ollm.errors import ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
 from ollm.settings import GenerationSettings, RuntimeSettings
@@ -106,10 +108,10 @@ async def health(services: Services) -> JSONResponse:
 
 
 async def list_models(services: Services) -> dict[str, Any]:
-    from ollm import catalogue
-
     served = model_serving(await services.dispatcher.workers())
-    listings = [listing.model_dump(mode="json") for listing in catalogue.list_models(services.settings.runtime)]
+    # The catalogue walks the models directory (sizes, configs): off the event loop.
+    found = await asyncio.to_thread(catalogue.list_models, services.settings.runtime)
+    listings = [listing.model_dump(mode="json") for listing in found]
     known = {listing["reference"] for listing in listings}
     # A worker may serve a model this host has never seen (another host's models directory).
     listings += [{"reference": ref, "origin": "served"} for ref in sorted(served) if ref not in known]
@@ -120,10 +122,8 @@ async def list_models(services: Services) -> dict[str, Any]:
 
 
 async def model_info(services: Services, reference: str) -> dict[str, Any]:
-    from ollm import catalogue
-
     served = model_serving(await services.dispatcher.workers())
-    info = catalogue.model_info(reference, services.settings.runtime)
+    info = await asyncio.to_thread(catalogue.model_info, reference, services.settings.runtime)
     if info.get("plan") is None and info.get("description") is None and reference not in served:
         raise ModelNotFoundError(f"unknown model {reference!r}: {info.get('plan_error') or 'not found'}")
     serving = served.get(reference)
@@ -132,10 +132,13 @@ async def model_info(services: Services, reference: str) -> dict[str, Any]:
 
 
 async def plan(services: Services, body: PlanRequest) -> dict[str, Any]:
+    # Imported on first use: planning resolves devices with torch, which the server otherwise
+    # never imports.
     from ollm.plan import plan_model
 
     runtime = runtime_for(services.settings.runtime, body)
-    return plan_model(body.model or runtime.model_reference, runtime).model_dump(mode="json")
+    planned = await asyncio.to_thread(plan_model, body.model or runtime.model_reference, runtime)
+    return planned.model_dump(mode="json")
 
 
 async def run_prompt(
