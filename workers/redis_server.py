@@ -105,12 +105,6 @@ class RedisServer:
         self.stop_process()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def main() -> None:
     """Exec redis-server in the foreground with the given arguments, persisting nothing by default."""

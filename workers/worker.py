@@ -53,7 +53,6 @@ class GenerationWorker(SimpleWorker):
     ) -> None:
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
         self.context = context
-        self.max_concurrency = max_concurrency
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ollm-job")
         self._running = 0
