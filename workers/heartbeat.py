@@ -87,8 +87,17 @@ class Heartbeat:
             pipe.sadd(self.keys.workers, self.name)
             pipe.execute()
 
+    def drain(self) -> None:
+        """Advertise no models but keep beating: no new requests come here, while the ones still
+        running are not mistaken for abandoned."""
+        self._static["models"] = json.dumps([])
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            log.warning("could not announce draining: %s", exc)
+
     def stop(self) -> None:
-        """Stop beating and deregister, so the server stops routing here at once."""
+        """Stop beating and deregister."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval + 1)

@@ -135,8 +135,9 @@ class GenerationWorker(SimpleWorker):
         super().request_force_stop(signum, frame)
 
     def teardown(self) -> None:
-        self._registration.stop()
+        self._registration.drain()
         self._pool.shutdown(wait=True)
+        self._registration.stop()
         if self._cancel_thread is not None:
             self._cancel_thread.stop()
             self._cancel_thread.join(timeout=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -100,3 +101,28 @@ def test_redis_outage_gives_503_and_service_resumes(
             assert client.get("/v1/health").json()["models"]["echo"]["workers"] == 1
     finally:
         own.stop()
+
+
+def test_a_worker_stopping_finishes_its_requests_and_takes_no_new_ones(
+    start_worker: WorkerFactory, start_server: ServerFactory
+) -> None:
+    worker = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.02")
+    server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=str(LOST_AFTER))
+    words = " ".join(f"w{i}" for i in range(200))  # 4 s: longer than the lost-worker bound
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": words}]}
+    with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = json_events(response.iter_lines())
+        next(e for _, e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
+        worker.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        rest = [e for _, e in events]
+    assert refused.status_code == 503
+    finish = [e["choices"][0]["finish_reason"] for e in rest if isinstance(e, dict) and e.get("choices")]
+    assert finish[-1] == "stop", rest[-3:]
+    assert not any(isinstance(e, dict) and "error" in e for e in rest)
+    assert worker.popen.wait(timeout=15) == 0
