@@ -9,7 +9,6 @@ ends early, which is how a client disconnect reaches the worker.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -19,8 +18,6 @@ from fastapi.responses import StreamingResponse
 from ollm.generation import ErrorEvent, Event, FinalEvent
 from server.dispatch import Disconnected, JobStream
 from server.errors import error_from_event, event_from_error
-
-log = logging.getLogger(__name__)
 
 Frames = Callable[[Event], Iterable[str]]
 OnFinal = Callable[[FinalEvent], Awaitable[None]]
@@ -72,7 +69,10 @@ async def _relay(
         event: Event = first
         while True:
             if isinstance(event, FinalEvent) and on_final is not None:
-                await on_final(event)
+                try:
+                    await on_final(event)
+                except Exception as exc:  # e.g. the session could not be saved: say so, last.
+                    event = event_from_error(exc)
             for frame in frames(event):
                 yield frame
             if isinstance(event, FinalEvent | ErrorEvent):
