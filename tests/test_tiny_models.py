@@ -255,7 +255,9 @@ def _final(events: list[Event]) -> FinalEvent:
     return events[-1]
 
 
-def _request(name: str, *, greedy: bool = True, max_new: int = 5, seed: int | None = None, **kw: Any) -> Any:
+def _request(
+    name: str, *, greedy: bool = True, max_new: int = 5, seed: int | None = None, **kw: Any
+) -> GenerationRequest:
     if "messages" not in kw and "prompt" not in kw:
         kw["prompt"] = "hello world"
     sampling = SamplingParams(max_new_tokens=max_new, temperature=0.0 if greedy else 1.0, seed=seed)
@@ -309,10 +311,10 @@ def test_greedy_streams_tokens_and_stops_at_max_new_tokens(
 def test_seeded_sampling_repeats_exactly(engines: Callable[[str], Engine], name: str) -> None:
     engine = engines(name)
 
-    def sampled(seed: int) -> list[int]:
+    def sampled(seed: int) -> tuple[list[int], str]:
         events = _run(engine, _request(name, greedy=False, max_new=8, seed=seed))
-        assert _final(events).usage.completion_tokens == 8
-        return [i for e in events if isinstance(e, TokenEvent) for i in e.token_ids]
+        # (Sampling may draw EOS early; what matters is that the same seed draws it again.)
+        return [i for e in events if isinstance(e, TokenEvent) for i in e.token_ids], _final(events).text
 
     first = sampled(7)
     assert sampled(7) == first
