@@ -34,6 +34,7 @@ def stream(engine: Engine, request: GenerationRequest) -> Iterator[Event]:
     """Submit one request and yield its events in order, ending with the final or error event."""
     events: queue.Queue[Event] = queue.Queue()
     engine.submit(request, events.put)
+    event: Event | None = None
     try:
         while True:
             event = events.get()

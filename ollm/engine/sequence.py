@@ -83,7 +83,7 @@ class Sequence:
         if self.grammar is not None:
             self.grammar.accept(token)
         if token in self._eos_ids and not self.request.sampling.ignore_eos:
-            self._finish_text("stop")
+            self.finish("stop")
             return
         text = self._stops.feed(self._detok.add(token))
         logprobs = []
@@ -93,9 +93,9 @@ class Sequence:
             self._text.append(text)
             self.sink(TokenEvent(text=text, token_ids=[token], logprobs=logprobs))
         if self._stops.stopped or (self.grammar is not None and self.grammar.finished):
-            self._finish_text("stop")
+            self.finish("stop")
         elif len(self.generated) >= self.max_new_tokens:
-            self._finish_text("length")
+            self.finish("length")
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -123,7 +123,7 @@ class Sequence:
             execution=info,
         )
 
-    def _finish_text(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason) -> None:
         if reason != "stop" or not self._stops.stopped:
             # Text held back for a possible stop sequence (or a partial character) is real output.
             tail = self._stops.feed(self._detok.flush()) + ("" if self._stops.stopped else self._stops.flush())

@@ -156,5 +156,5 @@ class SingleEngine:
         if not seq.done:
             # generate stopped on a limit of its own (a checkpoint's stop_strings, max_length). Finish
             # through the Sequence so text held back for a partial character or stop string is sent.
-            seq._finish_text("length")
+            seq.finish("length")
         return True
