@@ -18,7 +18,7 @@ from ollm.pull import PullProgress, pull_model
 from ollm.references import parse_reference
 from server.ollama import catalog, residency
 from server.ollama.errors import OllamaModelNotFound, OllamaRoute, message_of
-from server.ollama.models import Resolved, check_new_name, registry, resolve
+from server.ollama.models import Resolved, check_new_name, registry, require_kind, resolve
 from server.ollama.protocol import (
     ChatRequest,
     ChatResponse,
@@ -114,6 +114,7 @@ async def _load_or_unload(svc: Services, resolved: Resolved, name: str, seconds:
 async def generate(body: GenerateRequest, http: Request, svc: Services = Depends(services)) -> Response:
     started = time.monotonic()
     resolved = await resolve(svc, body.model)
+    await require_kind(svc, resolved, body.model, "generate")
     seconds = keep_alive_seconds(body.keep_alive)
     if not body.prompt and not body.images:
         return await _load_or_unload(svc, resolved, body.model, seconds, chat=False)
@@ -141,6 +142,7 @@ async def generate(body: GenerateRequest, http: Request, svc: Services = Depends
 async def chat(body: ChatRequest, http: Request, svc: Services = Depends(services)) -> Response:
     started = time.monotonic()
     resolved = await resolve(svc, body.model)
+    await require_kind(svc, resolved, body.model, "chat")
     seconds = keep_alive_seconds(body.keep_alive)
     if not body.messages:
         return await _load_or_unload(svc, resolved, body.model, seconds, chat=True)
@@ -170,6 +172,7 @@ async def chat(body: ChatRequest, http: Request, svc: Services = Depends(service
 async def embed(body: EmbedRequest, svc: Services = Depends(services)) -> dict[str, Any]:
     started = time.monotonic()
     resolved = await resolve(svc, body.model)
+    await require_kind(svc, resolved, body.model, "embed")
     await residency.set_keep_alive(svc, resolved.base, keep_alive_seconds(body.keep_alive))
     inputs: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
     inputs = [item for item in inputs if item != ""]
@@ -188,6 +191,7 @@ async def embed(body: EmbedRequest, svc: Services = Depends(services)) -> dict[s
 @router.post("/api/embeddings", response_model=EmbeddingsResponse, summary="Legacy: one embedding for `prompt`")
 async def embeddings(body: EmbeddingsRequest, svc: Services = Depends(services)) -> dict[str, Any]:
     resolved = await resolve(svc, body.model)
+    await require_kind(svc, resolved, body.model, "embed")
     await residency.set_keep_alive(svc, resolved.base, keep_alive_seconds(body.keep_alive))
     if not body.prompt:
         return EmbeddingsResponse(embedding=[]).wire()

@@ -66,3 +66,25 @@ def check_new_name(name: str) -> str:
     if catalogue.find_alias(short) is not None:
         raise InvalidRequestError(f"{name!r} is a built-in model; choose another name", param="model")
     return short
+
+
+def kind_of(services: Services, base: str) -> str | None:
+    """The model's kind (causal-lm, embedding, ...) from the catalogue or its config.json, if known here."""
+    try:
+        ref = parse_reference(base)
+    except OllmError:
+        return None
+    entry = catalogue.find_alias(ref.name) if ref.kind == "alias" else None
+    if entry is not None:
+        return entry.kind
+    path = catalogue.materialized_path(ref, services.settings.runtime)
+    config = catalogue.read_json(path / "config.json") if path else None
+    return catalogue.detect_kind(config, path) if config is not None else None
+
+
+async def require_kind(services: Services, resolved: Resolved, name: str, action: str) -> None:
+    """Ollama's 400 for a model used for what it cannot do (an embedding model asked to chat)."""
+    kind = await asyncio.to_thread(kind_of, services, resolved.base)
+    generates = kind != "embedding"
+    if kind is not None and generates != (action != "embed"):
+        raise InvalidRequestError(f'"{name}" does not support {action}', param="model")

@@ -230,6 +230,10 @@ def test_errors_in_ollamas_shape(stack: OllamaStack) -> None:
         assert no_model.status_code == 400 and set(no_model.json()) == {"error"}
         not_json = http.post("/api/chat", content=b"{not json")
         assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]
+        wrong_kind = http.post("/api/generate", json={"model": DEFAULT_EMBEDDING_MODEL, "prompt": "x"})
+        assert wrong_kind.status_code == 400 and "does not support generate" in wrong_kind.json()["error"]
+        not_an_embedder = http.post("/api/embed", json={"model": MODEL, "input": "x"})
+        assert not_an_embedder.status_code == 400 and "does not support embed" in not_an_embedder.json()["error"]
         pushed = http.post("/api/push", json={"model": MODEL})
         assert pushed.status_code == 501 and "registry" in pushed.json()["error"]
         # /v1 keeps OpenAI's error shape.
