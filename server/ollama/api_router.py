@@ -395,3 +395,12 @@ async def delete(body: ModelRequest, svc: Services = Depends(services)) -> Respo
     except ModelNotFoundError:
         raise OllamaModelNotFound(body.model) from None
     return Response(status_code=200)
+
+
+@router.api_route(
+    "/api/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+)
+async def unknown(path: str, http: Request) -> Response:
+    # Registered last, so only what no /api route takes lands here; Ollama answers 404 then too
+    # (also for a known path with the wrong method), and /api clients expect its error shape.
+    return JSONResponse({"error": f"404 page not found: {http.method} /api/{path}"}, status_code=404)
