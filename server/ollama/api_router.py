@@ -253,7 +253,7 @@ async def show(body: ModelRequest, svc: Services = Depends(services)) -> dict[st
     return catalog.show(info, config, template, resolved.derived, resolved.base).wire()
 
 
-async def _progress(
+async def progress_response(
     run: Callable[[Callable[[ProgressResponse], None]], None], stream: bool, first: ProgressResponse
 ) -> Response:
     """Run ``run(report)`` in a thread; stream what it reports as NDJSON, or answer its last status.
@@ -316,7 +316,7 @@ async def pull(body: PullRequest, svc: Services = Depends(services)) -> Response
 
         pull_model(ref, svc.settings.runtime, relay)
 
-    return await _progress(run, body.stream, ProgressResponse(status="pulling manifest"))
+    return await progress_response(run, body.stream, ProgressResponse(status="pulling manifest"))
 
 
 class PushUnsupportedError(OllmError):

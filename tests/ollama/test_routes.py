@@ -3,13 +3,19 @@ come from the routes themselves, and /v1 keeps OpenAI's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import json
+from collections.abc import Callable, Iterator
 
 import pytest
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
+from ollm.errors import PullError
 from ollm.settings import Settings
 from server.app import create_app
+from server.ollama.api_router import progress_response
+from server.ollama.protocol import ProgressResponse
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +54,41 @@ def test_push_is_refused_clearly(client: TestClient) -> None:
 def test_redis_down_is_503(client: TestClient) -> None:
     response = client.get("/api/ps")
     assert response.status_code == 503 and "Redis is unavailable" in response.json()["error"]
+
+
+async def _body(response: StreamingResponse) -> list[dict[str, object]]:
+    chunks = [chunk async for chunk in response.body_iterator]
+    text = "".join(c if isinstance(c, str) else bytes(c).decode() for c in chunks)
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_pull_progress_streams_as_ndjson_and_failures_end_the_stream() -> None:
+    def downloads(report: Callable[[ProgressResponse], None]) -> None:
+        report(ProgressResponse(status="pulling x", total=10, completed=4))
+        report(ProgressResponse(status="pulling x", total=10, completed=10))
+        report(ProgressResponse(status="success"))
+
+    def fails(report: Callable[[ProgressResponse], None]) -> None:
+        report(ProgressResponse(status="pulling x", total=10, completed=1))
+        raise PullError("could not download x: network down")
+
+    async def run() -> None:
+        first = ProgressResponse(status="pulling manifest")
+        streamed = await progress_response(downloads, True, first)
+        assert isinstance(streamed, StreamingResponse) and streamed.media_type == "application/x-ndjson"
+        assert await _body(streamed) == [
+            {"status": "pulling manifest"},
+            {"status": "pulling x", "total": 10, "completed": 4},
+            {"status": "pulling x", "total": 10, "completed": 10},
+            {"status": "success"},
+        ]
+        whole = await progress_response(downloads, False, first)
+        assert json.loads(bytes(whole.body)) == {"status": "success"}
+        failed = await progress_response(fails, True, first)
+        assert isinstance(failed, StreamingResponse)
+        assert (await _body(failed))[-1] == {"error": "could not download x: network down"}
+        with pytest.raises(PullError):
+            await progress_response(fails, False, first)
+
+    asyncio.run(run())
