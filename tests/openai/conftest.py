@@ -69,6 +69,7 @@ def live(
         stack.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(live: Live) -> openai.OpenAI:
+    """Per test: a test may have restarted the server, which listens on a new port."""
     return live.client()

@@ -1,0 +1,197 @@
+"""The Responses API through the `openai` client against a live stack: storage, chaining (also across
+a server restart), function calls, typed streaming events, failure mid-stream, store disabled."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DEFAULT_CHAT_MODEL
+from tests.integration.harness import Server
+from tests.openai.conftest import Live
+
+pytestmark = pytest.mark.slow
+
+MODEL = DEFAULT_CHAT_MODEL
+WEATHER: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+STREAM_ORDER = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def name_format(names: list[str]) -> Any:
+    """Answers limited to a few names: which one the model picks shows what it knows."""
+    schema = {"type": "object", "properties": {"answer": {"enum": names}}, "required": ["answer"],
+              "additionalProperties": False}  # fmt: skip
+    return {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+
+
+def test_create_retrieve_input_items_delete(client: openai.OpenAI) -> None:
+    created = client.responses.create(
+        model=MODEL, input="What is the capital of France?", instructions="You are a helpful assistant.",
+        max_output_tokens=12, temperature=0, metadata={"topic": "geography"},
+    )  # fmt: skip
+    assert created.id.startswith("resp_") and created.object == "response"
+    assert created.status in ("completed", "incomplete") and created.output_text
+    assert created.metadata == {"topic": "geography"} and created.instructions == "You are a helpful assistant."
+    assert created.usage is not None and 0 < created.usage.output_tokens <= 12
+
+    fetched = client.responses.retrieve(created.id)
+    assert fetched.model_dump() == created.model_dump()
+
+    items = client.responses.input_items.list(created.id)
+    (item,) = items.data
+    assert item.type == "message" and item.role == "user"
+    assert item.content[0].type == "input_text" and item.content[0].text == "What is the capital of France?"
+
+    deleted = client.responses.delete(created.id)
+    assert deleted is None  # the SDK returns nothing for a successful delete
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+
+    unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_three_turn_chain_uses_facts_from_turn_one(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=10, temperature=0)
+    second = client.responses.create(
+        model=MODEL, input="Say hello.", previous_response_id=first.id, max_output_tokens=8, temperature=0
+    )
+    names = ["Emily", "Zoe", "Ada", "Maria"]
+    third = client.responses.create(
+        model=MODEL, input="What is my name?", previous_response_id=second.id, text=name_format(names),
+        max_output_tokens=20, temperature=0,
+    )  # fmt: skip
+    assert third.previous_response_id == second.id
+    assert json.loads(third.output_text) == {"answer": "Ada"}
+    # Without the chain the same question gets another name: the answer came from turn one.
+    alone = client.responses.create(
+        model=MODEL, input="What is my name?", text=name_format(names), max_output_tokens=20, temperature=0
+    )
+    assert json.loads(alone.output_text) != {"answer": "Ada"}
+    # Each response lists only its own input.
+    assert [i.type for i in client.responses.input_items.list(third.id).data] == ["message"]
+
+
+def test_function_call_round_trip(client: openai.OpenAI) -> None:
+    asked = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
+        max_output_tokens=40, temperature=0,
+    )  # fmt: skip
+    calls = [item for item in asked.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].status == "completed"
+    assert isinstance(json.loads(calls[0].arguments)["city"], str)
+
+    answered = client.responses.create(
+        model=MODEL, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none", max_output_tokens=24,
+        temperature=0,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 18 degrees Celsius."}],
+    )  # fmt: skip
+    assert [item.type for item in answered.output] == ["message"]
+    text = answered.output_text.lower()
+    assert "sunny" in text or "18" in text
+
+    with pytest.raises(openai.BadRequestError, match="call_id"):
+        client.responses.create(
+            model=MODEL, input=[{"type": "function_call_output", "call_id": "call_unknown", "output": "x"}]
+        )
+
+
+def test_streaming_events_with_the_sdk_helper_and_storage(client: openai.OpenAI) -> None:
+    with client.responses.stream(
+        model=MODEL, input="What is the capital of France?", max_output_tokens=40, temperature=0
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    # Collapse the deltas: the order of everything else is fixed.
+    assert [k for i, k in enumerate(kinds) if k != "response.output_text.delta" or kinds[i - 1] != k] == STREAM_ORDER
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == final.output_text and "Paris" in final.output_text
+    assert final.status == "completed"
+    # A streamed response is stored like any other.
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_streamed_function_call(client: openai.OpenAI) -> None:
+    with client.responses.stream(
+        model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40, temperature=0,
+    ) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert "response.function_call_arguments.delta" in kinds
+    assert kinds.index("response.function_call_arguments.done") < kinds.index("response.completed")
+    done = [event for event in events if event.type == "response.function_call_arguments.done"][0]
+    (call,) = [item for item in final.output if item.type == "function_call"]
+    assert call.arguments == done.arguments and call.name == "get_weather"
+
+
+def test_chaining_survives_a_server_restart(live: Live) -> None:
+    before = live.client().responses.create(model=MODEL, input="I live in Lisbon.", max_output_tokens=8, temperature=0)
+    live.restart_server()
+    client = live.client()
+    assert client.responses.retrieve(before.id).output_text == before.output_text
+    after = client.responses.create(
+        model=MODEL, input="Which city do I live in?", previous_response_id=before.id,
+        text=name_format(["Paris", "London", "Lisbon", "Berlin"]), max_output_tokens=20, temperature=0,
+    )  # fmt: skip
+    assert json.loads(after.output_text) == {"answer": "Lisbon"}
+
+
+def test_worker_death_mid_stream_ends_with_response_failed(live: Live, client: openai.OpenAI) -> None:
+    worker = live.add_worker(["echo"], OLLM_ECHO_TOKEN_DELAY="0.1")
+    long_input = " ".join(f"word{i}" for i in range(200))
+    events: list[Any] = []
+    stream = client.responses.create(model="echo", input=long_input, stream=True)
+    for event in stream:
+        events.append(event)
+        if sum(e.type == "response.output_text.delta" for e in events) == 3:
+            threading.Thread(target=worker.kill9).start()
+    assert events[0].type == "response.created" and events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error is not None and "stopped responding" in failed.error.message
+
+
+def test_store_disabled_names_the_setting(live: Live, tmp_path: Any) -> None:
+    server = Server(
+        live.redis_url, live.namespace, tmp_path / "nostore.log", OLLM_SERVER__RESPONSE_STORE_BACKEND="none"
+    ).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        made = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+        assert made.status in ("completed", "incomplete")
+        for call in (
+            lambda: httpx.get(f"{server.url}/v1/responses/{made.id}"),
+            lambda: httpx.delete(f"{server.url}/v1/responses/{made.id}"),
+            lambda: httpx.post(
+                f"{server.url}/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": made.id}
+            ),
+        ):
+            answer = call()
+            assert answer.status_code == 400
+            assert "server.response_store_backend" in answer.json()["error"]["message"]
+    finally:
+        server.stop()
