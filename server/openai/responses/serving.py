@@ -69,6 +69,11 @@ class ResponseNotFoundError(OllmError):
     kind = "invalid_request_error"
 
 
+class PreviousResponseNotFoundError(InvalidRequestError):
+    # OpenAI answers an unknown previous_response_id with 400 (a bad parameter), not 404.
+    code = "previous_response_not_found"
+
+
 class StoreDisabledError(InvalidRequestError):
     code = "response_store_disabled"
 
@@ -423,7 +428,10 @@ async def _prior(store: ResponseStore, previous_id: str | None) -> list[ChatMess
     _require_store(store, "previous_response_id")
     stored = await store.get(previous_id)
     if stored is None:
-        raise InvalidRequestError(f"previous response {previous_id!r} not found", param="previous_response_id")
+        raise PreviousResponseNotFoundError(
+            f"previous response {previous_id!r} not found (deleted, expired, or stored with store: false)",
+            param="previous_response_id",
+        )
     return stored.messages
 
 
