@@ -72,6 +72,16 @@ def test_seeded_sampling_is_reproducible_and_n_gives_choices(client: openai.Open
 
     first, second = ask(), ask()
     assert first == second and all(first)
+    # Streamed, both choices arrive interleaved in one stream and reassemble to the same texts.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=6, temperature=1.0,
+        seed=1234, n=2, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in (0, 1)]  # fmt: skip
+    assert texts == first
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
@@ -182,6 +192,14 @@ def test_completions(client: openai.OpenAI) -> None:
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[0].text.startswith(prompt) and both.choices[0].text.endswith(" [end]")
     assert both.choices[1].text.startswith("One, two, three,")
+    streamed = client.completions.create(
+        model=MODEL, prompt=[prompt, "One, two, three,"], max_tokens=6, temperature=0, echo=True, suffix=" [end]",
+        stop=["\n"], stream=True,
+    )  # fmt: skip
+    parts = list(streamed)
+    assert ["".join(c.choices[0].text for c in parts if c.choices[0].index == i) for i in (0, 1)] == [
+        c.text for c in both.choices
+    ]
 
 
 def test_embeddings_float_base64_and_dimensions(client: openai.OpenAI) -> None:

@@ -207,7 +207,7 @@ def test_completion_stream_frames() -> None:
         {"model": "m", "prompt": "A", "echo": True, "suffix": "!", "stream": True, "stream_options": usage}
     )
     (request,) = from_completion_request(body, DEFAULTS)
-    frames = CompletionFrames(request, body, created=1)
+    frames = CompletionFrames(request, body, created=1, include_usage=True)
     out = frames.head() + list(frames(TokenEvent(text=" b"))) + list(frames(final(" b")))
     # Chunks carry finish_reason null until the end, which the SDK's (non-stream) Completion type forbids.
     chunks = [data_of(frame) for frame in out]

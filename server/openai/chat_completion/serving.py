@@ -55,6 +55,7 @@ from server.openai.common import (
     stop_list,
     tool_plan,
 )
+from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
 from server.sampling import sampling_params
 from server.services import Services
@@ -173,11 +174,7 @@ def to_chat_completion(
     """Choice 0 from ``final``; choices 1.. (``n`` > 1) from ``more``; usage is their sum."""
     choices = [to_choice(request, 0, final, logprobs)]
     choices += [to_choice(request, i, done.final, done.logprobs) for i, done in enumerate(more, start=1)]
-    # Every choice read the same prompt once; OpenAI counts it once.
-    usage = Usage(
-        prompt_tokens=final.usage.prompt_tokens,
-        completion_tokens=final.usage.completion_tokens + sum(done.final.usage.completion_tokens for done in more),
-    )
+    usage = total_usage([final, *(done.final for done in more)])
     return ChatCompletion(
         id=completion_id(request.id), object="chat.completion", created=created, model=request.model,
         choices=choices, usage=completion_usage(usage),
@@ -192,25 +189,26 @@ def _chunk(request: GenerationRequest, created: int, choices: list[ChunkChoice],
     return sse(chunk.model_dump(mode="json", exclude_unset=True))
 
 
-def first_chunk(request: GenerationRequest, created: int) -> str:
+def first_chunk(request: GenerationRequest, created: int, index: int = 0) -> str:
     delta = ChoiceDelta(role="assistant", content="")
-    return _chunk(request, created, [ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=None)])
+    return _chunk(request, created, [ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=None)])
 
 
 class ChunkFrames:
     """SSE frames for each event of one streamed choice: content deltas, tool-call deltas (a call's
     id and name first, then its arguments), the finishing chunk(s), or an error object."""
 
-    def __init__(self, request: GenerationRequest, created: int, include_usage: bool) -> None:
+    def __init__(self, request: GenerationRequest, created: int, include_usage: bool, index: int = 0) -> None:
         self.request = request
         self.created = created
         self.include_usage = include_usage
+        self.index = index
         self.parser = ToolCallParser() if parses_tools(request) else None
         self.calls = 0
 
     def _choice(self, delta: ChoiceDelta, logprobs: list[TokenLogprob] | None = None, finish: Any = None) -> str:
         chunk_logprobs = ChunkLogprobs(content=token_logprobs(logprobs)) if logprobs is not None else None
-        choice = ChunkChoice(index=0, delta=delta, logprobs=chunk_logprobs, finish_reason=finish)
+        choice = ChunkChoice(index=self.index, delta=delta, logprobs=chunk_logprobs, finish_reason=finish)
         return _chunk(self.request, self.created, [choice])
 
     def _call_frames(self, calls: list[ToolCall]) -> list[str]:
@@ -253,7 +251,35 @@ def chunk_frames(request: GenerationRequest, created: int, include_usage: bool) 
     return ChunkFrames(request, created, include_usage)
 
 
+def total_usage(finals: Sequence[FinalEvent]) -> Usage:
+    """Usage of ``n`` choices: every choice read the same prompt once; OpenAI counts it once."""
+    return Usage(
+        prompt_tokens=finals[0].usage.prompt_tokens if finals else 0,
+        completion_tokens=sum(final.usage.completion_tokens for final in finals),
+    )
+
+
 # ---- wiring ----------------------------------------------------------------------------------
+
+
+async def stream_choices(
+    services: Services, body: ChatCompletionRequest, request: GenerationRequest, created: int
+) -> Response:
+    """``n`` > 1 streamed: one job per choice, their chunks interleaved, one usage chunk at the end."""
+    requests = fan_out(request, body.n)
+    streams, firsts = await open_streams(services.dispatcher, requests)
+    frames = [ChunkFrames(choice, created, False, index) for index, choice in enumerate(requests)]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def tail(finals: dict[int, FinalEvent]) -> list[str]:
+        done = include_usage and len(finals) == len(requests)
+        usage = [_chunk(request, created, [], usage=total_usage(list(finals.values())))] if done else []
+        return [*usage, DONE]
+
+    return fan_in_stream(
+        streams, firsts, lambda index, event: frames[index](event),
+        head=[first_chunk(request, created, index) for index in range(body.n)], tail=tail,
+    )  # fmt: skip
 
 
 async def create_chat_completion(services: Services, http: Request, body: ChatCompletionRequest) -> Response:
@@ -264,7 +290,7 @@ async def create_chat_completion(services: Services, http: Request, body: ChatCo
         completion = to_chat_completion(request, done.final, done.logprobs, created, more)
         return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
     if body.n > 1:
-        raise InvalidRequestError("stream with n > 1 is not supported; ask for one choice per stream", param="n")
+        return await stream_choices(services, body, request, created)
     job = await services.dispatcher.submit(request)
     first = await first_event(job)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

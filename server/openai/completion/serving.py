@@ -18,6 +18,7 @@ from server.dispatch import Completed
 from server.errors import error_body
 from server.openai.common import completion_usage, fan_out, finish_reason, stop_list
 from server.openai.completion.protocol import CompletionRequest
+from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
 from server.sampling import sampling_params
 from server.services import Services
@@ -94,30 +95,43 @@ def to_completion(body: CompletionRequest, requests: list[GenerationRequest], do
                 logprobs=legacy_logprobs(result.logprobs, echo) if request.sampling.logprobs else None,
             )  # fmt: skip
         )
-    # Each prompt is counted once, however many choices read it.
-    prompt_tokens = sum(result.final.usage.prompt_tokens for result in done[:: body.n])
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(r.final.usage.completion_tokens for r in done))
+    usage = total_usage(dict(enumerate(result.final for result in done)), body.n)
     return Completion(
         id=completion_id(requests[0].id), object="text_completion", created=int(time.time()), model=body.model,
         choices=choices, usage=completion_usage(usage),
     )  # fmt: skip
 
 
+def total_usage(finals: dict[int, FinalEvent], n: int) -> Usage:
+    """Each prompt is counted once, however many of its ``n`` choices read it."""
+    return Usage(
+        prompt_tokens=sum(final.usage.prompt_tokens for index, final in finals.items() if index % n == 0),
+        completion_tokens=sum(final.usage.completion_tokens for final in finals.values()),
+    )
+
+
 class CompletionFrames:
     """SSE chunks of one streamed completion: the echo first, text deltas, the suffix and finish."""
 
-    def __init__(self, request: GenerationRequest, body: CompletionRequest, created: int) -> None:
+    def __init__(
+        self, request: GenerationRequest, body: CompletionRequest, created: int, include_usage: bool, index: int = 0
+    ) -> None:
         self.request = request
         self.body = body
         self.created = created
+        self.include_usage = include_usage
+        self.index = index
         self.offset = 0
 
     def chunk(self, text: str, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> str:
-        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": self.index, "text": text, "finish_reason": finish, "logprobs": None}
         if logprobs is not None:
             choice["logprobs"] = legacy_logprobs(logprobs, self.offset).model_dump(mode="json")
         self.offset += len(text)
         return self._frame([choice])
+
+    def usage_frame(self, usage: Usage) -> str:
+        return self._frame([], usage=usage)
 
     def _frame(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
         chunk: dict[str, Any] = {
@@ -137,8 +151,8 @@ class CompletionFrames:
         if isinstance(event, FinalEvent):
             out = [self.chunk(self.body.suffix)] if self.body.suffix else []
             out.append(self.chunk("", finish=finish_reason(event.finish_reason)))
-            if self.body.stream_options is not None and self.body.stream_options.include_usage:
-                out.append(self._frame([], usage=event.usage))
+            if self.include_usage:
+                out.append(self.usage_frame(event.usage))
             return out
         assert isinstance(event, ErrorEvent)
         return [sse(error_body(event.status, event.message, code=event.code))]
@@ -149,10 +163,21 @@ async def create_completion(services: Services, http: Request, body: CompletionR
     if not body.stream:
         done = await generate_all(services.dispatcher, requests, http.is_disconnected)
         return JSONResponse(to_completion(body, requests, done).model_dump(mode="json", exclude_unset=True))
-    if len(requests) > 1:
-        raise InvalidRequestError("stream supports one prompt and n = 1 per request", param="stream")
-    (request,) = requests
-    job = await services.dispatcher.submit(request)
-    first = await first_event(job)
-    frames = CompletionFrames(request, body, int(time.time()))
-    return event_stream(job, first, frames, head=frames.head(), tail=[DONE])
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if len(requests) == 1:
+        job = await services.dispatcher.submit(requests[0])
+        first = await first_event(job)
+        frames = CompletionFrames(requests[0], body, created, include_usage)
+        return event_stream(job, first, frames, head=frames.head(), tail=[DONE])
+    # Several prompts and/or choices: one job each, their chunks interleaved, then one usage chunk
+    # that sums them all.
+    streams, firsts = await open_streams(services.dispatcher, requests)
+    choices = [CompletionFrames(request, body, created, False, index) for index, request in enumerate(requests)]
+
+    def tail(finals: dict[int, FinalEvent]) -> list[str]:
+        done = include_usage and len(finals) == len(requests)
+        return [*([choices[0].usage_frame(total_usage(finals, body.n))] if done else []), DONE]
+
+    head = [frame for choice in choices for frame in choice.head()]
+    return fan_in_stream(streams, firsts, lambda index, event: choices[index](event), head=head, tail=tail)
