@@ -84,9 +84,11 @@ def serve(
 
             reference = settings.runtime.model_reference
             typer.echo(f"starting a private Redis and {server.workers} worker(s) for {reference}")
+            # Assigned before starting, so a signal during start-up still cleans up what was started.
             stack = EmbeddedStack(
                 settings.runtime.model_reference, server.workers, settings.redis.namespace, server.log_level
-            ).start()
+            )
+            stack.start()
             settings.redis.url = stack.url
         _run_uvicorn(settings)
     except OllmError as exc:
