@@ -107,12 +107,14 @@ def _run_uvicorn(settings: Settings) -> None:
     from server.app import SETTINGS_ENV, create_app
 
     server = settings.server
-    common = {"host": server.host, "port": server.port, "log_level": server.log_level}
     if server.reload:
         os.environ[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json"))
-        uvicorn.run("server.app:app_from_environment", factory=True, reload=True, **common)  # type: ignore[arg-type]
+        uvicorn.run(
+            "server.app:app_from_environment", factory=True, reload=True,
+            host=server.host, port=server.port, log_level=server.log_level,
+        )  # fmt: skip
     else:
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings), host=server.host, port=server.port, log_level=server.log_level)
 
 
 @app.command()
