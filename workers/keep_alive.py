@@ -42,6 +42,8 @@ from workers.keys import Keys
 log = logging.getLogger(__name__)
 
 TICK = 0.5
+# How soon a change (a load, a finished request) reaches the loaded-models report.
+_PROMPT = 0.1
 # The loaded-models hash outlives a few missed sweeps but not a dead worker for long.
 _LOADED_TTL_MS = 15_000
 
@@ -84,6 +86,8 @@ class Resident(Generic[M]):
         self.loaded_at = time.time() if loaded is not None else 0.0
         # The stamp of the keep-alive that last unloaded this model: it no longer applies.
         self.consumed: str | None = None
+        # Called after a load and after each request, so /api/ps does not wait for the next sweep.
+        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def name(self) -> str:
@@ -98,13 +102,19 @@ class Resident(Generic[M]):
                 self.model = self._load()
                 self.loaded_at = time.time()
                 log.info("loaded %s in %.1fs", self.name, time.perf_counter() - started)
-            self._in_flight += 1
-            return self.model
+                self._in_flight += 1
+                model = self.model
+            else:
+                self._in_flight += 1
+                return self.model
+        self.on_change()
+        return model
 
     def release(self) -> None:
         with self._lock:
             self._in_flight = max(0, self._in_flight - 1)
             self.last_used = time.time()
+        self.on_change()
 
     def busy(self) -> bool:
         with self._lock:
@@ -203,6 +213,9 @@ class Residency:
         self.loaded_key = keys.loaded(socket.gethostname(), os.getpid())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ollm-keep-alive", daemon=True)
+        self._dirty = threading.Event()
+        for resident in residents:
+            resident.on_change = self.publish_now
 
     @classmethod
     def around(
@@ -229,6 +242,7 @@ class Residency:
                     return (loaded_engines if kind == "engine" else loaded_embedders)[first]
 
                 resident: Resident[Any] = Resident(names, load, models[first], _size_of(first, settings))
+                resident.on_change = residency.publish_now
                 residency.residents.append(resident)
                 wrapper: Any = ResidentEngine(resident) if kind == "engine" else ResidentEmbedder(resident)
                 target: dict[str, Any] = residency.engines if kind == "engine" else residency.embedders
@@ -251,19 +265,23 @@ class Residency:
         # One thread reads the residency channel and sweeps, so a load (seconds long) never races
         # an unload of the same model. A Redis outage only pauses it: it resubscribes when back.
         pubsub: PubSub | None = None
+        next_sweep = 0.0
         while not self._stop.is_set():
             try:
                 if pubsub is None:
                     pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.keys.residency_channel)
                 requests = []
-                message = pubsub.get_message(timeout=TICK)
+                message = pubsub.get_message(timeout=_PROMPT)
                 while message is not None:
                     request = _residency_request(message)
                     if request is not None:
                         requests.append(request)
                     message = pubsub.get_message(timeout=0)
-                self.sweep(requests)
+                if requests or self._dirty.is_set() or time.monotonic() >= next_sweep:
+                    self._dirty.clear()
+                    self.sweep(requests)
+                    next_sweep = time.monotonic() + TICK
             except redis.RedisError as exc:
                 log.warning("keep-alive: %s", exc)
                 if pubsub is not None:
@@ -294,6 +312,11 @@ class Residency:
             if resident.model is not None and expires is not None and expires <= now:
                 resident.unload(keep_alive.stamp if keep_alive else None)
         self._publish(keep_alives)
+
+    def publish_now(self) -> None:
+        """Have the sweeper report within ``_PROMPT`` seconds (a load, a request ended). It may be
+        called from an engine's own thread, so it only sets a flag: no Redis I/O there."""
+        self._dirty.set()
 
     def _keep_alives(self) -> dict[int, KeepAlive]:
         """The newest client keep-alive for each resident, over all the names it is served under."""

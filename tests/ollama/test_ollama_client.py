@@ -275,4 +275,4 @@ def test_ps_and_keep_alive(stack: OllamaStack) -> None:
     started = time.monotonic()
     again = client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1})
     assert again.load_duration and again.load_duration > 0 and time.monotonic() - started < 60
-    assert f"{MODEL}:latest" in _running(client)
+    wait_until(lambda: f"{MODEL}:latest" in _running(client), 5, "/api/ps to list the reloaded model")
