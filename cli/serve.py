@@ -153,6 +153,7 @@ def worker(
     keys = Keys(settings.redis.namespace)
     # Keep-alive: idle models are unloaded and reloaded on their next request (Ollama's keep_alive).
     residency = Residency.around(engines, embedders, settings, connection, keys)
+    del engines, embedders  # the residents hold the models now: an unload must be able to free them
     context = JobContext(connection, keys, residency.engines, residency.embedders)
     install(context)
     residency.start()
