@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from fastapi.testclient import TestClient
 from rq import Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import SimpleWorker
 
 from ollm.engine.echo import EchoEngine
 from ollm.errors import OllmError
@@ -39,7 +42,7 @@ class LengthEmbedder:
 
 
 class FakeWorker:
-    """Runs queued jobs through the real job function, like `ollm worker` minus the process."""
+    """Runs queued jobs through RQ and the real job function, like `ollm worker` minus the process."""
 
     def __init__(self, sync: redis.Redis, keys: Keys) -> None:
         self.engine = EchoEngine()
@@ -47,6 +50,8 @@ class FakeWorker:
         self.queues = [
             Queue(keys.queue(model), connection=sync, serializer=JSONSerializer) for model in ("echo", "lengths")
         ]
+        self.rq = SimpleWorker(self.queues, connection=sync, serializer=JSONSerializer)
+        self.rq.death_penalty_class = TimerDeathPenalty
         self.heartbeat = Heartbeat(
             sync, keys, "fake", ["echo", "lengths"], 4, interval=0.2, in_flight=self.context.in_flight
         )
@@ -73,7 +78,9 @@ class FakeWorker:
             if found is None:
                 self._stop.wait(0.01)
                 continue
-            found[0].perform()
+            job, queue = found
+            # RQ's own bookkeeping (status, result, registries), as in GenerationWorker's threads.
+            self.rq.perform_job(job, queue, self.rq.prepare_execution(job))
 
 
 @pytest.fixture
@@ -192,3 +199,18 @@ def test_api_key_guards_everything_but_health(settings: Settings) -> None:
         assert client.get("/v1/health").status_code == 200
         assert client.get("/docs").status_code == 401
         assert client.get("/docs", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_a_final_event_missed_on_pub_sub_is_read_from_the_job_result(
+    services: Services, worker: FakeWorker
+) -> None:
+    # Enqueued without a subscriber: as if the subscription dropped while the job ran.
+    request = GenerationRequest(model="echo", messages=[ChatMessage(role="user", content="read back")])
+    services.dispatcher._enqueue("echo", request.id, "workers.job.generate", request.model_dump(mode="json"))
+    queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
+    deadline = time.monotonic() + 5
+    while request.id not in queue.finished_job_registry.get_job_ids():
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.01)
+    ending = asyncio.run(services.dispatcher.check_job(request.id, "echo"))
+    assert ending is not None and ending["type"] == "final" and ending["text"] == "read back"
