@@ -8,6 +8,7 @@ be busy with other suites.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -244,6 +245,11 @@ def test_errors_in_ollamas_shape(stack: OllamaStack) -> None:
     assert raised.value.status_code == 404 and "try pulling it first" in raised.value.error
 
 
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
 def _running(client: ollama.Client) -> dict[str, ollama.ProcessResponse.Model]:
     return {m.model or "": m for m in client.ps().models}
 
@@ -260,9 +266,12 @@ def test_ps_and_keep_alive(stack: OllamaStack) -> None:
     wait_until(expires_in_ten_minutes, 10, "/api/ps to show the 10m keep-alive")
     assert (_running(client)[f"{MODEL}:latest"].size or 0) > 100_000_000
 
+    before = _rss_mib(stack.worker.pid)
     unloaded = client.generate(model=MODEL, keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert f"{MODEL}:latest" not in _running(client)
+    # Out of memory, not just out of the list: the worker gives back most of the ~270 MB of weights.
+    assert before - _rss_mib(stack.worker.pid) > 100
 
     # An empty prompt loads it again; -1 keeps it forever (Ollama shows a far-future expiry).
     assert client.chat(model=MODEL, messages=[], keep_alive=-1).done_reason == "load"
