@@ -125,7 +125,7 @@ async def generate(body: GenerateRequest, http: Request, svc: Services = Depends
         done = await svc.dispatcher.generate(request, http.is_disconnected)
         return JSONResponse(out.final(done.final, done.final.text, done.logprobs))
     job = await svc.dispatcher.submit(request)
-    first = await first_event(job)
+    first = await first_event(job, http.is_disconnected)
 
     def frames(event: Event) -> Iterable[dict[str, Any]]:
         if isinstance(event, TokenEvent):
@@ -153,7 +153,7 @@ async def chat(body: ChatRequest, http: Request, svc: Services = Depends(service
         done = await svc.dispatcher.generate(request, http.is_disconnected)
         return JSONResponse(out.whole(done.final, done.logprobs))
     job = await svc.dispatcher.submit(request)
-    first = await first_event(job)
+    first = await first_event(job, http.is_disconnected)
 
     def frames(event: Event) -> Iterable[dict[str, Any]]:
         if isinstance(event, TokenEvent):
