@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import redis
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
@@ -27,6 +29,7 @@ from ollm.generation import (
 )
 from ollm.settings import GenerationSettings
 from server.dispatch import Completed
+from server.errors import event_from_error
 from server.openai.chat_completion.protocol import ChatCompletionRequest
 from server.openai.chat_completion.serving import chunk_frames, from_chat_request, to_chat_completion
 from server.openai.common import fan_out, finish_reason, image_part, parse_arguments, stop_list, tool_plan
@@ -36,7 +39,8 @@ from server.openai.embeddings.protocol import EmbeddingRequest
 from server.openai.embeddings.serving import from_embedding_request, to_embedding_response
 from server.openai.models.serving import to_models
 from server.openai.responses.protocol import ResponseRequest
-from server.openai.responses.serving import ResponseBuilder, from_response_request
+from server.openai.responses.serving import ResponseBuilder, StreamFrames, from_response_request
+from server.stores.responses import ResponseStore
 from workers.heartbeat import WorkerInfo
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)
@@ -350,3 +354,22 @@ def test_responses_stream_event_order() -> None:
 
     failed = stream_events(responses({"input": "hi"}), ["a"], ErrorEvent(message="worker died", status=503))
     assert failed[-1].type == "response.failed" and failed[-1].response.error.message == "worker died"
+
+
+def test_a_failed_store_ends_the_stream_with_response_failed() -> None:
+    class BrokenStore:
+        enabled = True
+
+        async def put(self, response_id: str, record: Any) -> None:
+            raise redis.ConnectionError("Redis is down")
+
+    builder = responses({"input": "hi"})
+    frames = StreamFrames(builder, cast(ResponseStore, BrokenStore()))
+    out = builder.start() + list(frames(TokenEvent(text="hello")))
+    with pytest.raises(redis.ConnectionError) as failure:
+        asyncio.run(frames.on_final(final("hello")))
+    out += list(frames(event_from_error(failure.value)))  # what the relay does with the exception
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    events = [adapter.validate_python(data_of(frame)) for frame in out]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.failed" and "Redis" in events[-1].response.error.message

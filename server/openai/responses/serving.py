@@ -147,7 +147,8 @@ def to_messages(items: list[InputItem], prior: list[ChatMessage]) -> list[ChatMe
             out.append(ChatMessage(role=item.role, content=_content(item, param)))
         elif isinstance(item, FunctionCallItem):
             call = ToolCall(id=item.call_id, name=item.name, arguments=parse_arguments(item.arguments, param))
-            if out and out[-1].role == "assistant" and (out[-1].tool_calls or not out[-1].text()):
+            # Calls following an assistant message (or each other) belong to that same turn.
+            if out and out[-1].role == "assistant":
                 out[-1].tool_calls.append(call)
             else:
                 out.append(ChatMessage(role="assistant", tool_calls=[call]))
@@ -444,9 +445,16 @@ class StreamFrames:
         self.closing: list[str] = []
 
     async def on_final(self, final: FinalEvent) -> None:
+        sequence = self.builder.sequence
         self.closing, response = self.builder.on_final(final)
         if self.store is not None:
-            await self.store.put(self.builder.t.id, self.builder.record(response))
+            try:
+                await self.store.put(self.builder.t.id, self.builder.record(response))
+            except Exception:
+                # The relay ends the stream with response.failed instead; number it right after
+                # what was sent, since the closing events never will be.
+                self.builder.sequence = sequence
+                raise
 
     def __call__(self, event: Event) -> Iterable[str]:
         if isinstance(event, TokenEvent):
