@@ -237,6 +237,8 @@ IMAGE = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 )
 IMAGE_MESSAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}}]}]
+IMAGE_PART = {"type": "input_image", "image_url": IMAGE}
+PDF_PART = {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQ="}
 
 
 @pytest.mark.parametrize(
@@ -261,6 +263,9 @@ IMAGE_MESSAGE = [{"role": "user", "content": [{"type": "image_url", "image_url":
         ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "previous_response_id": "resp_nope"}, 400,
          "previous_response_id"),
         ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 0}, 422, "max_output_tokens"),
+        ("POST", "/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [IMAGE_PART]}]}, 400, None),
+        ("POST", "/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [PDF_PART]}]}, 400,
+         "input.0.content.0"),
         ("GET", "/v1/responses/resp_nope", None, 404, None),
         ("DELETE", "/v1/responses/resp_nope", None, 404, None),
         ("GET", "/v1/responses/resp_nope/input_items", None, 404, None),
@@ -276,7 +281,7 @@ def test_bad_input_gets_a_4xx_openai_error(
     assert error["message"]
     if param is not None:
         assert error["param"] == param
-    if "image_url" in json.dumps(body):
+    if "image_url" in json.dumps(body) or "input_image" in json.dumps(body):
         assert MODEL in error["message"]  # a text-only model is named
 
 
