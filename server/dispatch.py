@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -155,8 +156,9 @@ class Dispatcher:
             function,
             payload,
             job_id=job_id,
-            job_timeout=int(timeout) + 30,
-            ttl=int(timeout),
+            job_timeout=math.ceil(timeout) + 30,
+            # A job nobody picked up within the request's own timeout is of no use to anyone.
+            ttl=math.ceil(timeout),
             result_ttl=_RESULT_TTL,
             failure_ttl=_FAILURE_TTL,
             description=f"{function.rsplit('.', 1)[-1]} {model}",

@@ -214,3 +214,19 @@ def test_a_final_event_missed_on_pub_sub_is_read_from_the_job_result(
         time.sleep(0.01)
     ending = asyncio.run(services.dispatcher.check_job(request.id, "echo"))
     assert ending is not None and ending["type"] == "final" and ending["text"] == "read back"
+
+
+def test_a_request_that_outlives_its_timeout_is_504_and_cancelled(settings: Settings) -> None:
+    settings.server.request_timeout_seconds = 0.5
+    services = services_for(settings)
+    # A live worker that never picks the job up.
+    Heartbeat(services.sync, services.keys, "stuck", ["echo"], 1, interval=60, in_flight=lambda: 0).beat()
+    with TestClient(create_app(settings, services)) as client:
+        started = time.monotonic()
+        answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 3
+    (marker,) = services.sync.keys(f"{services.keys.namespace}:cancelled:*")
+    job_id = marker.decode().rsplit(":", 1)[1]
+    queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
+    assert job_id not in queue.get_job_ids()  # the queued job was cancelled, not left to run
