@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import psutil
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -76,6 +75,8 @@ def doctor_command(
 
 def diagnostics(settings: Settings, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything `ollm doctor` reports; problems are listed with what to do about them."""
+    import torch  # only the doctor needs it; other commands start without torch
+
     runtime = settings.runtime
     problems: list[str] = []
     devices: dict[str, Any] = {

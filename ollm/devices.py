@@ -5,16 +5,23 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-
-import torch
+from types import ModuleType
 
 from ollm.errors import SettingsError
 
 _EXPLICIT_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
+def _torch() -> ModuleType:
+    # Imported on first use: `ollm serve` and the CLI's help must not pay torch's start-up time.
+    import torch
+
+    return torch
+
+
 def resolve_device(setting: str) -> str:
     """``auto`` picks CUDA, then MPS, then CPU; explicit values must exist on this machine."""
+    torch = _torch()
     value = setting.strip().lower()
     if value == "auto":
         if torch.cuda.is_available():
@@ -46,6 +53,7 @@ def resolve_dtype(setting: str, device: str) -> str:
     chosen automatically: its range overflows in some models' activations)."""
     if setting != "auto":
         return setting
+    torch = _torch()
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if device == "mps":
@@ -65,11 +73,11 @@ def cpu_has_native_bf16() -> bool:
             flags = set(line.split(":", 1)[1].split())
             return bool(flags & {"avx512_bf16", "amx_bf16"})
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(_torch().ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
 def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
+    backend = getattr(_torch().backends, "mps", None)
     return bool(backend is not None and backend.is_available())
