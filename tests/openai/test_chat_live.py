@@ -125,49 +125,43 @@ def test_json_schema_output_validates(client: openai.OpenAI) -> None:
             jsonschema.validate(json.loads(text), schema)
 
 
-def test_named_tool_choice_yields_a_valid_call_streamed_too(client: openai.OpenAI) -> None:
+def test_tool_calls_named_required_streamed_and_round_trip(client: openai.OpenAI) -> None:
     messages: Any = [{"role": "user", "content": "What is the weather like in Paris?"}]
-    choice: Any = {"type": "function", "function": {"name": "get_weather"}}
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
     answer = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice=choice, max_tokens=40,
+        model=MODEL, messages=messages, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice=named, max_tokens=40,
         temperature=0,
     )  # fmt: skip
     assert answer.choices[0].finish_reason == "tool_calls"
     (call,) = answer.choices[0].message.tool_calls or []
     assert call.type == "function" and call.function.name == "get_weather" and call.id
-    arguments = json.loads(call.function.arguments)
-    jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
 
+    # "required" streamed: the call arrives as deltas (id and name, then arguments), never as content.
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice=choice, max_tokens=40,
-        temperature=0, stream=True,
+        model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=40, temperature=0,
+        stream=True,
     )  # fmt: skip
     chunks = list(stream)
     deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert deltas[0].function is not None and deltas[0].function.name == "get_weather"
+    assert deltas[0].id and deltas[0].function is not None and deltas[0].function.name == "get_weather"
     streamed = "".join(d.function.arguments or "" for d in deltas if d.function is not None)
-    assert json.loads(streamed) == arguments
+    jsonschema.validate(json.loads(streamed), WEATHER_TOOL["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert not "".join(c.choices[0].delta.content or "" for c in chunks)  # no raw markup as content
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
-
-def test_tool_round_trip(client: openai.OpenAI) -> None:
-    messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=40, temperature=0
-    )
-    (call,) = first.choices[0].message.tool_calls or []
-    assert call.type == "function"
+    # The round trip: the call and its result go back, and the model answers from the result.
     messages += [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny and 18 degrees Celsius."},
     ]
-    second = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=24, temperature=0
-    )
-    answer = second.choices[0].message
-    assert answer.tool_calls is None and answer.content
-    assert "sunny" in answer.content.lower() or "18" in answer.content
+    final = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice="none", max_tokens=24,
+        temperature=0,
+    )  # fmt: skip
+    reply = final.choices[0].message
+    assert reply.tool_calls is None and reply.content
+    assert "sunny" in reply.content.lower() or "18" in reply.content
 
 
 def test_completions(client: openai.OpenAI) -> None:

@@ -93,30 +93,6 @@ def test_three_turn_chain_uses_facts_from_turn_one(client: openai.OpenAI) -> Non
     assert [i.type for i in client.responses.input_items.list(third.id).data] == ["message"]
 
 
-def test_function_call_round_trip(client: openai.OpenAI) -> None:
-    asked = client.responses.create(
-        model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
-        max_output_tokens=40, temperature=0,
-    )  # fmt: skip
-    calls = [item for item in asked.output if item.type == "function_call"]
-    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].status == "completed"
-    assert isinstance(json.loads(calls[0].arguments)["city"], str)
-
-    answered = client.responses.create(
-        model=MODEL, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none", max_output_tokens=24,
-        temperature=0,
-        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 18 degrees Celsius."}],
-    )  # fmt: skip
-    assert [item.type for item in answered.output] == ["message"]
-    text = answered.output_text.lower()
-    assert "sunny" in text or "18" in text
-
-    with pytest.raises(openai.BadRequestError, match="call_id"):
-        client.responses.create(
-            model=MODEL, input=[{"type": "function_call_output", "call_id": "call_unknown", "output": "x"}]
-        )
-
-
 def test_streaming_events_with_the_sdk_helper_and_storage(client: openai.OpenAI) -> None:
     with client.responses.stream(
         model=MODEL, input="What is the capital of France?", max_output_tokens=40, temperature=0
@@ -134,19 +110,38 @@ def test_streaming_events_with_the_sdk_helper_and_storage(client: openai.OpenAI)
     assert client.responses.retrieve(final.id).output_text == final.output_text
 
 
-def test_streamed_function_call(client: openai.OpenAI) -> None:
+def test_streamed_function_call_round_trip(client: openai.OpenAI) -> None:
     with client.responses.stream(
-        model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
+        model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
         max_output_tokens=40, temperature=0,
     ) as stream:  # fmt: skip
         events = list(stream)
-        final = stream.get_final_response()
-    kinds = [event.type for event in events]
-    assert "response.function_call_arguments.delta" in kinds
-    assert kinds.index("response.function_call_arguments.done") < kinds.index("response.completed")
+        asked = stream.get_final_response()
+    # A forced call is the whole output: one function_call item, no message.
+    assert [event.type for event in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
     done = [event for event in events if event.type == "response.function_call_arguments.done"][0]
-    (call,) = [item for item in final.output if item.type == "function_call"]
-    assert call.arguments == done.arguments and call.name == "get_weather"
+    (call,) = [item for item in asked.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.status == "completed" and call.arguments == done.arguments
+    assert isinstance(json.loads(call.arguments)["city"], str)
+
+    # The result goes back as a function_call_output item, chained to the stored call.
+    answered = client.responses.create(
+        model=MODEL, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none", max_output_tokens=24,
+        temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 18 degrees Celsius."}],
+    )  # fmt: skip
+    assert [item.type for item in answered.output] == ["message"]
+    text = answered.output_text.lower()
+    assert "sunny" in text or "18" in text
+
+    with pytest.raises(openai.BadRequestError, match="call_id"):
+        client.responses.create(
+            model=MODEL, input=[{"type": "function_call_output", "call_id": "call_unknown", "output": "x"}]
+        )
 
 
 def test_chaining_survives_a_server_restart(live: Live) -> None:
