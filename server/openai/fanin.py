@@ -17,7 +17,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest
-from server.dispatch import Dispatcher, JobStream
+from server.dispatch import Disconnected, Dispatcher, JobStream
 from server.errors import event_from_error
 from server.sse import first_event
 
@@ -27,7 +27,7 @@ Tail = Callable[[dict[int, FinalEvent]], Iterable[str]]
 
 
 async def open_streams(
-    dispatcher: Dispatcher, requests: Sequence[GenerationRequest]
+    dispatcher: Dispatcher, requests: Sequence[GenerationRequest], disconnected: Disconnected | None = None
 ) -> tuple[list[JobStream], list[Event]]:
     """Submit every request and wait for each first event; if any fails at once, every job
     submitted so far is closed (so cancelled) and the error raised."""
@@ -37,7 +37,7 @@ async def open_streams(
         for request in requests:
             streams.append(await dispatcher.submit(request))
         for stream in streams:
-            firsts.append(await first_event(stream))
+            firsts.append(await first_event(stream, disconnected))
     except BaseException:
         with anyio.CancelScope(shield=True):
             for stream in streams:

@@ -263,11 +263,11 @@ def total_usage(finals: Sequence[FinalEvent]) -> Usage:
 
 
 async def stream_choices(
-    services: Services, body: ChatCompletionRequest, request: GenerationRequest, created: int
+    services: Services, http: Request, body: ChatCompletionRequest, request: GenerationRequest, created: int
 ) -> Response:
     """``n`` > 1 streamed: one job per choice, their chunks interleaved, one usage chunk at the end."""
     requests = fan_out(request, body.n)
-    streams, firsts = await open_streams(services.dispatcher, requests)
+    streams, firsts = await open_streams(services.dispatcher, requests, http.is_disconnected)
     frames = [ChunkFrames(choice, created, False, index) for index, choice in enumerate(requests)]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -290,9 +290,9 @@ async def create_chat_completion(services: Services, http: Request, body: ChatCo
         completion = to_chat_completion(request, done.final, done.logprobs, created, more)
         return JSONResponse(completion.model_dump(mode="json", exclude_unset=True))
     if body.n > 1:
-        return await stream_choices(services, body, request, created)
+        return await stream_choices(services, http, body, request, created)
     job = await services.dispatcher.submit(request)
-    first = await first_event(job)
+    first = await first_event(job, http.is_disconnected)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return event_stream(
         job, first, chunk_frames(request, created, include_usage),

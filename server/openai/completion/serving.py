@@ -167,12 +167,12 @@ async def create_completion(services: Services, http: Request, body: CompletionR
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if len(requests) == 1:
         job = await services.dispatcher.submit(requests[0])
-        first = await first_event(job)
+        first = await first_event(job, http.is_disconnected)
         frames = CompletionFrames(requests[0], body, created, include_usage)
         return event_stream(job, first, frames, head=frames.head(), tail=[DONE])
     # Several prompts and/or choices: one job each, their chunks interleaved, then one usage chunk
     # that sums them all.
-    streams, firsts = await open_streams(services.dispatcher, requests)
+    streams, firsts = await open_streams(services.dispatcher, requests, http.is_disconnected)
     choices = [CompletionFrames(request, body, created, False, index) for index, request in enumerate(requests)]
 
     def tail(finals: dict[int, FinalEvent]) -> list[str]:

@@ -479,7 +479,7 @@ async def create_response(services: Services, http: Request, body: ResponseReque
             await keep.put(translation.id, builder.record(response))
         return JSONResponse(response)
     job = await services.dispatcher.submit(translation.request)
-    first = await first_event(job)
+    first = await first_event(job, http.is_disconnected)
     frames = StreamFrames(builder, keep)
     return event_stream(job, first, frames, head=builder.start(), on_final=frames.on_final)
 
