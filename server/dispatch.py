@@ -41,6 +41,7 @@ from ollm.generation import (
     TokenEvent,
     TokenLogprob,
 )
+from ollm.references import parse_reference
 from ollm.settings import Settings
 from server.errors import error_from_event
 from workers.heartbeat import WorkerInfo, live_workers, worker_age
@@ -103,6 +104,9 @@ class Dispatcher:
         if model in served and time.monotonic() - read_at < self.tick:
             return
         if not await self.serving(model):
+            # A name that is no alias, repo ID or directory is the client's mistake (400/404); a
+            # real model with no live worker is the service's state (503).
+            parse_reference(model)
             raise ServiceUnavailableError(
                 f"no live worker serves model {model!r}; start one with `ollm worker --model {model}`",
                 param="model",

@@ -137,8 +137,11 @@ def test_chat_completion_through_the_queue(client: TestClient, worker: FakeWorke
 def test_embeddings_go_through_the_same_job_path(services: Services, worker: FakeWorker) -> None:
     result = asyncio.run(services.dispatcher.embed(EmbeddingRequest(model="lengths", inputs=["ab", "abcd"])))
     assert result.embeddings == [[2.0], [4.0]]
-    with pytest.raises(OllmError, match="no live worker serves model 'nope'"):
+    with pytest.raises(OllmError, match="no live worker serves model 'all-minilm-l6-v2'"):
+        asyncio.run(services.dispatcher.embed(EmbeddingRequest(model="all-minilm-l6-v2", inputs=["x"])))
+    with pytest.raises(OllmError, match="nope") as unknown:
         asyncio.run(services.dispatcher.embed(EmbeddingRequest(model="nope", inputs=["x"])))
+    assert unknown.value.status == 404
 
 
 def test_no_live_worker_is_503_naming_the_model(client: TestClient) -> None:

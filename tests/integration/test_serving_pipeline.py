@@ -99,7 +99,7 @@ def test_sessions_keep_the_conversation(echo_stack: Stack) -> None:
 
 
 def test_unserved_model_gets_503_at_once(echo_stack: Stack) -> None:
-    body = {"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "llama3-1B-chat", "messages": [{"role": "user", "content": "hi"}]}
     with echo_stack.server.client() as client:
         started = time.monotonic()
         response = client.post("/v1/chat/completions", json=body)
@@ -108,7 +108,7 @@ def test_unserved_model_gets_503_at_once(echo_stack: Stack) -> None:
     for answer in (response, streamed):
         assert answer.status_code == 503
         error = answer.json()["error"]
-        assert "nobody-serves-this" in error["message"]
+        assert "llama3-1B-chat" in error["message"]
         assert set(error) == {"message", "type", "param", "code"}
 
 

@@ -283,7 +283,11 @@ def test_bad_json_and_unserved_model(live: Live, client: openai.OpenAI) -> None:
     headers = {"Content-Type": "application/json"}
     answer = httpx.post(f"{live.server.url}/v1/chat/completions", content=b"{not json", headers=headers, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
-    # A model nobody serves is the server's state, not bad input: 503 naming the model, at once.
+    # A real model nobody serves is the server's state: 503 naming the model, at once. A name that
+    # is no model at all is the client's mistake: 404 in OpenAI's shape.
     with pytest.raises(openai.APIStatusError) as unserved:
-        client.chat.completions.create(model="nobody-serves-this", messages=FRANCE)
-    assert unserved.value.status_code == 503 and "nobody-serves-this" in str(unserved.value)
+        client.chat.completions.create(model="llama3-1B-chat", messages=FRANCE)
+    assert unserved.value.status_code == 503 and "llama3-1B-chat" in str(unserved.value)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="nobody-has-this-model", messages=FRANCE)
+    assert unknown.value.body["code"] == "model_not_found"  # type: ignore[index]
