@@ -365,7 +365,8 @@ def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
         caps.append("vision")
     if kind == "audio-text":
         caps.append("audio")
-    if template is not None and "tools" in template:
+    if "chat" in caps:
+        # ollm.tools writes tool use into any chat template that lacks it and forces calls by grammar.
         caps.append("tools")
     return caps
 

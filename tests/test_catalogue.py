@@ -96,7 +96,7 @@ def test_info_counts_parameters_from_safetensors_headers(
     assert info["parameters"] == sum(math.prod(shape) for shape in shapes.values())
     assert info["parameters_source"] == "safetensors headers"
     assert (info["architecture"], info["context_length"], info["kind"]) == ("LlamaForCausalLM", 2048, "causal-lm")
-    assert info["capabilities"] == ["chat", "completion"]
+    assert info["capabilities"] == ["chat", "completion", "tools"]
     assert info["plan"]["backend"] == "transformers-generic"
 
 
