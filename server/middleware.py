@@ -13,8 +13,12 @@ from server.errors import error_body
 _OPEN_PATHS = frozenset({"/v1/health"})
 
 
-async def _send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps(error_body(status, message, code=code)).encode()
+async def _send_error(
+    scope: Scope, send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    # Each API family answers in its own error shape: Ollama's clients read {"error": "..."}.
+    ollama = scope["path"] == "/api" or scope["path"].startswith("/api/")
+    body = json.dumps({"error": message} if ollama else error_body(status, message, code=code)).encode()
     await send({
         "type": "http.response.start",
         "status": status,
@@ -41,7 +45,7 @@ class BodyLimit:
         )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_error(send, 413, message, "request_too_large", [])
+            await _send_error(scope, send, 413, message, "request_too_large", [])
             return
         seen = 0
         started = False
@@ -65,7 +69,7 @@ class BodyLimit:
         except _TooLarge:
             # A chunked body without Content-Length: only now do we know it is too big.
             if not started:
-                await _send_error(send, 413, message, "request_too_large", [])
+                await _send_error(scope, send, 413, message, "request_too_large", [])
 
 
 class BearerAuth:
@@ -80,6 +84,6 @@ class BearerAuth:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             message = "missing or invalid API key: send `Authorization: Bearer <server.api_key>`"
-            await _send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+            await _send_error(scope, send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)

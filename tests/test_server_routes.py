@@ -194,6 +194,8 @@ def test_body_too_large_is_413(client: TestClient) -> None:
 
     chunked = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413
+    ollama = client.post("/api/chat", json=big)
+    assert ollama.status_code == 413 and "server.max_request_bytes" in ollama.json()["error"]
 
 
 def test_api_key_guards_everything_but_health(settings: Settings) -> None:
@@ -202,6 +204,8 @@ def test_api_key_guards_everything_but_health(settings: Settings) -> None:
         assert client.get("/v1/health").status_code == 200
         assert client.get("/docs").status_code == 401
         assert client.get("/docs", headers={"Authorization": "Bearer k"}).status_code == 200
+        refused = client.get("/api/tags")
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]
 
 
 def test_a_final_event_missed_on_pub_sub_is_read_from_the_job_result(
