@@ -103,8 +103,7 @@ def test_doctor_table_with_toml_origins(cli: Any, tmp_path: Path) -> None:
 
 def test_installed_console_script(models_dir: str) -> None:
     ollm = Path(sys.executable).with_name("ollm")
-    if not ollm.exists():
-        pytest.skip("ollm console script is not installed in this environment")
+    assert ollm.exists(), "the `ollm` console script is missing: `make dev` installs it"
     result = subprocess.run(
         [str(ollm), "models", "list", "--json", "--models-dir", models_dir], capture_output=True, text=True, timeout=60
     )
