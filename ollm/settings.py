@@ -27,7 +27,6 @@ CONFIG_FILE_ENV = "OLLM_CONFIG_FILE"
 DEFAULT_CONFIG_FILE = Path("ollm.toml")
 
 Backend = Literal["auto", "optimized-native", "transformers-generic"]
-VALID_BACKENDS: tuple[str, ...] = ("auto", "optimized-native", "transformers-generic")
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 StoreBackend = Literal["redis", "memory", "none"]
 SessionBackend = Literal["memory", "redis"]
@@ -49,7 +48,10 @@ class RuntimeSettings(Section):
     backend: Backend = Field("auto", description="Execution backend; auto lets the planner choose.")
     use_specialization: bool = Field(True, description="Prefer the optimized backend when one applies.")
     dense_projection_chunk_rows: int = Field(
-        0, ge=0, description="Chunk rows of large dense projections (0 = no chunking); bounds peak memory."
+        0,
+        ge=0,
+        description="Rows per chunk for the llama.chunked-mlp specialization pass (0 = no chunking). "
+        "That pass is planned, not implemented: today this setting has no effect.",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
 

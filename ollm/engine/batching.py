@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from ollm.engine.base import EventSink
@@ -91,7 +91,6 @@ class BatchingEngine:
     def __init__(
         self,
         model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
         info: ExecutionInfo,
         build_sequence: SequenceBuilder,
         max_batch: int,
@@ -101,7 +100,6 @@ class BatchingEngine:
     ) -> None:
         self.info = info
         self._model = model
-        self._tokenizer = tokenizer
         self._build = build_sequence
         self._max_batch = max_batch
         self._step_tokens = max_tokens_per_step
@@ -250,8 +248,8 @@ class BatchingEngine:
 
     def _prefill_group(self, group: list[Sequence]) -> None:
         length = max(len(s.prompt_ids) for s in group)
-        pad_id = 0
-        input_ids = torch.full((len(group), length), pad_id, dtype=torch.long, device=self._device)
+        # Padding positions are masked out, so the id placed there is irrelevant.
+        input_ids = torch.zeros((len(group), length), dtype=torch.long, device=self._device)
         mask = torch.zeros((len(group), length), dtype=torch.long, device=self._device)
         for row, seq in enumerate(group):
             ids = seq.prompt_ids

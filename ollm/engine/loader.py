@@ -169,7 +169,6 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
             info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
         return BatchingEngine(
             model,
-            tokenizer,
             info,
             build,
             max_batch=1 if why_not else settings.worker.max_batch,

@@ -19,7 +19,6 @@ from ollm.generation import Constraint, ContentPart, FinishReason, GenerationReq
 from ollm.tools import ToolCallParser, function_spec, parse_tool_calls, tool_call_constraint
 
 OpenAIFinish = Literal["stop", "length", "tool_calls"]
-ToolChoice = Literal["none", "auto", "required"] | str
 
 
 def new_id() -> str:
