@@ -33,6 +33,7 @@ from ollm.generation import (
     TokenEvent,
 )
 from ollm.plan import RuntimePlan, plan_model
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import Settings
 
 stderr = Console(stderr=True)
@@ -66,19 +67,8 @@ def _overrides(
 
 
 def _sampling(settings: Settings, stop: list[str] | None) -> SamplingParams:
-    gen = settings.generation
-    return SamplingParams(
-        max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
-        min_p=gen.min_p,
-        seed=gen.seed,
-        stop=stop or [],
-        repetition_penalty=gen.repetition_penalty,
-        frequency_penalty=gen.frequency_penalty,
-        presence_penalty=gen.presence_penalty,
-    )
+    # Flags already sit in settings.generation (they override it), so only stop is added here.
+    return sampling_params(settings.generation, stop=stop)
 
 
 def _plan(settings: Settings) -> RuntimePlan:

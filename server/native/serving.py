@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ollm import catalogue
 from ollm.errors import ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings, RuntimeSettings
 from server.errors import error_body
 from server.native.protocol import (
@@ -25,7 +26,6 @@ from server.native.protocol import (
     TokenChunk,
     Usage,
 )
-from server.sampling import sampling_params
 from server.services import Services
 from server.sse import event_stream, first_event, sse
 from server.stores.sessions import Session

@@ -30,6 +30,7 @@ from ollm.generation import (
     TokenLogprob,
 )
 from ollm.generation import ToolCall as InternalToolCall
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from ollm.tools import ToolCallParser, parse_tool_calls
 from server.ollama.protocol import (
@@ -49,7 +50,6 @@ from server.ollama.protocol import (
     TopLogprob,
 )
 from server.ollama.registry import DerivedModel
-from server.sampling import sampling_params
 
 # Ollama's default keep_alive (OLLAMA_KEEP_ALIVE): five minutes after the last request.
 DEFAULT_KEEP_ALIVE_SECONDS = 300.0

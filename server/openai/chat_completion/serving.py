@@ -38,6 +38,7 @@ from ollm.generation import (
     ToolCall,
     Usage,
 )
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from ollm.tools import ToolCallParser, parse_tool_calls
 from server.dispatch import Completed
@@ -57,7 +58,6 @@ from server.openai.common import (
 )
 from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
-from server.sampling import sampling_params
 from server.services import Services
 from server.sse import DONE, event_stream, first_event, sse
 

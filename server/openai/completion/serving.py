@@ -13,6 +13,7 @@ from openai.types.completion_choice import Logprobs
 
 from ollm.errors import InvalidRequestError
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent, TokenLogprob, Usage
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from server.dispatch import Completed
 from server.errors import error_body
@@ -20,7 +21,6 @@ from server.openai.common import completion_usage, fan_out, finish_reason, stop_
 from server.openai.completion.protocol import CompletionRequest
 from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
-from server.sampling import sampling_params
 from server.services import Services
 from server.sse import DONE, event_stream, first_event, sse
 

@@ -32,6 +32,7 @@ from ollm.generation import (
     ToolCall,
     Usage,
 )
+from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from ollm.tools import ToolCallParser
 from server.openai.common import (
@@ -53,7 +54,6 @@ from server.openai.responses.protocol import (
     Refusal,
     ResponseRequest,
 )
-from server.sampling import sampling_params
 from server.services import Services
 from server.sse import event_stream, first_event, sse
 from server.stores.responses import ResponseStore, StoredResponse

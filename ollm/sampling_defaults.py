@@ -1,4 +1,7 @@
-"""Sampling parameters for a request: the client's values over the configured generation defaults."""
+"""Sampling parameters for a request: what the caller gave over the configured `[generation]` defaults.
+
+Shared by every API family and the CLI, so a default is applied the same way everywhere.
+"""
 
 from __future__ import annotations
 
