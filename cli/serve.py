@@ -161,6 +161,7 @@ def worker(
         run_worker(served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level)
     finally:
         install(None)
+        context.close()
         residency.stop()
         for engine in {id(e): e for e in residency.engines.values()}.values():
             engine.close()

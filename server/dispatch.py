@@ -45,12 +45,11 @@ from ollm.references import parse_reference
 from ollm.settings import Settings
 from server.errors import error_from_event
 from workers.heartbeat import WorkerInfo, live_workers, worker_age
+from workers.job import EMBED_JOB, GENERATE_JOB
 from workers.keys import Keys
 
 log = logging.getLogger(__name__)
 
-GENERATE_JOB = "workers.job.generate"
-EMBED_JOB = "workers.job.embed"
 _EVENT = TypeAdapter[Event](Event)
 # Results are read back only when a published final event was missed; failures stay for inspection.
 _RESULT_TTL = 600
@@ -87,6 +86,7 @@ class Dispatcher:
         self.tick = min(1.0, self.lost_after / 4)
         self._served: tuple[float, set[str]] = (0.0, set())
         self.subscriptions = Subscriptions(connection)
+        self._queues: dict[str, Queue] = {}
 
     async def workers(self) -> list[WorkerInfo]:
         workers = await live_workers(self.connection, self.keys, self.lost_after)
@@ -144,18 +144,30 @@ class Dispatcher:
 
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
         await self.require_worker(model)
+        queue = await self._queue(model)
         channel = self.keys.events(job_id)
-        pubsub = await self.subscriptions.open(channel)
+        pubsub = await self.subscriptions.subscribe(channel)
         try:
-            await asyncio.to_thread(self._enqueue, model, job_id, function, payload)
+            # RQ builds the job while Redis confirms the subscription; the job is written only
+            # once it is confirmed, so not even its first event can be missed.
+            writes = self._job_writes(queue, model, job_id, function, payload)
+            await self.subscriptions.confirmed(pubsub)
+            await self._write(writes)
         except BaseException:
             await self.subscriptions.release(pubsub, channel)
             raise
         return JobStream(self, pubsub, channel, job_id, model)
 
-    def _enqueue(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> None:
+    def _job_writes(
+        self, queue: Queue, model: str, job_id: str, function: str, payload: dict[str, Any]
+    ) -> redis.client.Pipeline:
+        """The writes that enqueue a job, as RQ makes them, on a pipeline not yet executed.
+
+        They go to Redis through ``_write``: one round trip on the event loop rather than RQ's own
+        two, blocking, in a thread.
+        """
         timeout = self.settings.server.request_timeout_seconds
-        queue = Queue(self.keys.queue(model), connection=self.sync, serializer=JSONSerializer)
+        writes = self.sync.pipeline()
         queue.enqueue(
             function,
             payload,
@@ -166,7 +178,24 @@ class Dispatcher:
             result_ttl=_RESULT_TTL,
             failure_ttl=_FAILURE_TTL,
             description=f"{function.rsplit('.', 1)[-1]} {model}",
+            pipeline=writes,
         )
+        return writes
+
+    async def _write(self, writes: redis.client.Pipeline) -> None:
+        async with self.connection.pipeline(transaction=True) as pipe:
+            for args, options in writes.command_stack:
+                pipe.pipeline_execute_command(*args, **options)
+            await pipe.execute()
+
+    async def _queue(self, model: str) -> Queue:
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = Queue(self.keys.queue(model), connection=self.sync, serializer=JSONSerializer)
+            # Asked once per queue (it shapes how RQ writes a job); the only blocking call here.
+            await asyncio.to_thread(queue.get_redis_server_version)
+            self._queues[model] = queue
+        return queue
 
     async def cancel(self, job_id: str) -> None:
         """Stop a job: the worker running it cancels within a few tokens; a queued one never runs."""
@@ -247,17 +276,20 @@ class Subscriptions:
         self.keep = keep
         self._idle: list[PubSub] = []
 
-    async def open(self, channel: str) -> PubSub:
-        """A pub/sub subscribed to ``channel``; returns once Redis has confirmed the subscription."""
+    async def subscribe(self, channel: str) -> PubSub:
+        """A pub/sub that has sent its subscription to ``channel``; see ``confirmed``."""
         pubsub = self._idle.pop() if self._idle else self.connection.pubsub()
         try:
             await pubsub.subscribe(channel)
-            if not await self._acknowledged(pubsub, "subscribe"):
-                raise ServiceUnavailableError("Redis did not confirm the event subscription")
         except BaseException:
             await _close(pubsub)
             raise
         return pubsub
+
+    async def confirmed(self, pubsub: PubSub) -> None:
+        """Return once Redis has confirmed the subscription: events published after it arrive."""
+        if not await self._acknowledged(pubsub, "subscribe"):
+            raise ServiceUnavailableError("Redis did not confirm the event subscription")
 
     async def release(self, pubsub: PubSub, channel: str) -> None:
         if len(self._idle) >= self.keep:

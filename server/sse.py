@@ -64,8 +64,8 @@ async def _relay(
     stream: JobStream, first: Event, frames: Frames, head: list[str], tail: list[str], on_final: OnFinal | None
 ) -> AsyncIterator[str]:
     try:
-        for frame in head:
-            yield frame
+        # One chunk per event (the head goes with the first): each chunk is a write and a read.
+        pending = "".join(head)
         event: Event = first
         while True:
             if isinstance(event, FinalEvent) and on_final is not None:
@@ -73,16 +73,17 @@ async def _relay(
                     await on_final(event)
                 except Exception as exc:  # e.g. the session could not be saved: say so, last.
                     event = event_from_error(exc)
-            for frame in frames(event):
-                yield frame
+            pending += "".join(frames(event))
             if isinstance(event, FinalEvent | ErrorEvent):
                 break
+            if pending:
+                yield pending
+                pending = ""
             try:
                 event = await stream.next_event()
             except Exception as exc:  # Redis gone, timeout: the stream still ends with a real event.
                 event = event_from_error(exc)
-        for frame in tail:
-            yield frame
+        yield pending + "".join(tail)
     finally:
         # A disconnect cancels this generator inside a cancelled scope; shield the clean-up so
         # the cancel actually reaches Redis.

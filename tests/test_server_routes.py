@@ -31,7 +31,7 @@ from server.stores.responses import response_store
 from server.stores.sessions import session_store
 from workers import job as job_module
 from workers.heartbeat import Heartbeat
-from workers.job import JobContext
+from workers.job import GENERATE_JOB, JobContext
 from workers.keys import Keys
 
 
@@ -69,6 +69,7 @@ class FakeWorker:
         self._thread.join(timeout=5)
         self.heartbeat.stop()
         job_module.install(None)
+        self.context.close()
         self.engine.close()
 
     def _run(self) -> None:
@@ -157,10 +158,17 @@ def test_health_lists_workers_per_model(client: TestClient, worker: FakeWorker) 
     assert health["models"] == {"echo": serving, "lengths": serving}
 
 
+async def enqueue_unwatched(dispatcher: Dispatcher, request: GenerationRequest) -> None:
+    """Enqueue a generation the way dispatch does, with nobody subscribed to its events."""
+    queue = await dispatcher._queue(request.model)
+    payload = request.model_dump(mode="json")
+    await dispatcher._write(dispatcher._job_writes(queue, request.model, request.id, GENERATE_JOB, payload))
+
+
 def test_a_job_whose_worker_stopped_beating_is_failed(services: Services) -> None:
     dispatcher = services.dispatcher
     request = GenerationRequest(model="echo", messages=[ChatMessage(role="user", content="x")])
-    dispatcher._enqueue("echo", request.id, "workers.job.generate", request.model_dump(mode="json"))
+    asyncio.run(enqueue_unwatched(dispatcher, request))
     queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
     found = Queue.dequeue_any([queue], None, connection=services.sync, serializer=JSONSerializer)
     assert found is not None
@@ -213,7 +221,7 @@ def test_a_final_event_missed_on_pub_sub_is_read_from_the_job_result(
 ) -> None:
     # Enqueued without a subscriber: as if the subscription dropped while the job ran.
     request = GenerationRequest(model="echo", messages=[ChatMessage(role="user", content="read back")])
-    services.dispatcher._enqueue("echo", request.id, "workers.job.generate", request.model_dump(mode="json"))
+    asyncio.run(enqueue_unwatched(services.dispatcher, request))
     queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
     deadline = time.monotonic() + 5
     while request.id not in queue.finished_job_registry.get_job_ids():

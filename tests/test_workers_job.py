@@ -49,6 +49,8 @@ def run(model: str, engines: dict[str, Any], marker: bool = False) -> tuple[Any,
         outcome = context.generate(req)
     except Exception as exc:
         outcome = exc
+    finally:
+        context.close()
     messages: list[dict[str, Any]] = []
     while not messages or messages[-1]["type"] not in ("final", "error"):
         message = pubsub.get_message(timeout=1.0)  # None for the subscribe confirmation

@@ -1,9 +1,11 @@
 """The job functions RQ runs: one generation or one embedding request, on an engine already loaded.
 
 The server enqueues ``workers.job.generate`` / ``workers.job.embed`` with the request as JSON. The
-worker process installs one ``JobContext`` (its engines and a Redis connection) at start-up; each
-job submits to the engine, relays the engine's events onto the job's pub/sub channel and returns
-the final event, which RQ keeps as the job's result. A failed generation raises, so the job lands
+worker process installs one ``JobContext`` (its engines and a Redis connection) at start-up. A
+generation is submitted to its engine as soon as the worker has dequeued the job (``prestart``),
+so the first token overlaps RQ's bookkeeping; the job function then takes the run over, waits for
+it and returns the final event, which RQ keeps as the job's result. Events reach the job's pub/sub
+channel through one ``Publisher`` thread per process. A failed generation raises, so the job lands
 in RQ's failed registry.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import redis
+from rq.job import Job
 
 from ollm.engine.base import Engine
 from ollm.errors import GenerationFailedError, ModelNotFoundError, OllmError
@@ -34,13 +37,92 @@ from workers.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# How often a job thread wakes while waiting for engine events; RQ's timer-based job timeout can
-# only interrupt the thread between waits.
+# How often a job thread wakes while waiting for its run; RQ's timer-based job timeout can only
+# interrupt the thread between waits.
 _POLL_SECONDS = 0.25
 
 
 class Embedder(Protocol):
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+
+class _Run:
+    """One generation on an engine: done once its final or error event has been published."""
+
+    def __init__(self, request_id: str, engine: Engine, channel: str) -> None:
+        self.id = request_id
+        self.engine = engine
+        self.channel = channel
+        self.last: FinalEvent | ErrorEvent | None = None
+        self.failure: BaseException | None = None
+        self.done = threading.Event()
+
+    def wait(self) -> FinalEvent:
+        while not self.done.wait(_POLL_SECONDS):
+            pass
+        if self.failure is not None:
+            raise self.failure
+        if isinstance(self.last, ErrorEvent):
+            raise _EngineError(self.last)
+        assert self.last is not None
+        return self.last
+
+
+class Publisher:
+    """One thread publishes the events of every generation in the process.
+
+    Whatever the engines produced since the last round trip goes out in one pipeline, so a decode
+    step of a full batch costs one round trip, not one per sequence. A run is done only after its
+    last event is out: the server may rely on having seen it before the job's status changes.
+    """
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self.connection = connection
+        self._queue: queue.SimpleQueue[tuple[_Run, Event] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ollm-publisher", daemon=True)
+        self._thread.start()
+
+    def put(self, run: _Run, event: Event) -> None:
+        self._queue.put((run, event))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: list[tuple[_Run, Event]] = []
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._publish(batch)
+            if item is None:
+                return
+
+    def _publish(self, batch: list[tuple[_Run, Event]]) -> None:
+        failure: BaseException | None = None
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for run, event in batch:
+                    pipe.publish(run.channel, event.model_dump_json())
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not publish %d events: %s", len(batch), exc)
+            failure = GenerationFailedError(f"could not publish the generation's events: {exc}")
+        for run, event in batch:
+            if failure is not None and not run.done.is_set():
+                # Events were lost: the job fails rather than return an answer nobody saw whole.
+                run.failure = failure
+                run.engine.cancel(run.id)
+                run.done.set()
+            elif isinstance(event, FinalEvent | ErrorEvent):
+                run.last = event
+                run.done.set()
 
 
 class JobContext:
@@ -57,52 +139,95 @@ class JobContext:
         self.keys = keys
         self.engines = dict(engines)
         self.embedders = dict(embedders or {})
-        self._in_flight: dict[str, Engine] = {}
+        self.publisher = Publisher(connection)
+        self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.publisher.close()
 
     def in_flight(self) -> int:
         with self._lock:
-            return len(self._in_flight)
+            return len(self._runs)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
-            engine = self._in_flight.get(request_id)
-        if engine is not None:
-            engine.cancel(request_id)
+            run = self._runs.get(request_id)
+        if run is not None:
+            run.engine.cancel(request_id)
 
     def cancel_all(self) -> None:
         with self._lock:
-            running = list(self._in_flight.items())
-        for request_id, engine in running:
-            engine.cancel(request_id)
+            running = list(self._runs.values())
+        for run in running:
+            run.engine.cancel(run.id)
+
+    def prestart(self, job: Job) -> None:
+        """Start a dequeued generation job's request on its engine before RQ's own bookkeeping.
+
+        The job function then takes over the run; anything wrong with the request is left for it
+        to report, as a job failure.
+        """
+        if job.func_name != GENERATE_JOB:
+            return
+        try:
+            request = GenerationRequest.model_validate(job.args[0])
+            if request.id == job.id and request.model in self.engines:
+                self._start(request)
+        except Exception as exc:
+            log.debug("job %s not started early: %s", job.id, exc)
+
+    def discard(self, request_id: str) -> None:
+        """Cancel and forget a run whose job function never took it over (its job did not run)."""
+        with self._lock:
+            run = self._runs.pop(request_id, None)
+        if run is not None:
+            run.engine.cancel(request_id)
 
     def generate(self, request: GenerationRequest) -> FinalEvent:
         channel = self.keys.events(request.id)
-        engine = self.engines.get(request.model)
-        if engine is None:
-            error = ModelNotFoundError(f"this worker does not serve model {request.model!r}")
-            self._publish(channel, [_error_event(error)])
-            raise error
-        events: queue.Queue[Event] = queue.Queue()
-        with self._lock:
-            self._in_flight[request.id] = engine
         try:
             # The server sets this marker before publishing a cancel, so a cancel that came while
             # the job was still queued is not missed (the listener only sees later messages).
-            if self.connection.exists(self.keys.cancelled(request.id)):
-                final = FinalEvent(finish_reason="cancelled", text="", usage=Usage(), timings=Timings())
-                self._publish(channel, [final])
-                return final
-            engine.submit(request, events.put)
-            return self._relay(request, engine, events, channel)
+            cancelled = bool(self.connection.exists(self.keys.cancelled(request.id)))
+            with self._lock:
+                run = self._runs.get(request.id)
+            if run is None:
+                if cancelled:
+                    final = FinalEvent(finish_reason="cancelled", text="", usage=Usage(), timings=Timings())
+                    self._publish(channel, final)
+                    return final
+                run = self._start(request)
+            elif cancelled:
+                run.engine.cancel(request.id)
+            return run.wait()
         except BaseException as exc:
-            engine.cancel(request.id)
+            self._end(request.id, cancel=True)
             if not isinstance(exc, _EngineError):
                 self._publish_quietly(channel, _error_event(exc))
             raise
         finally:
-            with self._lock:
-                self._in_flight.pop(request.id, None)
+            self._end(request.id, cancel=False)
+
+    def _start(self, request: GenerationRequest) -> _Run:
+        engine = self.engines.get(request.model)
+        if engine is None:
+            raise ModelNotFoundError(f"this worker does not serve model {request.model!r}")
+        run = _Run(request.id, engine, self.keys.events(request.id))
+        with self._lock:
+            self._runs[request.id] = run
+        try:
+            engine.submit(request, lambda event: self.publisher.put(run, event))
+        except BaseException:
+            self._end(request.id, cancel=False)
+            raise
+        return run
+
+    def _end(self, request_id: str, cancel: bool) -> None:
+        with self._lock:
+            run = self._runs.pop(request_id, None)
+        if run is not None and cancel:
+            run.engine.cancel(request_id)
 
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         channel = self.keys.events(_current_job_id())
@@ -117,36 +242,12 @@ class JobContext:
         self.connection.publish(channel, json.dumps({"type": "embedding", **result.model_dump(mode="json")}))
         return result
 
-    def _relay(
-        self, request: GenerationRequest, engine: Engine, events: queue.Queue[Event], channel: str
-    ) -> FinalEvent:
-        while True:
-            try:
-                batch = [events.get(timeout=_POLL_SECONDS)]
-            except queue.Empty:
-                continue
-            # Everything the engine produced meanwhile goes out in one round trip.
-            while True:
-                try:
-                    batch.append(events.get_nowait())
-                except queue.Empty:
-                    break
-            self._publish(channel, batch)
-            last = batch[-1]
-            if isinstance(last, FinalEvent):
-                return last
-            if isinstance(last, ErrorEvent):
-                raise _EngineError(last)
-
-    def _publish(self, channel: str, events: list[Any]) -> None:
-        with self.connection.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.publish(channel, event.model_dump_json())
-            pipe.execute()
+    def _publish(self, channel: str, event: FinalEvent | ErrorEvent) -> None:
+        self.connection.publish(channel, event.model_dump_json())
 
     def _publish_quietly(self, channel: str, event: ErrorEvent) -> None:
         try:
-            self._publish(channel, [event])
+            self._publish(channel, event)
         except redis.RedisError as exc:
             log.warning("could not publish error on %s: %s", channel, exc)
 
@@ -200,3 +301,8 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     """RQ job: one embedding request; returns the EmbeddingResult."""
     request = EmbeddingRequest.model_validate(payload)
     return _require_context().embed(request).model_dump(mode="json")
+
+
+# What the server enqueues (RQ stores a job's function by dotted name).
+GENERATE_JOB = f"{__name__}.{generate.__name__}"
+EMBED_JOB = f"{__name__}.{embed.__name__}"

@@ -23,7 +23,6 @@ import redis
 from redis.client import PubSub, PubSubWorkerThread
 from rq import Queue
 from rq.exceptions import StopRequested
-from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
@@ -99,21 +98,21 @@ class GenerationWorker(SimpleWorker):
         return result
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        try:
-            execution = self.prepare_execution(job)
-        except BaseException:
-            self._slots.release()
-            raise
         with self._running_lock:
             self._running += 1
-        self._pool.submit(self._perform, job, queue, execution)
+        self._pool.submit(self._perform, job, queue)
 
-    def _perform(self, job: Job, queue: Queue, execution: Execution) -> None:
+    def _perform(self, job: Job, queue: Queue) -> None:
         try:
+            # The engine starts on the request first: RQ's bookkeeping below (several round trips)
+            # then overlaps the prefill instead of delaying the first token.
+            self.context.prestart(job)
+            execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
         except Exception:
             log.exception("job %s crashed outside RQ's own handling", job.id)
         finally:
+            self.context.discard(job.id)
             with self._running_lock:
                 self._running -= 1
                 idle = self._running == 0

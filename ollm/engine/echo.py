@@ -121,8 +121,10 @@ class EchoEngine:
                     with self._wake:
                         self._sequences.pop(sequence.request.id, None)
                     sequence.sink(self._final(sequence, finish))
-            if self.token_delay:
-                time.sleep(self.token_delay)
+            # Even a zero sleep lets other threads run, as a model's forward pass does (torch
+            # releases the GIL): a pure-Python step loop would hold it for whole switch intervals
+            # and starve the threads that publish its events.
+            time.sleep(self.token_delay)
         for sequence in leftovers:
             sequence.sink(self._final(sequence, "cancelled"))
 
