@@ -30,6 +30,9 @@ class FailingEngine:
 
     def cancel(self, request_id: str) -> None: ...
 
+    def ready(self) -> bool:
+        return True
+
     def active(self) -> int:
         return 0
 

@@ -165,14 +165,16 @@ class JobContext:
     def prestart(self, job: Job) -> None:
         """Start a dequeued generation job's request on its engine before RQ's own bookkeeping.
 
-        The job function then takes over the run; anything wrong with the request is left for it
-        to report, as a job failure.
+        The job function then takes over the run. Anything wrong with the request is left for it
+        to report, as a job failure, and so is a model that must be loaded first: this runs on the
+        thread that dequeues, which must not block.
         """
         if job.func_name != GENERATE_JOB:
             return
         try:
             request = GenerationRequest.model_validate(job.args[0])
-            if request.id == job.id and request.model in self.engines:
+            engine = self.engines.get(request.model)
+            if request.id == job.id and engine is not None and engine.ready():
                 self._start(request)
         except Exception as exc:
             log.debug("job %s not started early: %s", job.id, exc)

@@ -179,6 +179,9 @@ class ResidentEngine:
         if engine is not None:
             engine.cancel(request_id)
 
+    def ready(self) -> bool:
+        return self.resident.model is not None
+
     def active(self) -> int:
         engine = self.resident.model
         return engine.active() if engine is not None else 0

@@ -98,15 +98,15 @@ class GenerationWorker(SimpleWorker):
         return result
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        # The engine starts on the request here, on the dequeuing thread, before the job thread
+        # runs RQ's bookkeeping (several round trips) and competes with the engine for the GIL.
+        self.context.prestart(job)
         with self._running_lock:
             self._running += 1
         self._pool.submit(self._perform, job, queue)
 
     def _perform(self, job: Job, queue: Queue) -> None:
         try:
-            # The engine starts on the request first: RQ's bookkeeping below (several round trips)
-            # then overlaps the prefill instead of delaying the first token.
-            self.context.prestart(job)
             execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
         except Exception:

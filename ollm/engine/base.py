@@ -14,9 +14,9 @@ EventSink = Callable[[Event], None]
 class Engine(Protocol):
     """A loaded model that generates for many requests concurrently.
 
-    ``submit`` returns at once; the engine calls ``sink`` from its own thread with TokenEvents and
-    then exactly one FinalEvent or ErrorEvent. ``cancel`` ends a request within a few tokens with
-    finish reason ``cancelled``.
+    ``submit`` returns at once when ``ready()``; the engine calls ``sink`` from its own thread with
+    TokenEvents and then exactly one FinalEvent or ErrorEvent. ``cancel`` ends a request within a
+    few tokens with finish reason ``cancelled``.
     """
 
     info: ExecutionInfo
@@ -26,6 +26,10 @@ class Engine(Protocol):
     def cancel(self, request_id: str) -> None: ...
 
     def active(self) -> int: ...
+
+    def ready(self) -> bool:
+        """False while ``submit`` would block first (a model to load again after its keep-alive)."""
+        ...
 
     def close(self) -> None: ...
 

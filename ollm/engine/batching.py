@@ -128,6 +128,9 @@ class BatchingEngine:
             self._cancelled.add(request_id)
         self._wake.set()
 
+    def ready(self) -> bool:
+        return True
+
     def active(self) -> int:
         running = len(self._batch.seqs) if self._batch else 0
         return running + len(self._waiting) + (1 if self._chunked else 0) + self._inbox.qsize()

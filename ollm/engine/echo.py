@@ -94,6 +94,9 @@ class EchoEngine:
                 sequence.cancelled = True
                 self._wake.notify()
 
+    def ready(self) -> bool:
+        return True
+
     def active(self) -> int:
         with self._wake:
             return len(self._sequences)

@@ -97,6 +97,9 @@ class SingleEngine:
         if self._current is not None and self._current.id == request_id:
             self._current.cancel()
 
+    def ready(self) -> bool:
+        return True
+
     def active(self) -> int:
         return self._inbox.qsize() + (1 if self._current else 0)
 

@@ -40,6 +40,9 @@ class FakeEngine:
     def cancel(self, request_id: str) -> None:
         pass
 
+    def ready(self) -> bool:
+        return True
+
     def active(self) -> int:
         return len(self.sinks)
 
