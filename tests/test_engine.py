@@ -29,6 +29,8 @@ from tests.conftest import DEFAULT_CHAT_MODEL
 
 pytestmark = pytest.mark.slow
 
+PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "car", "ship", "robot", "river", "moon")]
+
 
 def _engine(runtime: RuntimeSettings, dtype: str = "auto", **worker: int) -> Engine:
     settings = load_settings({"runtime": {"models_dir": runtime.models_dir, "dtype": dtype}, "worker": worker})
@@ -45,8 +47,8 @@ def engine(default_runtime: RuntimeSettings, default_model_dir: Path) -> Iterato
 @pytest.fixture(scope="module")
 def float32_engine(default_runtime: RuntimeSettings, default_model_dir: Path) -> Iterator[Engine]:
     # Exact batch invariance needs float32: bfloat16 GEMMs round differently at different batch
-    # shapes (the same caveat vLLM documents), which can flip a near-tie argmax.
-    eng = _engine(default_runtime, dtype="float32", max_tokens_per_step=32)
+    # shapes (HF's own generate too; see docs/engine.md), which can flip a near-tie argmax.
+    eng = _engine(default_runtime, dtype="float32", max_tokens_per_step=32, max_batch=len(PROMPTS))
     yield eng
     eng.close()
 
@@ -165,9 +167,6 @@ def test_short_request_is_not_held_behind_a_long_one(engine: Engine) -> None:
     go("short", ask("Say hi.", max_new_tokens=3))
     long.join()
     assert finished["short"] < finished["long"]
-
-
-PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "car", "ship", "robot", "river", "moon")]
 
 
 def test_greedy_output_identical_alone_and_in_a_full_batch(float32_engine: Engine) -> None:
