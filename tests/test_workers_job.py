@@ -1,4 +1,5 @@
-"""The job function's relay: engine events out on the job's channel, errors raised for RQ."""
+"""The job function's relay: engine events out on the job's channel, errors raised for RQ, and the
+early start of a dequeued generation."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from ollm.engine.base import EventSink
 from ollm.engine.echo import EchoEngine
-from ollm.errors import ModelNotFoundError
+from ollm.errors import GenerationFailedError, ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, ExecutionInfo, GenerationRequest
-from workers.job import JobContext
+from workers.job import GENERATE_JOB, JobContext
 from workers.keys import Keys
 
 KEYS = Keys("job")
@@ -104,3 +109,99 @@ def test_job_functions_need_a_worker_process(name: str, payload: dict[str, Any])
 
     with pytest.raises(RuntimeError, match="ollm worker"):
         getattr(job, name)(payload)
+
+
+class CountingEngine:
+    """The echo engine, counting submits; ``ready`` as a keep-alive'd engine would say it."""
+
+    def __init__(self, ready: bool = True) -> None:
+        self.echo = EchoEngine(token_delay=0)
+        self.info = self.echo.info
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+        self._ready = ready
+
+    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
+        self.submitted.append(request.id)
+        self.echo.submit(request, sink)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+        self.echo.cancel(request_id)
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def active(self) -> int:
+        return self.echo.active()
+
+    def close(self) -> None:
+        self.echo.close()
+
+
+def dequeued(sync: fakeredis.FakeRedis, req: GenerationRequest) -> Job:
+    queue = Queue(KEYS.queue(req.model), connection=sync, serializer=JSONSerializer)
+    queue.enqueue(GENERATE_JOB, req.model_dump(mode="json"), job_id=req.id)
+    return Job.fetch(req.id, connection=sync, serializer=JSONSerializer)
+
+
+def test_a_prestarted_run_is_taken_over_by_its_job_not_started_twice() -> None:
+    sync = fakeredis.FakeRedis()
+    engine = CountingEngine()
+    context = JobContext(sync, KEYS, {"echo": engine})
+    req = request()
+    pubsub = sync.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(KEYS.events(req.id))
+    try:
+        context.prestart(dequeued(sync, req))
+        assert engine.submitted == [req.id] and context.in_flight() == 1
+        final = context.generate(req)
+        context.discard(req.id)  # what the worker does after every job: nothing left to cancel
+    finally:
+        context.close()
+        engine.close()
+    assert final.text == "a b c" and engine.submitted == [req.id] and engine.cancelled == []
+    assert context.in_flight() == 0
+
+
+def test_a_model_that_must_load_first_is_not_prestarted() -> None:
+    sync = fakeredis.FakeRedis()
+    engine = CountingEngine(ready=False)
+    context = JobContext(sync, KEYS, {"echo": engine})
+    try:
+        context.prestart(dequeued(sync, request()))
+        assert engine.submitted == [] and context.in_flight() == 0
+    finally:
+        context.close()
+        engine.close()
+
+
+def test_a_prestarted_run_whose_job_never_ran_is_cancelled() -> None:
+    sync = fakeredis.FakeRedis()
+    engine = CountingEngine()
+    context = JobContext(sync, KEYS, {"echo": engine})
+    req = request(text=" ".join(["w"] * 10_000))
+    try:
+        context.prestart(dequeued(sync, req))
+        context.discard(req.id)
+    finally:
+        context.close()
+        engine.close()
+    assert engine.cancelled == [req.id] and context.in_flight() == 0
+
+
+class NoPublish(fakeredis.FakeRedis):
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        raise redis.ConnectionError("Redis went away")
+
+
+def test_events_that_cannot_be_published_fail_the_job() -> None:
+    engine = EchoEngine(token_delay=0)
+    context = JobContext(NoPublish(), KEYS, {"echo": engine})
+    try:
+        with pytest.raises(GenerationFailedError, match="could not publish"):
+            context.generate(request())
+    finally:
+        context.close()
+        engine.close()
+    assert context.in_flight() == 0
