@@ -111,7 +111,7 @@ class Publisher:
                 for run, event in batch:
                     pipe.publish(run.channel, event.model_dump_json())
                 pipe.execute()
-        except redis.RedisError as exc:
+        except Exception as exc:  # this thread must survive anything, or every run would hang
             log.warning("could not publish %d events: %s", len(batch), exc)
             failure = GenerationFailedError(f"could not publish the generation's events: {exc}")
         for run, event in batch:
@@ -180,9 +180,8 @@ class JobContext:
             log.debug("job %s not started early: %s", job.id, exc)
 
     def discard(self, request_id: str) -> None:
-        """Cancel and forget a run whose job function never took it over (its job did not run)."""
-        with self._lock:
-            run = self._runs.pop(request_id, None)
+        """Cancel and forget a run: its job failed, or never ran to take it over."""
+        run = self._forget(request_id)
         if run is not None:
             run.engine.cancel(request_id)
 
@@ -204,12 +203,12 @@ class JobContext:
                 run.engine.cancel(request.id)
             return run.wait()
         except BaseException as exc:
-            self._end(request.id, cancel=True)
+            self.discard(request.id)
             if not isinstance(exc, _EngineError):
                 self._publish_quietly(channel, _error_event(exc))
             raise
         finally:
-            self._end(request.id, cancel=False)
+            self._forget(request.id)
 
     def _start(self, request: GenerationRequest) -> _Run:
         engine = self.engines.get(request.model)
@@ -221,15 +220,13 @@ class JobContext:
         try:
             engine.submit(request, lambda event: self.publisher.put(run, event))
         except BaseException:
-            self._end(request.id, cancel=False)
+            self._forget(request.id)
             raise
         return run
 
-    def _end(self, request_id: str, cancel: bool) -> None:
+    def _forget(self, request_id: str) -> _Run | None:
         with self._lock:
-            run = self._runs.pop(request_id, None)
-        if run is not None and cancel:
-            run.engine.cancel(request_id)
+            return self._runs.pop(request_id, None)
 
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         channel = self.keys.events(_current_job_id())
