@@ -84,6 +84,7 @@ async def stream_chat(
         "ignore_eos": True,
     }
     result = StreamResult()
+    done = False
     start = time.perf_counter()
     try:
         async with client.post(f"{base_url}/v1/chat/completions", json=body, headers=headers) as response:
@@ -92,7 +93,9 @@ async def stream_chat(
                 return result
             async for raw in response.content:
                 line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                if line == b"data: [DONE]":
+                    done = True
+                if not line.startswith(b"data: ") or done:
                     continue
                 now = time.perf_counter() - start
                 chunk = json.loads(line[6:])
@@ -107,7 +110,12 @@ async def stream_chat(
                             result.ttft = now
                         result.token_times.append(now)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+        # llama-cpp-python's server (sse-starlette) can end a complete stream with a broken
+        # chunked-encoding trailer; after [DONE] nothing was lost.
+        if not done:
+            result.error = f"{type(exc).__name__}: {exc}"
+    if result.error is None and not done:
+        result.error = "the stream ended before data: [DONE]"
     result.total = time.perf_counter() - start
     if not result.completion_tokens:
         result.completion_tokens = len(result.token_times)

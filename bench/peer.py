@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -53,7 +54,13 @@ def llama_cpp_peer(model: str, runtime: RuntimeSettings, log_path: Path) -> Iter
     port = free_port()
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "4096"],
+            [
+                sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                # Its default is one thread for decoding; ollm's worker uses every core.
+                "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1),
+                # By default a new request aborts the running one; queue them instead.
+                "--interrupt_requests", "False",
+            ],  # fmt: skip
             stdout=log,
             stderr=subprocess.STDOUT,
         )
