@@ -33,6 +33,8 @@ from workers.job import JobContext
 
 log = logging.getLogger(__name__)
 
+_BEAT_EVERY = 1.0
+
 
 class GenerationWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
@@ -66,6 +68,7 @@ class GenerationWorker(SimpleWorker):
             in_flight=context.in_flight,
         )
         self._dequeuing = False
+        self._last_beat = -_BEAT_EVERY
         self._cancel_pubsub: PubSub | None = None
         self._cancel_thread: PubSubWorkerThread | None = None
 
@@ -74,6 +77,16 @@ class GenerationWorker(SimpleWorker):
         self._listen_for_cancels()
         # Registered last: the server routes here only once this worker can take jobs.
         self._registration.start()
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # RQ beats before every dequeue and after every job, three round trips each time, on the
+        # thread that dequeues, just when a new job's first token is on its way. The worker key
+        # lives for minutes (worker_ttl): once a second is plenty. Beats inside RQ's own
+        # pipelines cost no extra round trip and always go through.
+        if pipeline is None and time.monotonic() - self._last_beat < _BEAT_EVERY:
+            return
+        self._last_beat = time.monotonic()
+        super().heartbeat(timeout, pipeline)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
