@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ollm.errors import OllmError
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
@@ -171,6 +173,10 @@ class ErrorEvent(Strict):
     message: str
     status: int = 500
     code: str = "generation_failed"
+
+    @classmethod
+    def from_error(cls, exc: OllmError) -> ErrorEvent:
+        return cls(message=exc.message, status=exc.status, code=exc.code)
 
 
 Event = Annotated[TokenEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]

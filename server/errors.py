@@ -72,7 +72,7 @@ def error_from_event(event: ErrorEvent) -> ApiError:
 def event_from_error(exc: BaseException) -> ErrorEvent:
     """The error event a stream ends with when ``exc`` happens after the response has started."""
     if isinstance(exc, OllmError):
-        return ErrorEvent(message=exc.message, status=exc.status, code=exc.code)
+        return ErrorEvent.from_error(exc)
     if isinstance(exc, redis.RedisError):
         return ErrorEvent(message=redis_unavailable_message(exc), status=503, code="redis_unavailable")
     return ErrorEvent(message=f"internal error: {type(exc).__name__}: {exc}", status=500, code="internal_error")

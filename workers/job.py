@@ -262,7 +262,7 @@ class _EngineError(GenerationFailedError):
 
 def _error_event(exc: BaseException) -> ErrorEvent:
     if isinstance(exc, OllmError):
-        return ErrorEvent(message=exc.message, status=exc.status, code=exc.code)
+        return ErrorEvent.from_error(exc)
     return ErrorEvent(message=f"generation failed: {type(exc).__name__}: {exc}", status=500)
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from ollm.errors import OllmError
 from ollm.generation import ErrorEvent, Event, ExecutionInfo, FinalEvent, GenerationRequest
 
+log = logging.getLogger(__name__)
+
 EventSink = Callable[[Event], None]
+T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -49,3 +54,18 @@ def stream(engine: Engine, request: GenerationRequest) -> Iterator[Event]:
         # The consumer stopped early (Ctrl-C, closed connection): free the sequence's slot.
         if not isinstance(event, FinalEvent | ErrorEvent):
             engine.cancel(request.id)
+
+
+def prepared(build: Callable[[], T], sink: EventSink) -> T | None:
+    """What ``build`` makes of a request, or None once its failure went to the sink as an error.
+
+    Runs on an engine's own thread: any exception escaping here would end it for every request.
+    """
+    try:
+        return build()
+    except OllmError as exc:
+        sink(ErrorEvent.from_error(exc))
+    except Exception as exc:  # a tokenizer's or processor's ValueError...
+        log.exception("preparing the request failed")
+        sink(ErrorEvent(message=f"the request could not be prepared: {exc}", status=500))
+    return None

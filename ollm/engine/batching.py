@@ -17,15 +17,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from ollm.engine.base import EventSink
+from ollm.engine.base import EventSink, prepared
 from ollm.engine.sequence import Sequence
-from ollm.errors import OllmError
-from ollm.generation import ErrorEvent, ExecutionInfo, GenerationRequest
+from ollm.generation import ExecutionInfo, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,9 @@ class BatchingEngine:
                 request, sink, submitted = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                self._waiting.append(self._build(request, sink, submitted))
-            except OllmError as exc:
-                sink(ErrorEvent(message=exc.message, status=exc.status, code=exc.code))
+            seq = prepared(partial(self._build, request, sink, submitted), sink)
+            if seq is not None:
+                self._waiting.append(seq)
 
     def _apply_cancellations(self) -> None:
         with self._cancel_lock:

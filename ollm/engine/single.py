@@ -13,15 +13,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from ollm.engine.base import EventSink
+from ollm.engine.base import EventSink, prepared
 from ollm.engine.sequence import Sequence
-from ollm.errors import OllmError
-from ollm.generation import ErrorEvent, ExecutionInfo, GenerationRequest
+from ollm.generation import ExecutionInfo, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,10 @@ class SingleEngine:
                 self._cancelled.discard(request.id)
 
     def _serve(self, request: GenerationRequest, sink: EventSink, submitted: float) -> None:
-        try:
-            seq, inputs = self._build(request, sink, submitted)
-        except OllmError as exc:
-            sink(ErrorEvent(message=exc.message, status=exc.status, code=exc.code))
+        built = prepared(partial(self._build, request, sink, submitted), sink)
+        if built is None:
             return
-        except Exception as exc:  # Anything else (a processor's ValueError...) would kill this thread.
-            log.exception("preparing the request failed")
-            sink(ErrorEvent(message=f"the request could not be prepared: {exc}", status=500))
-            return
+        seq, inputs = built
         # Published before the cancelled-set check: cancel() adds to the set and then looks at
         # _current, so whichever order the two threads run in, one of them sees the other.
         self._current = seq
