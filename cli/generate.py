@@ -76,7 +76,6 @@ def _plan(settings: Settings) -> RuntimePlan:
         return plan_model(settings.runtime.model_reference, settings.runtime)
     except OllmError as exc:
         fail(exc.message)
-        raise AssertionError("unreachable") from None
 
 
 def _load(settings: Settings, plan: RuntimePlan) -> Engine:
@@ -93,7 +92,6 @@ def _load(settings: Settings, plan: RuntimePlan) -> Engine:
             return load_engine(plan, settings)
     except OllmError as exc:
         fail(exc.message)
-        raise AssertionError("unreachable") from None
 
 
 @app.command("prompt")

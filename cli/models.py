@@ -91,7 +91,6 @@ def info_command(
         info = model_info(reference, settings.runtime)
     except OllmError as exc:
         fail(str(exc))
-        return
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -144,7 +143,6 @@ def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = Non
         existing = None if is_echo(ref) else materialized_path(ref, settings.runtime)
     except OllmError as exc:
         fail(str(exc))
-        return
     if is_echo(ref):
         typer.echo("echo is built in; there is nothing to pull")
         return
@@ -165,11 +163,9 @@ def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = Non
         except OllmError as exc:
             progress.stop()
             fail(str(exc))
-            return
         except KeyboardInterrupt:
             progress.stop()
             fail("pull interrupted; nothing was left behind", code=130)
-            return
         display.finish()
     typer.echo(f"{reference} is materialized at {path}")
 
@@ -225,7 +221,6 @@ def rm_command(reference: ReferenceArgument, models_dir: ModelsDirOption = None)
         path = remove_model(reference, settings.runtime)
     except OllmError as exc:
         fail(str(exc))
-        return
     typer.echo(f"removed {reference} ({path})")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -49,9 +49,8 @@ def settings_or_exit(overrides: dict[str, dict[str, Any]]) -> Settings:
         return load_settings(overrides)
     except OllmError as exc:
         fail(str(exc), code=2)
-        raise AssertionError("unreachable") from None
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

@@ -132,7 +132,6 @@ def worker(
     logging.basicConfig(level="DEBUG" if level == "TRACE" else level, format="%(asctime)s %(name)s %(message)s")
     if not settings.redis.url:
         fail("ollm worker needs a Redis: pass --redis-url or set OLLM_REDIS__URL", code=2)
-    assert settings.redis.url is not None
     import redis
 
     from workers.engines import load_models
