@@ -354,11 +354,10 @@ def chat_template(model_dir: Path) -> str | None:
 
 
 def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
-    template = chat_template(model_dir)
-    caps: list[Capability] = []
     if kind == "embedding":
         return ["embeddings"]
-    if template is not None or kind in ("image-text", "audio-text"):
+    caps: list[Capability] = []
+    if chat_template(model_dir) is not None or kind in ("image-text", "audio-text"):
         caps.append("chat")
     caps.append("completion")
     if kind == "image-text":
@@ -413,13 +412,13 @@ def _builtin_listing(entry: CatalogueEntry, runtime: RuntimeSettings) -> ModelLi
         family=entry.family,
         source=entry.source,
         repo_id=entry.repo_id,
-        availability="materialized" if is_materialized(ref, runtime) else "not-materialized",
+        availability="materialized" if path is not None or is_echo(ref) else "not-materialized",
         path=path,
         capabilities=entry.capabilities,
         description=entry.description,
     )
     if path is not None:
-        _add_storage_facts(listing, path)
+        _add_storage_facts(listing, path, read_manifest(path))
     return listing
 
 
@@ -445,12 +444,16 @@ def _discovered_listing(path: Path) -> ModelListing:
         capabilities=capabilities_of(kind, path) if kind else [],
         description="Discovered under the models directory.",
     )
-    _add_storage_facts(listing, path)
+    _add_storage_facts(listing, path, manifest)
     return listing
 
 
-def _add_storage_facts(listing: ModelListing, path: Path) -> None:
-    manifest = read_manifest(path)
+def model_size(path: Path, manifest: Manifest | None) -> int:
+    """Bytes on disk: as recorded at pull time, else counted."""
+    return manifest.size if manifest else directory_size(path)
+
+
+def _add_storage_facts(listing: ModelListing, path: Path, manifest: Manifest | None) -> None:
     if manifest is not None:
         listing.size, listing.digest, listing.modified_at = (
             manifest.size,
@@ -458,7 +461,7 @@ def _add_storage_facts(listing: ModelListing, path: Path) -> None:
             manifest.created_at,
         )
     else:
-        listing.size = directory_size(path)
+        listing.size = model_size(path, None)
         listing.modified_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
@@ -475,7 +478,7 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
         "reference": ref.raw,
         "resolved_reference": ref.name,
         "reference_kind": ref.kind,
-        "availability": "materialized" if is_materialized(ref, runtime) else "not-materialized",
+        "availability": "materialized" if path is not None or is_echo(ref) else "not-materialized",
         "path": str(path) if path else None,
         "repo_id": entry.repo_id if entry else (ref.name if ref.kind == "repo_id" else None),
         "source": entry.source if entry else ("local" if ref.kind == "local_path" else "huggingface"),
@@ -496,7 +499,7 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
             parameters_source="safetensors headers" if params is not None else None,
             context_length=context_length(config, path),
             capabilities=capabilities_of(kind, path),
-            size=manifest.size if manifest else directory_size(path),
+            size=model_size(path, manifest),
             digest=manifest.digest if manifest else None,
             modified_at=manifest.created_at.isoformat() if manifest else None,
         )

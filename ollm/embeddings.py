@@ -62,9 +62,10 @@ class Embedder:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         device = self._model.device
+        mask = mask.to(device)
         with self._lock:
-            hidden = self._model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        weights = mask.to(device).unsqueeze(-1).to(hidden.dtype)
+            hidden = self._model(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).float()
         if dimensions is not None:
             if dimensions > pooled.shape[1]:

@@ -13,10 +13,8 @@ from ollm.errors import InvalidRequestError
 from ollm.generation import SamplingParams
 from ollm.settings import GenerationSettings
 
-_FROM_DEFAULTS = (
-    "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-    "repetition_penalty", "frequency_penalty", "presence_penalty",
-)  # fmt: skip
+# The [generation] settings that are also per-request sampling parameters.
+_FROM_DEFAULTS = tuple(name for name in GenerationSettings.model_fields if name in SamplingParams.model_fields)
 
 
 def sampling_params(defaults: GenerationSettings, **given: Any) -> SamplingParams:

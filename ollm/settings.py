@@ -169,8 +169,10 @@ def env_var_name(section: str, field: str) -> str:
 _FLAG_NAMES = {"model_reference": "--model", "use_specialization": "--no-specialization"}
 
 
-def describe_origin(keys: tuple[str, ...], overrides: dict[str, Any]) -> str:
-    """Where the value of ``section.field`` came from, in the words a user can act on."""
+def describe_origin(keys: tuple[str, ...], overrides: dict[str, Any], toml: dict[str, Any]) -> str:
+    """Where the value of ``section.field`` came from, in the words a user can act on.
+
+    ``toml`` is the config file's content (``_toml_data()``), read once by the caller."""
     found, value = _nested_get(overrides, keys)
     if found and value is not None:
         flag = _FLAG_NAMES.get(keys[-1], "--" + keys[-1].replace("_", "-"))
@@ -182,7 +184,7 @@ def describe_origin(keys: tuple[str, ...], overrides: dict[str, Any]) -> str:
     elif f"{ENV_PREFIX}{keys[0].upper()}" in os.environ:
         name = f"{ENV_PREFIX}{keys[0].upper()}"
         return f"{name}={os.environ[name]!r}"
-    found, value = _nested_get(_toml_data(), keys)
+    found, value = _nested_get(toml, keys)
     if found:
         return f"{config_file_path()}: [{keys[0]}] {'.'.join(keys[1:])} = {value!r}"
     return "built-in default"
@@ -200,19 +202,21 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
+        toml = _toml_data()
         for error in exc.errors():
             keys = tuple(str(part) for part in error["loc"])
             setting = ".".join(keys)
             if error["type"] == "extra_forbidden":
-                problems.append(f"unknown setting '{setting}' (from {describe_origin(keys, overrides)})")
+                problems.append(f"unknown setting '{setting}' (from {describe_origin(keys, overrides, toml)})")
             else:
-                problems.append(f"{setting}: {error['msg']} (from {describe_origin(keys, overrides)})")
+                problems.append(f"{setting}: {error['msg']} (from {describe_origin(keys, overrides, toml)})")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
 def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every effective setting with its value and origin, for `ollm doctor`."""
     overrides = overrides or {}
+    toml = _toml_data()
     rows = []
     for section_name in Settings.model_fields:
         section = getattr(settings, section_name)
@@ -224,7 +228,7 @@ def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None =
                 {
                     "setting": f"{section_name}.{field_name}",
                     "value": str(value) if isinstance(value, Path) else value,
-                    "origin": describe_origin((section_name, field_name), overrides),
+                    "origin": describe_origin((section_name, field_name), overrides, toml),
                 }
             )
     return rows

@@ -365,8 +365,7 @@ def _size_of(reference: str, settings: Settings) -> int:
         return 0
     if path is None:
         return 0
-    manifest = catalogue.read_manifest(path)
-    return manifest.size if manifest else catalogue.directory_size(path)
+    return catalogue.model_size(path, catalogue.read_manifest(path))
 
 
 def _free_memory() -> None:

@@ -24,13 +24,12 @@ class SpecializationProvider:
 _REGISTRY: dict[str, SpecializationProvider] = {}
 
 
-def register(provider: SpecializationProvider) -> SpecializationProvider:
+def register(provider: SpecializationProvider) -> None:
     for model_type in provider.model_types:
         existing = _REGISTRY.get(model_type)
         if existing is not None and existing.name != provider.name:
             raise ValueError(f"model_type {model_type!r} already belongs to provider {existing.name!r}")
         _REGISTRY[model_type] = provider
-    return provider
 
 
 def provider_for(model_type: str | None) -> SpecializationProvider | None:

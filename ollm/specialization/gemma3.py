@@ -2,7 +2,7 @@
 
 from ollm.specialization import SpecializationProvider, register
 
-PROVIDER = register(
+register(
     SpecializationProvider(
         name="gemma3",
         model_types=frozenset({"gemma3", "gemma3_text"}),

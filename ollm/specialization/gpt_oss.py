@@ -2,7 +2,7 @@
 
 from ollm.specialization import SpecializationProvider, register
 
-PROVIDER = register(
+register(
     SpecializationProvider(
         name="gpt-oss",
         model_types=frozenset({"gpt_oss"}),

@@ -2,7 +2,7 @@
 
 from ollm.specialization import SpecializationProvider, register
 
-PROVIDER = register(
+register(
     SpecializationProvider(
         name="llama",
         model_types=frozenset({"llama"}),

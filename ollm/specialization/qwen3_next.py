@@ -2,7 +2,7 @@
 
 from ollm.specialization import SpecializationProvider, register
 
-PROVIDER = register(
+register(
     SpecializationProvider(
         name="qwen3-next",
         model_types=frozenset({"qwen3_next"}),
