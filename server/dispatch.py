@@ -206,12 +206,9 @@ class Dispatcher:
         await asyncio.to_thread(self._cancel_if_queued, job_id)
 
     def _cancel_if_queued(self, job_id: str) -> None:
-        try:
-            job = Job.fetch(job_id, connection=self.sync, serializer=JSONSerializer)
-            if job.get_status() == JobStatus.QUEUED:
-                job.cancel()
-        except NoSuchJobError:
-            pass
+        job, status = self._job_status(job_id)
+        if job is not None and status == JobStatus.QUEUED:
+            job.cancel()
 
     async def check_job(self, job_id: str, model: str) -> dict[str, Any] | None:
         """The message that ends a quiet stream whose job can no longer produce one, else None."""
@@ -238,7 +235,8 @@ class Dispatcher:
                 return _error(message, 503, "worker_lost")
             return None
         if not await self.serving(model):
-            await asyncio.to_thread(self._cancel_if_queued, job_id)
+            if status == JobStatus.QUEUED:
+                await asyncio.to_thread(job.cancel)
             return _error(f"no live worker serves model {model!r} any more", 503, "service_unavailable")
         return None
 

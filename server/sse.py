@@ -49,14 +49,17 @@ async def first_event(stream: JobStream, disconnected: Disconnected | None = Non
 
 def event_stream(
     stream: JobStream, first: Event, frames: Frames, *, head: Iterable[str] = (), tail: Iterable[str] = (),
-    on_final: OnFinal | None = None,
+    on_final: OnFinal | None = None, media_type: str = "text/event-stream",
 ) -> StreamingResponse:  # fmt: skip
-    """A text/event-stream response: ``head``, the frames of every event, then ``tail``."""
+    """A streaming response (SSE unless ``media_type`` says otherwise): ``head``, the frames of
+    every event, then ``tail``."""
+    return streaming_response(_relay(stream, first, frames, list(head), list(tail), on_final), media_type)
+
+
+def streaming_response(chunks: AsyncIterator[str], media_type: str = "text/event-stream") -> StreamingResponse:
+    # Proxies must pass tokens through as they come, not buffer the stream.
     return StreamingResponse(
-        _relay(stream, first, frames, list(head), list(tail), on_final),
-        media_type="text/event-stream",
-        # Proxies must pass tokens through as they come, not buffer the stream.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        chunks, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 

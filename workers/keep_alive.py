@@ -210,7 +210,7 @@ class Residency:
     def __init__(self, connection: redis.Redis, keys: Keys, residents: list[Resident[Any]]) -> None:
         self.connection = connection
         self.keys = keys
-        self.residents = residents
+        self.residents: list[Resident[Any]] = []
         self.engines: dict[str, Engine] = {}
         self.embedders: dict[str, Embedder] = {}
         self.loaded_key = keys.loaded(socket.gethostname(), os.getpid())
@@ -218,7 +218,11 @@ class Residency:
         self._thread = threading.Thread(target=self._run, name="ollm-keep-alive", daemon=True)
         self._dirty = threading.Event()
         for resident in residents:
-            resident.on_change = self.publish_now
+            self.add(resident)
+
+    def add(self, resident: Resident[Any]) -> None:
+        resident.on_change = self.publish_now
+        self.residents.append(resident)
 
     @classmethod
     def around(
@@ -245,8 +249,7 @@ class Residency:
                     return (loaded_engines if kind == "engine" else loaded_embedders)[first]
 
                 resident: Resident[Any] = Resident(names, load, models[first], _size_of(first, settings))
-                resident.on_change = residency.publish_now
-                residency.residents.append(resident)
+                residency.add(resident)
                 wrapper: Any = ResidentEngine(resident) if kind == "engine" else ResidentEmbedder(resident)
                 target: dict[str, Any] = residency.engines if kind == "engine" else residency.embedders
                 target.update(dict.fromkeys(names, wrapper))

@@ -16,6 +16,7 @@ from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
 from ollm.references import parse_reference
+from server.dispatch import JobStream
 from server.ollama import catalog, residency
 from server.ollama.errors import OllamaModelNotFound, OllamaRoute, message_of
 from server.ollama.models import Resolved, check_new_name, registry, require_kind, resolve
@@ -81,7 +82,7 @@ async def version() -> dict[str, Any]:
 # ---- generation --------------------------------------------------------------------------------
 
 
-def _ndjson_stream(job: Any, first: Event, frames: Callable[[Event], Iterable[dict[str, Any]]]) -> Response:
+def _ndjson_stream(job: JobStream, first: Event, frames: Callable[[Event], Iterable[dict[str, Any]]]) -> Response:
     """The shared relay (cancel on disconnect, errors as a last line) with NDJSON framing."""
 
     def lines(event: Event) -> Iterable[str]:
@@ -89,10 +90,7 @@ def _ndjson_stream(job: Any, first: Event, frames: Callable[[Event], Iterable[di
             return [error_line(event.message)]
         return [ndjson(obj) for obj in frames(event)]
 
-    response = event_stream(job, first, lines)
-    response.media_type = NDJSON
-    response.headers["content-type"] = NDJSON
-    return response
+    return event_stream(job, first, lines, media_type=NDJSON)
 
 
 async def _load_or_unload(svc: Services, resolved: Resolved, name: str, seconds: float | None, chat: bool) -> Response:

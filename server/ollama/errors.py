@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm.errors import ModelNotFoundError, OllmError
+from server.errors import redis_unavailable_message
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def ollama_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, StarletteHTTPException):
         return error_response(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
     if isinstance(exc, redis.RedisError):
-        return error_response(503, f"Redis is unavailable ({exc}); requests cannot be queued until it is back")
+        return error_response(503, redis_unavailable_message(exc))
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -90,7 +91,3 @@ def message_of(exc: BaseException) -> str:
     if isinstance(exc, OllmError):
         return exc.message
     return f"internal error: {type(exc).__name__}: {exc}"
-
-
-def body(message: str) -> dict[str, Any]:
-    return {"error": message}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from openai.types.completion_usage import CompletionUsage
 
 from ollm.errors import InvalidRequestError
-from ollm.generation import Constraint, ContentPart, FinishReason, GenerationRequest, ToolCall, Usage
+from ollm.generation import Constraint, ContentPart, FinalEvent, FinishReason, GenerationRequest, ToolCall, Usage
 from ollm.tools import ToolCallParser, function_spec, parse_tool_calls, tool_call_constraint
 
 OpenAIFinish = Literal["stop", "length", "tool_calls"]
@@ -91,7 +92,6 @@ class ToolPlan:
     # Set for "required" / a named function: the grammar makes a call the only possible output.
     constraint: Constraint | None = None
     choice: str = "none"
-    names: list[str] = field(default_factory=list)
 
     @property
     def parses(self) -> bool:
@@ -117,9 +117,19 @@ def tool_plan(tools: list[dict[str, Any]] | None, choice: str | None) -> ToolPla
     choice = choice or "auto"
     if choice == "none":
         # Not offered at all: a model that sees tools may call one even when told not to.
-        return ToolPlan(choice="none", names=names)
+        return ToolPlan(choice="none")
     constraint = None if choice == "auto" else tool_call_constraint(tools, choice)
-    return ToolPlan(tools=tools, constraint=constraint, choice=choice, names=names)
+    return ToolPlan(tools=tools, constraint=constraint, choice=choice)
+
+
+def total_usage(finals: Mapping[int, FinalEvent], n: int) -> Usage:
+    """Usage of fanned-out requests (``fan_out``): request ``i`` is choice ``i % n`` of prompt
+    ``i // n``. Each prompt is counted once, however many of its ``n`` choices read it (OpenAI's
+    rule); every choice's completion counts."""
+    return Usage(
+        prompt_tokens=sum(final.usage.prompt_tokens for index, final in finals.items() if index % n == 0),
+        completion_tokens=sum(final.usage.completion_tokens for final in finals.values()),
+    )
 
 
 def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest
 from server.dispatch import Disconnected, Dispatcher, JobStream
 from server.errors import event_from_error
-from server.sse import first_event
+from server.sse import first_event, streaming_response
 
 IndexedFrames = Callable[[int, Event], Iterable[str]]
 # Called with the final event of each choice by index (fewer than all when one failed).
@@ -52,11 +52,7 @@ def fan_in_stream(
 ) -> StreamingResponse:  # fmt: skip
     """``head``, the frames of every job's events, then ``tail(finals)`` once all have finished or
     one failed (its error's frames came just before)."""
-    return StreamingResponse(
-        _relay(list(streams), list(firsts), frames, list(head), tail),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return streaming_response(_relay(list(streams), list(firsts), frames, list(head), tail))
 
 
 async def _read(index: int, stream: JobStream, first: Event, out: asyncio.Queue[tuple[int, Event]]) -> None:

@@ -55,6 +55,7 @@ from server.openai.common import (
     parse_arguments,
     stop_list,
     tool_plan,
+    total_usage,
 )
 from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
@@ -174,7 +175,8 @@ def to_chat_completion(
     """Choice 0 from ``final``; choices 1.. (``n`` > 1) from ``more``; usage is their sum."""
     choices = [to_choice(request, 0, final, logprobs)]
     choices += [to_choice(request, i, done.final, done.logprobs) for i, done in enumerate(more, start=1)]
-    usage = total_usage([final, *(done.final for done in more)])
+    finals = [final, *(done.final for done in more)]
+    usage = total_usage(dict(enumerate(finals)), len(finals))
     return ChatCompletion(
         id=completion_id(request.id), object="chat.completion", created=created, model=request.model,
         choices=choices, usage=completion_usage(usage),
@@ -251,14 +253,6 @@ def chunk_frames(request: GenerationRequest, created: int, include_usage: bool) 
     return ChunkFrames(request, created, include_usage)
 
 
-def total_usage(finals: Sequence[FinalEvent]) -> Usage:
-    """Usage of ``n`` choices: every choice read the same prompt once; OpenAI counts it once."""
-    return Usage(
-        prompt_tokens=finals[0].usage.prompt_tokens if finals else 0,
-        completion_tokens=sum(final.usage.completion_tokens for final in finals),
-    )
-
-
 # ---- wiring ----------------------------------------------------------------------------------
 
 
@@ -273,7 +267,7 @@ async def stream_choices(
 
     def tail(finals: dict[int, FinalEvent]) -> list[str]:
         done = include_usage and len(finals) == len(requests)
-        usage = [_chunk(request, created, [], usage=total_usage(list(finals.values())))] if done else []
+        usage = [_chunk(request, created, [], usage=total_usage(finals, body.n))] if done else []
         return [*usage, DONE]
 
     return fan_in_stream(

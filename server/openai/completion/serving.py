@@ -17,7 +17,7 @@ from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from server.dispatch import Completed
 from server.errors import error_body
-from server.openai.common import completion_usage, fan_out, finish_reason, stop_list
+from server.openai.common import completion_usage, fan_out, finish_reason, stop_list, total_usage
 from server.openai.completion.protocol import CompletionRequest
 from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
@@ -100,14 +100,6 @@ def to_completion(body: CompletionRequest, requests: list[GenerationRequest], do
         id=completion_id(requests[0].id), object="text_completion", created=int(time.time()), model=body.model,
         choices=choices, usage=completion_usage(usage),
     )  # fmt: skip
-
-
-def total_usage(finals: dict[int, FinalEvent], n: int) -> Usage:
-    """Each prompt is counted once, however many of its ``n`` choices read it."""
-    return Usage(
-        prompt_tokens=sum(final.usage.prompt_tokens for index, final in finals.items() if index % n == 0),
-        completion_tokens=sum(final.usage.completion_tokens for final in finals.values()),
-    )
 
 
 class CompletionFrames:
