@@ -68,9 +68,7 @@ def test_pulling_a_materialized_model_does_no_work(default_model_dir: Path, defa
     weights = default_model_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
     events: list[PullProgress] = []
-    started = time.monotonic()
     assert pull_model("SmolLM2-135M-Instruct", default_runtime, events.append) == default_model_dir
-    assert time.monotonic() - started < 1.0
     assert [event.status for event in events] == ["success"]
     assert weights.stat().st_mtime_ns == before
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import time
 
 from ollm.engine.base import stream
 from ollm.engine.echo import EchoEngine
@@ -52,12 +51,14 @@ def test_cancel_ends_a_request_within_a_token() -> None:
 
 def test_requests_in_flight_advance_together() -> None:
     engine = EchoEngine(token_delay=0.01)
-    finals: queue.Queue[Event] = queue.Queue()
-    started = time.monotonic()
-    for _ in range(10):
-        engine.submit(request(" ".join(["w"] * 20)), lambda e: finals.put(e) if isinstance(e, FinalEvent) else None)
-    done = [finals.get(timeout=5) for _ in range(10)]
-    elapsed = time.monotonic() - started
+    order: queue.Queue[tuple[int, Event]] = queue.Queue()
+    for index in range(10):
+        engine.submit(request(" ".join(["w"] * 20)), lambda e, i=index: order.put((i, e)))
+    events: list[tuple[int, Event]] = []
+    while sum(isinstance(e, FinalEvent) for _, e in events) < 10:
+        events.append(order.get(timeout=5))
     engine.close()
-    assert all(isinstance(e, FinalEvent) and e.usage.completion_tokens == 20 for e in done)
-    assert elapsed < 1.0  # one 20-step batch (~0.2 s), not 10 x 20 steps
+    assert all(e.usage.completion_tokens == 20 for _, e in events if isinstance(e, FinalEvent))
+    # Served one after another, the second request's first token would follow the first's end.
+    first_final = next(n for n, (_, e) in enumerate(events) if isinstance(e, FinalEvent))
+    assert {i for i, e in events[:first_final] if isinstance(e, TokenEvent)} == set(range(10))

@@ -10,8 +10,6 @@ import pytest
 from tests.integration.harness import Server, Worker, free_port, new_namespace
 from workers.redis_server import RedisServer
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.integration.harness import free_port
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 HONCHO = str(Path(sys.executable).parent / "honcho")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 
 import httpx
@@ -114,18 +115,31 @@ def test_unserved_model_gets_503_at_once(echo_stack: Stack) -> None:
 
 def test_many_requests_run_concurrently_on_one_worker(echo_stack: Stack) -> None:
     words = " ".join(f"w{i}" for i in range(25))  # 25 tokens x 20 ms = 0.5 s each
-    body = {"model": "echo", "prompt": words}
+    arrivals: list[tuple[str, int]] = []  # ("first" | "done", stream), in the order they came
+    lock = threading.Lock()
 
-    def one(_: int) -> str:
-        return str(httpx.post(f"{echo_stack.server.url}/v1/prompt", json=body, timeout=30).json()["text"])
+    def one(index: int) -> str:
+        stream = chat(echo_stack).chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": words}], stream=True
+        )
+        text = ""
+        for chunk in stream:
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                if not text:
+                    with lock:
+                        arrivals.append(("first", index))
+                text += piece
+        with lock:
+            arrivals.append(("done", index))
+        return text
 
-    started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(one, range(8)))
-    elapsed = time.monotonic() - started
     assert texts == [words] * 8
-    # Serially this is 8 x 0.5 s; batched in one engine it is about one request's time.
-    assert elapsed < 2.5, elapsed
+    # Served one after another, a stream's first token would only come after another had ended.
+    first_done = arrivals.index(next(a for a in arrivals if a[0] == "done"))
+    assert {index for kind, index in arrivals[:first_done] if kind == "first"} == set(range(8))
 
 
 def test_client_disconnect_cancels_the_job(echo_stack: Stack) -> None:

@@ -62,8 +62,7 @@ def test_create_retrieve_input_items_delete(client: openai.OpenAI) -> None:
     assert item.type == "message" and item.role == "user"
     assert item.content[0].type == "input_text" and item.content[0].text == "What is the capital of France?"
 
-    deleted = client.responses.delete(created.id)
-    assert deleted is None  # the SDK returns nothing for a successful delete
+    client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
 
