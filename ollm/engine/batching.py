@@ -313,14 +313,16 @@ class BatchingEngine:
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The next token of every sequence: one shared argmax for plain greedy rows."""
-        greedy = torch.argmax(logits, dim=-1)
-        chosen = greedy.clone()
+        # One copy to the host for the whole batch (on CUDA, one sync rather than one per row).
+        greedy: list[int] = torch.argmax(logits, dim=-1).tolist()
+        chosen = []
         for row, seq in enumerate(seqs):
             if seq.plain_greedy:
-                seq.accept(int(greedy[row]))
+                seq.accept(greedy[row])
+                chosen.append(greedy[row])
             else:
-                chosen[row] = seq.choose(logits[row].float())
-        return chosen
+                chosen.append(seq.choose(logits[row].float()))
+        return torch.tensor(chosen, device=logits.device)
 
     def _drop_finished(self) -> None:
         batch = self._batch

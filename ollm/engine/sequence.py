@@ -45,7 +45,6 @@ class Sequence:
         self.grammar = grammar
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
-        self.cancelled = False
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._detok = IncrementalDetokenizer(tokenizer)
@@ -98,13 +97,12 @@ class Sequence:
             self.finish("length")
 
     def cancel(self) -> None:
-        self.cancelled = True
         if not self.done:
             self.finish_reason = "cancelled"
 
-    def fail(self, message: str, status: int = 500, code: str = "generation_failed") -> None:
+    def fail(self, message: str) -> None:
         self.finish_reason = self.finish_reason or "stop"
-        self.sink(ErrorEvent(message=message, status=status, code=code))
+        self.sink(ErrorEvent(message=message))
 
     def final_event(self, info: ExecutionInfo, load_ms: float = 0.0) -> FinalEvent:
         assert self.finish_reason is not None

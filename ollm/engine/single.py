@@ -71,7 +71,7 @@ class _SequenceDone(StoppingCriteria):
         self._seq = seq
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.tensor([self._seq.done or self._seq.cancelled], device=input_ids.device)  # type: ignore[return-value]
+        return torch.tensor([self._seq.done], device=input_ids.device)  # type: ignore[return-value]
 
 
 class SingleEngine:
