@@ -37,7 +37,6 @@ class StreamResult:
     ttft: float | None = None
     token_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
-    total: float = 0.0
     error: str | None = None
 
 
@@ -116,14 +115,14 @@ async def stream_chat(
             result.error = f"{type(exc).__name__}: {exc}"
     if result.error is None and not done:
         result.error = "the stream ended before data: [DONE]"
-    result.total = time.perf_counter() - start
     if not result.completion_tokens:
         result.completion_tokens = len(result.token_times)
     return result
 
 
 async def run_level(
-    base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int, api_key: str | None = None
+    base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int,
+    api_key: str | None = None, prompts: list[str] = PROMPTS,
 ) -> LevelResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
@@ -132,7 +131,7 @@ async def run_level(
         async def one_client(index: int) -> list[StreamResult]:
             out = []
             for turn in range(requests_per_client):
-                prompt = PROMPTS[(index + turn) % len(PROMPTS)]
+                prompt = prompts[(index + turn) % len(prompts)]
                 out.append(await stream_chat(client, base_url, model, prompt, max_tokens, headers))
             return out
 

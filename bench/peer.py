@@ -8,15 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from bench.stack import free_port
+from bench.stack import free_port, wait_for
 from ollm.catalogue import find_alias
 from ollm.settings import RuntimeSettings
 
@@ -66,13 +63,7 @@ def llama_cpp_peer(model: str, runtime: RuntimeSettings, log_path: Path) -> Iter
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+            wait_for(f"{url}/v1/models", lambda models: models.status_code == 200, 120, "llama-cpp-python not up")
             yield url, gguf.name
         finally:
             process.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bench.baselines import generate_one_at_a_time
-from bench.client import LevelResult, run_level
+from bench.client import PROMPTS, LevelResult, run_level
 from bench.peer import llama_cpp_peer
 from bench.stack import embedded_stack
 from ollm.devices import resolve_device, resolve_dtype
@@ -30,10 +30,12 @@ from ollm.settings import load_settings
 ECHO_PROMPT_WORDS = 200
 
 
-def measure(base_url: str, model: str, levels: list[int], per_client: int, max_tokens: int) -> list[LevelResult]:
+def measure(
+    base_url: str, model: str, levels: list[int], per_client: int, max_tokens: int, prompts: list[str] = PROMPTS
+) -> list[LevelResult]:
     results = []
     for concurrency in levels:
-        level = asyncio.run(run_level(base_url, model, concurrency, per_client, max_tokens))
+        level = asyncio.run(run_level(base_url, model, concurrency, per_client, max_tokens, prompts=prompts))
         print(_row(model, level), flush=True)
         results.append(level)
     return results
@@ -53,17 +55,11 @@ def _row(label: str, level: LevelResult) -> str:
 
 def echo_overhead(log_dir: Path, levels: list[int], per_client: int) -> list[LevelResult]:
     """The echo model does no work, so its latencies are what HTTP + RQ + pub/sub cost."""
-    import bench.client as client
-
-    saved = client.PROMPTS
-    client.PROMPTS = [" ".join(f"w{i}" for i in range(ECHO_PROMPT_WORDS))]
-    try:
-        with embedded_stack("echo", 16, log_dir / "echo.log") as url:
-            # Warm-up: the first request pays for connection set-up and imports.
-            asyncio.run(run_level(url, "echo", 1, 3, ECHO_PROMPT_WORDS))
-            return measure(url, "echo", levels, per_client * 5, ECHO_PROMPT_WORDS)
-    finally:
-        client.PROMPTS = saved
+    prompts = [" ".join(f"w{i}" for i in range(ECHO_PROMPT_WORDS))]
+    with embedded_stack("echo", 16, log_dir / "echo.log") as url:
+        # Warm-up: the first request pays for connection set-up and imports.
+        asyncio.run(run_level(url, "echo", 1, 3, ECHO_PROMPT_WORDS, prompts=prompts))
+        return measure(url, "echo", levels, per_client * 5, ECHO_PROMPT_WORDS, prompts)
 
 
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,17 +23,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_model(base_url: str, model: str, timeout: float = 300.0) -> None:
+def wait_for(url: str, ready: Callable[[httpx.Response], bool], timeout: float, what: str) -> None:
+    """Poll ``url`` until ``ready`` accepts its answer; TimeoutError naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            health = httpx.get(f"{base_url}/v1/health", timeout=2.0)
-            if health.status_code == 200 and model in health.json().get("models", {}):
+            if ready(httpx.get(url, timeout=2.0)):
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"no worker for {model} at {base_url} after {timeout:.0f}s")
+    raise TimeoutError(f"{what} after {timeout:.0f}s")
+
+
+def wait_for_model(base_url: str, model: str, timeout: float = 300.0) -> None:
+    wait_for(
+        f"{base_url}/v1/health",
+        lambda health: health.status_code == 200 and model in health.json().get("models", {}),
+        timeout,
+        f"no worker for {model} at {base_url}",
+    )
 
 
 @contextmanager
