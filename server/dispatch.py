@@ -96,14 +96,20 @@ class Dispatcher:
     async def serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in await self.workers() if model in w.models]
 
-    async def require_worker(self, model: str) -> None:
-        # Under load every request would re-read every registration; a served model is trusted for
-        # one tick (a worker lost meanwhile is caught by the job checks), an unserved one is re-read
-        # so a worker that just started is used at once.
+    async def serves(self, model: str) -> bool:
+        """Whether a live worker serves ``model``.
+
+        Under load every request would re-read every registration; a served model is trusted for
+        one tick (a worker lost meanwhile is caught by the job checks), an unserved one is re-read
+        so a worker that just started is used at once.
+        """
         read_at, served = self._served
         if model in served and time.monotonic() - read_at < self.tick:
-            return
-        if not await self.serving(model):
+            return True
+        return bool(await self.serving(model))
+
+    async def require_worker(self, model: str) -> None:
+        if not await self.serves(model):
             # A name that is no alias, repo ID or directory is the client's mistake (400/404); a
             # real model with no live worker is the service's state (503).
             parse_reference(model)

@@ -36,14 +36,13 @@ def registry(services: Services) -> Registry:
 
 async def base_name(services: Services, name: str) -> str | None:
     """The name to dispatch ``name`` under, or None when no worker serves it and it is not here."""
-    served = {model for worker in await services.dispatcher.workers() for model in worker.models}
-    if name in served:
+    if await services.dispatcher.serves(name):
         return name
     try:
         ref = parse_reference(name)
     except OllmError:
         return None
-    if ref.name in served:
+    if ref.name != name and await services.dispatcher.serves(ref.name):
         return ref.name
     materialized = await asyncio.to_thread(catalogue.is_materialized, ref, services.settings.runtime)
     return ref.name if materialized else None
