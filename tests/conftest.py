@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ollm.pull import pull_model
 from ollm.settings import RuntimeSettings
+from workers.redis_server import RedisServer
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -40,6 +41,16 @@ def default_model_dir(default_runtime: RuntimeSettings) -> Path:
 def embedding_model_dir(default_runtime: RuntimeSettings) -> Path:
     """The real default embedding model, materialized (pulled on first use, then reused)."""
     return pull_model(DEFAULT_EMBEDDING_MODEL, default_runtime)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests isolate themselves by namespace."""
+    from tests.integration.harness import free_port
+
+    server = RedisServer(port=free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, Worker, free_port, new_namespace
+from tests.integration.harness import Server, Worker, new_namespace
 from workers.redis_server import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One real redis-server for the session; tests isolate themselves by namespace."""
-    server = RedisServer(port=free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -16,9 +15,8 @@ from ollm.generation import ChatMessage
 from ollm.settings import ServerSettings
 from server.stores.responses import StoredResponse, response_store
 from tests.integration.conftest import ServerFactory, Stack
-from tests.integration.harness import OLLM, REPO, base_env, free_port, new_namespace, wait_until
+from tests.integration.harness import OLLM, Process, base_env, free_port, new_namespace, wait_until
 from workers.keys import Keys
-from workers.lifetime import die_with_parent
 from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -70,17 +68,16 @@ def test_stored_responses_survive_a_restart_with_the_redis_backend(redis_server:
 
 def test_embedded_serve_runs_the_whole_stack_and_leaves_nothing_behind(tmp_path: Path) -> None:
     port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    env = base_env(new_namespace(), TMPDIR=str(tmp_path))
-    serve = subprocess.Popen(
+    serve = Process(
         [*OLLM, "serve", "--model", "echo", "--workers", "2", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-    )  # fmt: skip
+        base_env(new_namespace(), TMPDIR=str(tmp_path)),
+        tmp_path / "serve.log",
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            assert serve.alive(), serve.output()
             try:
                 return httpx.get(f"{url}/v1/health", timeout=2).json()["models"]["echo"]["workers"] == 2
             except (httpx.TransportError, KeyError):
@@ -96,20 +93,12 @@ def test_embedded_serve_runs_the_whole_stack_and_leaves_nothing_behind(tmp_path:
         assert "redis-server" in names and names.count(" worker ") == 2
         assert any(p.name.startswith("ollm-redis-") for p in tmp_path.iterdir())
 
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=30) == 0 or serve.returncode == 128 + signal.SIGTERM
+        assert serve.stop(timeout=30) in (0, 128 + signal.SIGTERM)
         wait_until(lambda: not any(c.is_running() and c.status() != "zombie" for c in children), 10, "children")
         assert not any(p.name.startswith("ollm-redis-") for p in tmp_path.iterdir())
     finally:
-        if serve.poll() is None:
-            # SIGTERM first, so that serve stops its Redis and workers even when the test failed.
-            serve.terminate()
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
-        log.close()
+        # SIGTERM first, so that serve stops its Redis and workers even when the test failed.
+        serve.stop(timeout=30)
 
 
 def test_api_key_is_required_on_every_route_but_health(echo_stack: Stack, start_server: ServerFactory) -> None:

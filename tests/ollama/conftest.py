@@ -1,4 +1,4 @@
-"""One live stack for the Ollama API tests: a real redis-server, one `ollm worker` serving the real
+"""One live stack for the Ollama API tests: the session's real redis-server, one `ollm worker` serving the real
 default chat and embedding models, and `ollm serve` (processes from tests/integration/harness.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ollama
 import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
-from tests.integration.harness import Server, Worker, free_port, new_namespace
+from tests.integration.harness import Server, Worker, new_namespace
 from workers.redis_server import RedisServer
 
 
@@ -32,11 +32,13 @@ class OllamaStack:
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path, embedding_model_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    default_model_dir: Path,
+    embedding_model_dir: Path,
 ) -> Iterator[OllamaStack]:
     """Started once per module: loading the model dominates, the tests themselves are short."""
     logs = tmp_path_factory.mktemp("ollama-stack")
-    redis_server = RedisServer(port=free_port()).start()
     ns = new_namespace()
     worker = Worker(redis_server.url, ns, [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL], logs / "worker.log")
     server = Server(redis_server.url, ns, logs / "server.log")
@@ -47,4 +49,3 @@ def stack(
     finally:
         server.stop()
         worker.stop()
-        redis_server.stop()

@@ -10,7 +10,6 @@ import openai
 import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
-from tests.integration.conftest import redis_server  # noqa: F401  (the same real redis-server fixture)
 from tests.integration.harness import Server, Worker, new_namespace
 from workers.redis_server import RedisServer
 
@@ -55,7 +54,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(
     tmp_path_factory: pytest.TempPathFactory,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     default_model_dir: Path,
     embedding_model_dir: Path,
 ) -> Iterator[Live]:
