@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import redis
 
 from workers.lifetime import die_with_parent
@@ -140,6 +141,10 @@ class Server(Process):
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def openai_client(self, timeout: float = 120) -> openai.OpenAI:
+        """The official client, as a user points it at this server (no retries: a failure shows)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def chat(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.server.url}/v1", api_key="unused", max_retries=0)
+    return stack.server.openai_client()
 
 
 def test_chat_completion_with_the_openai_client(echo_stack: Stack) -> None:

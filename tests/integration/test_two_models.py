@@ -21,7 +21,7 @@ def test_two_models_on_two_queues_serve_concurrent_requests(
     # A second worker, for the real model, joins the echo worker behind the same server.
     start_worker(REAL_MODEL, ns=echo_stack.namespace).wait_ready(timeout=300)
     server = echo_stack.server
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = server.openai_client()
 
     def ask(model: str, content: str) -> openai.types.chat.ChatCompletion:
         return client.chat.completions.create(

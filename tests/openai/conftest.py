@@ -43,7 +43,7 @@ class Live:
         self.server = Server(self.redis_url, self.namespace, log, **self.server_env).wait_ready()
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        return self.server.openai_client()
 
     def stop(self) -> None:
         self.server.stop()

@@ -174,7 +174,7 @@ def test_store_disabled_names_the_setting(live: Live, tmp_path: Any) -> None:
         live.redis_url, live.namespace, tmp_path / "nostore.log", OLLM_SERVER__RESPONSE_STORE_BACKEND="none"
     ).wait_ready()
     try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = server.openai_client()
         made = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
         assert made.status in ("completed", "incomplete")
         for call in (
