@@ -234,7 +234,8 @@ def test_bad_tool_call_arguments_are_a_client_error() -> None:
 def test_to_chat_completion_is_a_valid_openai_object() -> None:
     request = chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True})
     logprobs = [TokenLogprob(token="hello", token_id=1, logprob=-0.5)]
-    completion = to_chat_completion(request, final("hello world", "cancelled", prompt=3, completion=2), logprobs, created=1)
+    done = final("hello world", "cancelled", prompt=3, completion=2)
+    completion = to_chat_completion(request, done, logprobs, created=1)
     wire = ChatCompletion.model_validate(completion.model_dump(mode="json"))
     assert wire.id == f"chatcmpl-{request.id}" and wire.choices[0].message.content == "hello world"
     assert wire.choices[0].finish_reason == "stop"  # OpenAI has no "cancelled"
@@ -251,8 +252,9 @@ def test_stream_chunks() -> None:
     head = ChatCompletionChunk.model_validate(data_of(head_frame))
     assert head.choices[0].delta.role == "assistant"
     token = ChatCompletionChunk.model_validate(data_of(list(frames(TokenEvent(text="he")))[0]))
+    ended = final("hello world", "length", prompt=3, completion=2)
     assert token.choices[0].delta.content == "he" and token.choices[0].finish_reason is None
-    finish, usage = [ChatCompletionChunk.model_validate(data_of(f)) for f in frames(final("hello world", "length", prompt=3, completion=2))]
+    finish, usage = [ChatCompletionChunk.model_validate(data_of(f)) for f in frames(ended)]
     assert finish.choices[0].finish_reason == "length"
     assert usage.choices == [] and usage.usage is not None and usage.usage.completion_tokens == 2
     (error,) = frames(ErrorEvent(message="boom", status=503, code="worker_lost"))
