@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ollm.errors import InvalidRequestError
-from ollm.generation import Constraint, ToolCall
+from ollm.generation import Constraint, GenerationRequest, ToolCall
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -106,6 +106,17 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
         position = match.end()
     content.append(text[position:])
     return "".join(content).strip() if calls else text, calls
+
+
+def split_tool_calls(request: GenerationRequest, text: str) -> tuple[str, list[ToolCall]]:
+    """``parse_tool_calls`` when the request offered tools; output is read for calls exactly then
+    (OpenAI's tool_choice "none" offers none)."""
+    return parse_tool_calls(text) if request.tools else (text, [])
+
+
+def tool_call_parser(request: GenerationRequest) -> ToolCallParser | None:
+    """A streaming parser when the request offered tools (see ``split_tool_calls``), else None."""
+    return ToolCallParser() if request.tools else None
 
 
 class ToolCallParser:

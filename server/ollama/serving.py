@@ -32,7 +32,7 @@ from ollm.generation import (
 from ollm.generation import ToolCall as InternalToolCall
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolCallParser, parse_tool_calls
+from ollm.tools import split_tool_calls, tool_call_parser
 from server.ollama.protocol import (
     ChatRequest,
     ChatResponse,
@@ -315,7 +315,7 @@ class ChatStream:
         self.request = request
         self.model = model
         self.started = started if started is not None else time.monotonic()
-        self.parser = ToolCallParser() if request.tools else None
+        self.parser = tool_call_parser(request)
 
     def _object(
         self, content: str, calls: list[InternalToolCall], logprobs: list[TokenLogprob] | None, done: bool, **extra: Any
@@ -347,7 +347,7 @@ class ChatStream:
 
     def whole(self, final: FinalEvent, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         """The single answer of a request that was not streamed."""
-        text, calls = parse_tool_calls(final.text) if self.request.tools else (final.text, [])
+        text, calls = split_tool_calls(self.request, final.text)
         return self._final(final, text, calls, logprobs)
 
     def _final(

@@ -17,7 +17,7 @@ from openai.types.completion_usage import CompletionUsage
 
 from ollm.errors import InvalidRequestError
 from ollm.generation import Constraint, ContentPart, FinalEvent, FinishReason, GenerationRequest, ToolCall, Usage
-from ollm.tools import ToolCallParser, function_spec, parse_tool_calls, tool_call_constraint
+from ollm.tools import function_spec, tool_call_constraint
 
 OpenAIFinish = Literal["stop", "length", "tool_calls"]
 
@@ -97,12 +97,6 @@ class ToolPlan:
     def parses(self) -> bool:
         """Whether the output is scanned for calls (never with "none": the model was not offered any)."""
         return self.tools is not None
-
-    def split(self, text: str) -> tuple[str, list[ToolCall]]:
-        return parse_tool_calls(text) if self.parses else (text, [])
-
-    def parser(self) -> ToolCallParser | None:
-        return ToolCallParser() if self.parses else None
 
 
 def tool_plan(tools: list[dict[str, Any]] | None, choice: str | None) -> ToolPlan:

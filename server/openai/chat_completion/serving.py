@@ -40,7 +40,7 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolCallParser, parse_tool_calls
+from ollm.tools import split_tool_calls, tool_call_parser
 from server.dispatch import Completed
 from server.errors import error_body
 from server.openai.chat_completion.protocol import ChatCompletionRequest, Message, NamedToolChoice
@@ -131,11 +131,6 @@ def from_chat_request(request: ChatCompletionRequest, defaults: GenerationSettin
     )
 
 
-def parses_tools(request: GenerationRequest) -> bool:
-    # Output is read for calls exactly when the model was offered tools (tool_choice "none" offers none).
-    return bool(request.tools)
-
-
 def token_logprobs(logprobs: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
     return [
         ChatCompletionTokenLogprob(
@@ -157,7 +152,7 @@ def _message_tool_call(call: ToolCall) -> ChatCompletionMessageFunctionToolCall:
 
 
 def to_choice(request: GenerationRequest, index: int, final: FinalEvent, logprobs: list[TokenLogprob]) -> Choice:
-    content, calls = parse_tool_calls(final.text) if parses_tools(request) else (final.text, [])
+    content, calls = split_tool_calls(request, final.text)
     message = ChatCompletionMessage(
         role="assistant", content=content if content or not calls else None,
         tool_calls=[_message_tool_call(call) for call in calls] or None,
@@ -205,7 +200,7 @@ class ChunkFrames:
         self.created = created
         self.include_usage = include_usage
         self.index = index
-        self.parser = ToolCallParser() if parses_tools(request) else None
+        self.parser = tool_call_parser(request)
         self.calls = 0
 
     def _choice(self, delta: ChoiceDelta, logprobs: list[TokenLogprob] | None = None, finish: Any = None) -> str:

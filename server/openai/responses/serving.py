@@ -34,7 +34,7 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolCallParser
+from ollm.tools import ToolCallParser, split_tool_calls, tool_call_parser
 from server.openai.common import (
     ToolPlan,
     arguments_json,
@@ -282,7 +282,7 @@ class ResponseBuilder:
         self.sequence = 0
         self.text = ""
         self.calls: list[ToolCall] = []
-        self.parser: ToolCallParser | None = translation.plan.parser()
+        self.parser: ToolCallParser | None = tool_call_parser(translation.request)
         self._message: str | None = None  # id of the message item being streamed
         self._pending = ""  # leading whitespace held back until the message clearly has content
 
@@ -309,7 +309,7 @@ class ResponseBuilder:
 
     def complete(self, final: FinalEvent) -> dict[str, Any]:
         """The whole output at once (non-streamed)."""
-        text, calls = self.t.plan.split(final.text)
+        text, calls = split_tool_calls(self.t.request, final.text)
         if text.strip():
             self.output.append(message_item(new_id("msg"), text))
         for call in calls:
