@@ -467,7 +467,7 @@ def _add_storage_facts(listing: ModelListing, path: Path, manifest: Manifest | N
 
 def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str, Any]:
     """Everything known about ``ref`` without loading weights, including its runtime plan."""
-    from ollm.plan import plan_model  # plan.py reads the catalogue; importing it at top would cycle
+    from ollm.plan import RuntimePlan, plan_model  # plan.py reads the catalogue: a top import would cycle
 
     ref = as_reference(ref)
     entry = find_alias(ref.name) if ref.kind == "alias" else None
@@ -484,21 +484,24 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
         "source": entry.source if entry else ("local" if ref.kind == "local_path" else "huggingface"),
         "description": entry.description if entry else None,
     }
-    if path is not None:
-        config = read_json(path / "config.json") or {}
-        kind = detect_kind(config, path)
+    # The plan reads the model's config (kind, architecture, context length): its facts are reused.
+    plan: RuntimePlan | None
+    try:
+        plan, plan_error = plan_model(ref.raw, runtime), None
+    except ModelNotFoundError as exc:  # not materialized and no catalogue metadata to plan from
+        plan, plan_error = None, str(exc)
+    if path is not None and plan is not None:
         params = safetensors_parameter_count(path)
-        architectures = config.get("architectures") or [None]
         manifest = read_manifest(path)
         info.update(
-            kind=kind,
-            family=entry.family if entry else config.get("model_type"),
-            architecture=architectures[0],
-            model_type=config.get("model_type"),
+            kind=plan.kind,
+            family=entry.family if entry else plan.model_type,
+            architecture=plan.architecture,
+            model_type=plan.model_type,
             parameters=params,
             parameters_source="safetensors headers" if params is not None else None,
-            context_length=context_length(config, path),
-            capabilities=capabilities_of(kind, path),
+            context_length=plan.context_length,
+            capabilities=capabilities_of(plan.kind, path),
             size=model_size(path, manifest),
             digest=manifest.digest if manifest else None,
             modified_at=manifest.created_at.isoformat() if manifest else None,
@@ -517,12 +520,8 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
             digest=None,
             modified_at=None,
         )
-    try:
-        info["plan"] = plan_model(ref.raw, runtime).model_dump(mode="json")
-        info["plan_error"] = None
-    except ModelNotFoundError as exc:  # not materialized and no catalogue metadata to plan from
-        info["plan"] = None
-        info["plan_error"] = str(exc)
+    info["plan"] = plan.model_dump(mode="json") if plan is not None else None
+    info["plan_error"] = plan_error
     return info
 
 
