@@ -53,8 +53,9 @@ class Sampler:
         params = self.params
         if self._seen is not None:
             penalty = params.repetition_penalty
-            picked = logits[self._seen]
-            logits[self._seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+            # Dense, not boolean indexing: indexing by a mask syncs with the device to count it.
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits.copy_(torch.where(self._seen, penalized, logits))
         if self._counts is not None:
             logits -= params.frequency_penalty * self._counts
             logits -= params.presence_penalty * (self._counts > 0).float()
