@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException
 
 from server.anthropic import serving
 from server.anthropic.errors import AnthropicRoute
@@ -31,3 +32,10 @@ async def count_tokens(
     body: CountTokensRequest, http: Request, svc: Services = Depends(services)
 ) -> MessageTokensCount:
     return await serving.count_tokens(svc, http, body)
+
+
+@router.api_route("/messages", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def wrong_method(http: Request) -> Response:
+    # Declared so that this mistake, too, is answered in Anthropic's shape (through AnthropicRoute)
+    # rather than by the app-level handler in OpenAI's.
+    raise HTTPException(405, f"{http.method} /v1/messages is not supported; send POST", headers={"Allow": "POST"})

@@ -45,8 +45,8 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(type=error_type(status), message=message)).model_dump(mode="json")
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
 def anthropic_error(request: Request, exc: Exception) -> JSONResponse:
@@ -59,7 +59,8 @@ def anthropic_error(request: Request, exc: Exception) -> JSONResponse:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
         return error_response(exc.status, exc.message)
     if isinstance(exc, StarletteHTTPException):
-        return error_response(exc.status_code, exc.detail if isinstance(exc.detail, str) else str(exc.detail))
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return error_response(exc.status_code, detail, getattr(exc, "headers", None))
     if isinstance(exc, redis.RedisError):
         return error_response(503, redis_unavailable_message(exc))
     log.exception("unhandled error on %s %s", request.method, request.url.path)

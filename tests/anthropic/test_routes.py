@@ -73,6 +73,9 @@ def test_every_layer_answers_in_anthropic_shape(client: TestClient) -> None:
     big = {**HELLO, "messages": [{"role": "user", "content": "x" * 4096}]}
     assert "server.max_request_bytes" in anthropic_error(client.post("/v1/messages", json=big), 413,
                                                          "request_too_large")  # fmt: skip
+    wrong_method = client.get("/v1/messages")
+    assert "POST" in anthropic_error(wrong_method, 405, "invalid_request_error")
+    assert wrong_method.headers["allow"] == "POST"
     # The OpenAI routes keep OpenAI's shape.
     assert set(client.post("/v1/chat/completions", json={}).json()) == {"error"}
 
