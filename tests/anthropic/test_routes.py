@@ -91,3 +91,28 @@ def test_api_key_in_either_header(settings: Settings) -> None:
         for headers in ({"x-api-key": "k"}, {"Authorization": "Bearer k"}):
             anthropic_error(client.post("/v1/messages", json={}, headers=headers), 400, "invalid_request_error")
         assert client.get("/api/tags", headers={"x-api-key": "k"}).status_code == 200
+
+
+def test_a_claude_code_shaped_request_is_served(client: TestClient) -> None:
+    """What Claude Code sends: beta query and headers, cached system blocks, JSON-schema-draft tools,
+    thinking, metadata, a streamed answer."""
+    tool = {
+        "name": "Read", "description": "Read a file",
+        "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                         "properties": {"file_path": {"type": "string"}}, "required": ["file_path"],
+                         "additionalProperties": False},
+    }  # fmt: skip
+    body = {
+        **HELLO, "stream": True, "tools": [tool], "metadata": {"user_id": "user_abc_account__session_1"},
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hello there", "cache_control": {"type": "ephemeral"}},
+        ]}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024}, "context_management": {"edits": []},
+    }  # fmt: skip
+    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219", "x-app": "cli"}
+    with client.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as response:
+        assert response.status_code == 200
+        events = [(name, json.loads(data)) for name, data in sse_events(response.iter_lines())]
+    text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
+    assert text == "hello there" and events[-1][0] == "message_stop"
