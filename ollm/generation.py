@@ -148,6 +148,7 @@ class ExecutionInfo(Strict):
     specialization_state: str
     device: str
     dtype: str
+    batch_invariant: bool = False
     applied_passes: list[str] = Field(default_factory=list)
     fallback_reason: str | None = None
 

@@ -39,6 +39,7 @@ class RuntimePlan(BaseModel):
     applied_passes: list[str] = Field(default_factory=list)
     device: str
     dtype: str
+    batch_invariant: bool = False
     context_length: int | None = None
     fallback_reason: str | None = None
 
@@ -69,6 +70,7 @@ def plan_model(reference: str, runtime: RuntimeSettings) -> RuntimePlan:
         specialization_state="not-applicable",
         device=device,
         dtype=resolve_dtype(runtime.dtype, device),
+        batch_invariant=runtime.batch_invariant,
         context_length=facts.context_length,
     )
     unsupported = _unsupported_reason(facts)

@@ -46,6 +46,11 @@ class RuntimeSettings(Section):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
     dtype: DType = Field("auto", description="auto picks bfloat16 where it is fast, else float32.")
     backend: Backend = Field("auto", description="Execution backend; auto lets the planner choose.")
+    batch_invariant: bool = Field(
+        False,
+        description="A greedy or seeded request gives the same tokens alone or inside any batch "
+        "(fixed-shape matrix multiplications, attention per sequence); see docs/engine.md.",
+    )
     use_specialization: bool = Field(True, description="Prefer the optimized backend when one applies.")
     dense_projection_chunk_rows: int = Field(
         0,

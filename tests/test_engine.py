@@ -32,8 +32,13 @@ pytestmark = pytest.mark.slow
 PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "car", "ship", "robot", "river", "moon")]
 
 
-def _engine(runtime: RuntimeSettings, dtype: str = "auto", **worker: int) -> Engine:
-    settings = load_settings({"runtime": {"models_dir": runtime.models_dir, "dtype": dtype}, "worker": worker})
+def _engine(runtime: RuntimeSettings, dtype: str = "auto", batch_invariant: bool = False, **worker: int) -> Engine:
+    settings = load_settings(
+        {
+            "runtime": {"models_dir": runtime.models_dir, "dtype": dtype, "batch_invariant": batch_invariant},
+            "worker": worker,
+        }
+    )
     return load_engine(plan_model(DEFAULT_CHAT_MODEL, settings.runtime), settings)
 
 
@@ -49,6 +54,14 @@ def float32_engine(default_runtime: RuntimeSettings, default_model_dir: Path) ->
     # Exact batch invariance needs float32: bfloat16 GEMMs round differently at different batch
     # shapes (HF's own generate too; see docs/engine.md), which can flip a near-tie argmax.
     eng = _engine(default_runtime, dtype="float32", max_tokens_per_step=32, max_batch=len(PROMPTS))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def invariant_engine(default_runtime: RuntimeSettings, default_model_dir: Path) -> Iterator[Engine]:
+    # bfloat16: the dtype whose kernels round a row differently at different batch shapes.
+    eng = _engine(default_runtime, dtype="bfloat16", batch_invariant=True, max_batch=len(PROMPTS))
     yield eng
     eng.close()
 
@@ -197,3 +210,58 @@ def test_chunked_prefill_matches_one_shot_prefill(float32_engine: Engine, defaul
         one_shot_engine.close()
     assert chunked.usage.prompt_tokens > 100
     assert chunked.text == one_shot.text
+
+
+class _Collector:
+    """Events of requests submitted without waiting, so that they share the engine's batch."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.events: dict[str, list[Event]] = {}
+        self.done: dict[str, threading.Event] = {}
+
+    def submit(self, request: GenerationRequest) -> str:
+        self.events[request.id] = []
+        self.done[request.id] = threading.Event()
+
+        def sink(event: Event) -> None:
+            self.events[request.id].append(event)
+            if isinstance(event, FinalEvent | ErrorEvent):
+                self.done[request.id].set()
+
+        self.engine.submit(request, sink)
+        return request.id
+
+    def tokens_seen(self, request_id: str) -> int:
+        return sum(isinstance(e, TokenEvent) for e in self.events[request_id])
+
+    def text(self, request_id: str) -> str:
+        assert self.done[request_id].wait(120)
+        final = self.events[request_id][-1]
+        assert isinstance(final, FinalEvent), final
+        return final.text
+
+
+def test_batch_invariant_mode_same_tokens_alone_and_in_any_batch(invariant_engine: Engine) -> None:
+    requests = {p: ask(p, max_new_tokens=24) for p in PROMPTS}
+    seeded = ask(PROMPTS[0], temperature=1.0, seed=11, max_new_tokens=24)
+    alone = {p: run(invariant_engine, r.model_copy(update={"id": f"alone-{i}"}))[1].text
+             for i, (p, r) in enumerate(requests.items())}  # fmt: skip
+    seeded_alone = run(invariant_engine, seeded.model_copy(update={"id": "seeded-alone"}))[1].text
+
+    # All at once: prefilled in one step, decoded as one full batch of six.
+    together = _Collector(invariant_engine)
+    ids = {p: together.submit(r.model_copy(update={"id": f"together-{i}"})) for i, (p, r) in enumerate(
+        requests.items())}  # fmt: skip
+    assert {p: together.text(i) for p, i in ids.items()} == alone
+
+    # Staggered: half join a batch that is already decoding, with other padding and batch sizes;
+    # the seeded request samples from rows that moved as others left.
+    staggered = _Collector(invariant_engine)
+    first = [staggered.submit(requests[p].model_copy(update={"id": f"early-{i}"})) for i, p in enumerate(PROMPTS[:3])]
+    while staggered.tokens_seen(first[0]) < 4:
+        time.sleep(0.01)
+    late = [staggered.submit(requests[p].model_copy(update={"id": f"late-{i}"})) for i, p in enumerate(PROMPTS[3:5])]
+    sampled = staggered.submit(seeded.model_copy(update={"id": "seeded-batched"}))
+    assert [staggered.text(i) for i in first + late] == [alone[p] for p in PROMPTS[:5]]
+    assert staggered.text(sampled) == seeded_alone

@@ -96,6 +96,7 @@ class BatchingEngine:
         max_batch: int,
         max_tokens_per_step: int,
         kv_cache_max_tokens: int,
+        batch_invariant: bool = False,
         load_ms: float = 0.0,
     ) -> None:
         self.info = info
@@ -104,6 +105,8 @@ class BatchingEngine:
         self._max_batch = max_batch
         self._step_tokens = max_tokens_per_step
         self._kv_budget = kv_cache_max_tokens
+        # Prompts padded together round differently from a prompt alone (batch_invariant.py).
+        self._prefill_alone = batch_invariant
         self._device = model.device
         self._load_ms = load_ms
         self._inbox: queue.Queue[tuple[GenerationRequest, EventSink, float]] = queue.Queue()
@@ -224,7 +227,10 @@ class BatchingEngine:
             group.append(seq)
             group_tokens += need
             reserved += need + seq.max_new_tokens
-        if group:
+        if self._prefill_alone:
+            for seq in group:
+                self._prefill_group([seq])
+        elif group:
             self._prefill_group(group)
 
     def _continue_chunked(self) -> None:

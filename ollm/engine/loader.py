@@ -21,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from ollm.embeddings import Embedder
 from ollm.engine.base import Engine, EventSink
+from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.constrained import GrammarCompiler
 from ollm.engine.prompting import render_ids, render_text
@@ -43,6 +44,7 @@ def execution_info(plan: RuntimePlan) -> ExecutionInfo:
         specialization_state=plan.specialization_state,
         device=plan.device,
         dtype=plan.dtype,
+        batch_invariant=plan.batch_invariant,
         applied_passes=list(plan.applied_passes),
         fallback_reason=plan.fallback_reason,
     )
@@ -167,13 +169,17 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
         why_not = supports_batching(model)
         if why_not:
             info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
+        max_batch = 1 if why_not else settings.worker.max_batch
+        if plan.batch_invariant:
+            make_batch_invariant(model, rows=max_batch)
         return BatchingEngine(
             model,
             info,
             build,
-            max_batch=1 if why_not else settings.worker.max_batch,
+            max_batch=max_batch,
             max_tokens_per_step=settings.worker.max_tokens_per_step,
             kv_cache_max_tokens=settings.worker.kv_cache_max_tokens,
+            batch_invariant=plan.batch_invariant,
             load_ms=(time.perf_counter() - started) * 1000,
         )
     if plan.kind == "seq2seq":

@@ -53,6 +53,7 @@ def test_root_and_version(stack: OllamaStack) -> None:
 def test_generate_whole_and_streamed(stack: OllamaStack) -> None:
     client = stack.client()
     whole = client.generate(model=MODEL, prompt="What is the capital of France?", options=GREEDY)
+    # "Paris" is the semantic anchor kept: the model's answer by a wide margin on every kernel.
     assert "Paris" in (whole.response or "")
     assert whole.done is True and whole.done_reason in ("stop", "length")
     assert whole.prompt_eval_count and whole.eval_count and whole.total_duration and whole.eval_duration
@@ -137,9 +138,12 @@ def test_tool_call_comes_back_with_object_arguments(stack: OllamaStack) -> None:
     client = stack.client()
     options = {"temperature": 0, "num_predict": 40}
     response = client.chat(model=MODEL, messages=messages, tools=[WEATHER_TOOL], options=options)
+    # That the model calls the tool is the anchor: the earlier call of the same shape makes it the
+    # likely answer on any kernel. Which city it names is the model's business, not the API's.
     assert response.message.tool_calls, response.message.content
     call = response.message.tool_calls[0].function
-    assert call.name == "get_weather" and call.arguments == {"city": "Tokyo"}
+    assert call.name == "get_weather" and isinstance(call.arguments, dict)
+    jsonschema.validate(call.arguments, WEATHER_TOOL["function"]["parameters"])
     assert "<tool_call>" not in (response.message.content or "")
 
 

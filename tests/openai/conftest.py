@@ -22,7 +22,11 @@ class Live:
         self.logs = logs
         self.namespace = new_namespace()
         self.server_env = server_env
-        self.workers = [Worker(redis_url, self.namespace, models, logs / "worker.log")]
+        # Seeded n=2 choices run side by side in whatever batch they land in: only the batch-invariant
+        # mode promises the same tokens whatever the batch holds (docs/engine.md).
+        self.workers = [
+            Worker(redis_url, self.namespace, models, logs / "worker.log", OLLM_RUNTIME__BATCH_INVARIANT="true")
+        ]
         self.server = Server(redis_url, self.namespace, logs / "server0.log", **server_env)
         self.restarts = 0
 

@@ -71,7 +71,7 @@ def test_create_retrieve_input_items_delete(client: openai.OpenAI) -> None:
         client.responses.retrieve(unstored.id)
 
 
-def test_three_turn_chain_uses_facts_from_turn_one(client: openai.OpenAI) -> None:
+def test_three_turn_chain_is_the_conversation_sent_explicitly(client: openai.OpenAI) -> None:
     first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=10, temperature=0)
     second = client.responses.create(
         model=MODEL, input="Say hello.", previous_response_id=first.id, max_output_tokens=8, temperature=0
@@ -82,12 +82,22 @@ def test_three_turn_chain_uses_facts_from_turn_one(client: openai.OpenAI) -> Non
         max_output_tokens=20, temperature=0,
     )  # fmt: skip
     assert third.previous_response_id == second.id
-    assert json.loads(third.output_text) == {"answer": "Ada"}
-    # Without the chain the same question gets another name: the answer came from turn one.
-    alone = client.responses.create(
-        model=MODEL, input="What is my name?", text=name_format(names), max_output_tokens=20, temperature=0
-    )
-    assert json.loads(alone.output_text) != {"answer": "Ada"}
+    assert json.loads(third.output_text)["answer"] in names
+    # The chain is exactly the conversation: sent explicitly, the same turns make the same prompt
+    # and (greedy, same machine) the same answer. Which name a 135M model picks is not asserted.
+    explicit = client.responses.create(
+        model=MODEL, text=name_format(names), max_output_tokens=20, temperature=0,
+        input=[
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": second.output_text},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    )  # fmt: skip
+    assert third.usage is not None and explicit.usage is not None
+    assert third.usage.input_tokens == explicit.usage.input_tokens
+    assert third.output_text == explicit.output_text
     # Each response lists only its own input.
     assert [i.type for i in client.responses.input_items.list(third.id).data] == ["message"]
 
@@ -103,6 +113,7 @@ def test_streaming_events_with_the_sdk_helper_and_storage(client: openai.OpenAI)
     assert [k for i, k in enumerate(kinds) if k != "response.output_text.delta" or kinds[i - 1] != k] == STREAM_ORDER
     assert [event.sequence_number for event in events] == list(range(len(events)))
     deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    # "Paris" is the one semantic anchor kept: the answer's first tokens, by a wide margin on any kernel.
     assert deltas == final.output_text and "Paris" in final.output_text
     assert final.status == "completed"
     # A streamed response is stored like any other.
@@ -133,9 +144,19 @@ def test_streamed_function_call_round_trip(client: openai.OpenAI) -> None:
         temperature=0,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 18 degrees Celsius."}],
     )  # fmt: skip
-    assert [item.type for item in answered.output] == ["message"]
-    text = answered.output_text.lower()
-    assert "sunny" in text or "18" in text
+    assert [item.type for item in answered.output] == ["message"] and answered.output_text
+    # The chained call and result are the same conversation as sending both items explicitly.
+    explicit = client.responses.create(
+        model=MODEL, tools=[WEATHER], tool_choice="none", max_output_tokens=24, temperature=0,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 18 degrees Celsius."},
+        ],
+    )  # fmt: skip
+    assert answered.usage is not None and explicit.usage is not None
+    assert answered.usage.input_tokens == explicit.usage.input_tokens
+    assert answered.output_text == explicit.output_text
 
     with pytest.raises(openai.BadRequestError, match="call_id"):
         client.responses.create(
@@ -148,11 +169,23 @@ def test_chaining_survives_a_server_restart(live: Live) -> None:
     live.restart_server()
     client = live.client()
     assert client.responses.retrieve(before.id).output_text == before.output_text
+    cities = name_format(["Paris", "London", "Lisbon", "Berlin"])
     after = client.responses.create(
-        model=MODEL, input="Which city do I live in?", previous_response_id=before.id,
-        text=name_format(["Paris", "London", "Lisbon", "Berlin"]), max_output_tokens=20, temperature=0,
+        model=MODEL, input="Which city do I live in?", previous_response_id=before.id, text=cities,
+        max_output_tokens=20, temperature=0,
     )  # fmt: skip
-    assert json.loads(after.output_text) == {"answer": "Lisbon"}
+    # The restarted server still has turn one: the chain equals the conversation sent explicitly.
+    explicit = client.responses.create(
+        model=MODEL, text=cities, max_output_tokens=20, temperature=0,
+        input=[
+            {"role": "user", "content": "I live in Lisbon."},
+            {"role": "assistant", "content": before.output_text},
+            {"role": "user", "content": "Which city do I live in?"},
+        ],
+    )  # fmt: skip
+    assert after.usage is not None and explicit.usage is not None
+    assert after.usage.input_tokens == explicit.usage.input_tokens
+    assert after.output_text == explicit.output_text
 
 
 def test_worker_death_mid_stream_ends_with_response_failed(live: Live, client: openai.OpenAI) -> None:
