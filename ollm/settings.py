@@ -80,7 +80,9 @@ class ServerSettings(Section):
     api_key: str | None = Field(None, description="Bearer token; required when binding a non-loopback host.")
     response_store_backend: StoreBackend = "redis"
     response_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="How long stored responses live.")
-    session_backend: SessionBackend = "memory"
+    session_backend: SessionBackend = Field(
+        "redis", description="Where sessions live; with redis they survive restarts and are shared by replicas."
+    )
     session_ttl_seconds: int = Field(24 * 3600, ge=1)
     request_timeout_seconds: float = Field(600.0, gt=0, description="Longest a generation may take end to end.")
     worker_lost_seconds: float = Field(
@@ -93,6 +95,16 @@ class ServerSettings(Section):
 class RedisSettings(Section):
     url: str | None = Field(None, description="redis://host:port/db; unset means `ollm serve` runs its own.")
     namespace: str = Field("ollm", description="Key prefix for everything ollm stores in Redis.")
+    data_dir: Path = Field(
+        Path("~/.ollm/redis"),
+        description="Where embedded mode's private Redis keeps its data (append-only file, fsynced every second).",
+    )
+    ephemeral: bool = Field(
+        False, description="Embedded mode keeps nothing on disk: its Redis starts empty and is thrown away."
+    )
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser()
 
 
 class WorkerSettings(Section):
