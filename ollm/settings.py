@@ -10,6 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -225,6 +226,16 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for `ollm doctor` and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every effective setting with its value and origin, for `ollm doctor`."""
     overrides = overrides or {}
@@ -236,6 +247,8 @@ def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None =
             value = getattr(section, field_name)
             if section_name == "server" and field_name == "api_key" and value:
                 value = "***"
+            if section_name == "redis" and field_name == "url" and value:
+                value = redacted_url(value)
             rows.append(
                 {
                     "setting": f"{section_name}.{field_name}",

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -93,11 +95,16 @@ class DataDirLock:
 
 
 class RedisServer:
-    def __init__(self, port: int = 0, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 0, data_dir: Path | None = None, password: str | None = None, args: Sequence[str] = ()
+    ) -> None:
         """``port`` 0 means a unix socket only; tests that restart Redis on a fixed port pass one.
 
-        ``data_dir`` None persists nothing; a directory is created if missing and locked."""
+        ``data_dir`` None persists nothing; a directory is created if missing and locked.
+        ``password`` (``requirepass``) goes into ``url``; ``args`` are further redis-server options."""
         self.port = port
+        self.password = password
+        self.args = list(args)
         self.directory = Path(tempfile.mkdtemp(prefix="ollm-redis-"))
         self.socket = self.directory / "redis.sock"
         self.data_dir = data_dir
@@ -106,9 +113,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         if self.port:
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"unix://{self.socket}"
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"unix://{auth}{self.socket}"
 
     def start(self, timeout: float = 60.0) -> RedisServer:
         """Start and wait until Redis answers (a large append-only file takes a while to load)."""
@@ -127,6 +135,8 @@ class RedisServer:
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir or self.directory),
             *persistence,
+            *(["--requirepass", self.password] if self.password else []),
+            *self.args,
             "--daemonize", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
