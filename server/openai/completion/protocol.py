@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ollm.generation import Seed
 from server.openai.chat_completion.protocol import StreamOptions
 
 # Each prompt of a list, times n, is its own job holding a pub/sub connection while it runs: a
@@ -33,7 +34,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=5, description="Return this many top alternatives per token.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
