@@ -141,8 +141,12 @@ class RedisServer:
             "--loglevel", "warning",
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=die_with_parent, pass_fds=inherited,
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            pass_fds=inherited,
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url)

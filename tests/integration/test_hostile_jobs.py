@@ -31,7 +31,10 @@ def _ends_failed(connection: redis.Redis, job_id: str) -> bool:
 
 
 def test_malformed_jobs_fail_alone_and_the_worker_keeps_serving(
-    redis_server: RedisServer, namespace: str, start_worker: WorkerFactory, start_server: ServerFactory,
+    redis_server: RedisServer,
+    namespace: str,
+    start_worker: WorkerFactory,
+    start_server: ServerFactory,
     tmp_path: Path,
 ) -> None:
     worker = start_worker("echo")
