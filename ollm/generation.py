@@ -171,6 +171,9 @@ class FinalEvent(Strict):
     usage: Usage
     timings: Timings
     execution: ExecutionInfo | None = None
+    # The stop sequence (of ``sampling.stop``) that ended the output, when one did (Anthropic's
+    # ``stop_sequence`` names it; finish_reason is "stop" either way).
+    stop_sequence: str | None = None
 
 
 class ErrorEvent(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ollm.errors import InvalidRequestError
@@ -178,3 +179,35 @@ def _partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:size]):
             return size
     return 0
+
+
+@dataclass
+class ToolPlan:
+    """What a request's ``tools`` + ``tool_choice`` mean for the engine and for reading its output."""
+
+    tools: list[dict[str, Any]] | None = None
+    # Set for "required" / a named function: the grammar makes a call the only possible output.
+    constraint: Constraint | None = None
+    choice: str = "none"
+
+    @property
+    def parses(self) -> bool:
+        """Whether the output is scanned for calls (never with "none": the model was not offered any)."""
+        return self.tools is not None
+
+
+def tool_plan(tools: list[dict[str, Any]] | None, choice: str | None) -> ToolPlan:
+    """``choice`` is "none" | "auto" | "required" | a function name; None means OpenAI's default."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools", param="tool_choice")
+        return ToolPlan()
+    names = [function_spec(tool)["name"] for tool in tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("tool function names must be unique", param="tools")
+    choice = choice or "auto"
+    if choice == "none":
+        # Not offered at all: a model that sees tools may call one even when told not to.
+        return ToolPlan(choice="none")
+    constraint = None if choice == "auto" else tool_call_constraint(tools, choice)
+    return ToolPlan(tools=tools, constraint=constraint, choice=choice)

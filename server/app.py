@@ -16,9 +16,10 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from ollm.settings import Settings, load_settings
+from server.anthropic.api_router import router as anthropic_router
 from server.docs import install_docs
 from server.errors import install_error_handlers
-from server.middleware import BearerAuth, BodyLimit
+from server.middleware import ApiKeyAuth, BodyLimit
 from server.native.api_router import router as native_router
 from server.ollama.api_router import router as ollama_router
 from server.openai.chat_completion.api_router import router as chat_completion_router
@@ -35,6 +36,7 @@ ROUTERS: list[APIRouter] = [
     embeddings_router,
     models_router,
     responses_router,
+    anthropic_router,
     ollama_router,
 ]
 
@@ -67,7 +69,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.include_router(router)
     # Added last = outermost: a too-large or unauthenticated request is refused before parsing.
     if settings.server.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.server.api_key)
+        app.add_middleware(ApiKeyAuth, api_key=settings.server.api_key)
     app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes)
     return app
 

@@ -106,7 +106,7 @@ def redis_unavailable_message(exc: BaseException) -> str:
     return f"Redis is unavailable ({exc}); requests cannot be queued until it is back"
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -130,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         if param == "body":
             # Not JSON at all is bad input (400); JSON of the wrong shape is a validation error (422).
             return error_response(400, message, code="invalid_json")

@@ -1,4 +1,4 @@
-"""ASGI middleware: request body size limit (413) and the bearer API key (401)."""
+"""ASGI middleware: request body size limit (413) and the API key (401)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.anthropic.errors import error_body as anthropic_error_body
+from server.anthropic.errors import is_anthropic_path
 from server.errors import error_body
 
 # Health stays open so load balancers and `ollm` itself can probe without the key.
@@ -16,9 +18,16 @@ _OPEN_PATHS = frozenset({"/v1/health"})
 async def _send_error(
     scope: Scope, send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    # Each API family answers in its own error shape: Ollama's clients read {"error": "..."}.
-    ollama = scope["path"] == "/api" or scope["path"].startswith("/api/")
-    body = json.dumps({"error": message} if ollama else error_body(status, message, code=code)).encode()
+    # Each API family answers in its own error shape: Ollama's clients read {"error": "..."},
+    # Anthropic's {"type": "error", "error": {...}}.
+    path = scope["path"]
+    if path == "/api" or path.startswith("/api/"):
+        payload = {"error": message}
+    elif is_anthropic_path(path):
+        payload = anthropic_error_body(status, message)
+    else:
+        payload = error_body(status, message, code=code)
+    body = json.dumps(payload).encode()
     await send({
         "type": "http.response.start",
         "status": status,
@@ -72,18 +81,22 @@ class BodyLimit:
                 await _send_error(scope, send, 413, message, "request_too_large", [])
 
 
-class BearerAuth:
+class ApiKeyAuth:
+    """``Authorization: Bearer <key>`` (OpenAI, Ollama clients) or ``x-api-key: <key>`` (Anthropic's)."""
+
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.bearer = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            message = "missing or invalid API key: send `Authorization: Bearer <server.api_key>`"
+        headers = dict(scope["headers"])
+        bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.bearer)
+        if not (bearer or hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
+            message = "missing or invalid API key: send `Authorization: Bearer <server.api_key>` or `x-api-key`"
             await _send_error(scope, send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)

@@ -93,9 +93,10 @@ def test_stop_sequence_ends_early_and_is_not_included(engine: Engine) -> None:
     _, full = run(engine, ask("Count from 1 to 10, separated by commas.", max_new_tokens=40))
     assert "4" in full.text
     _, stopped = run(engine, ask("Count from 1 to 10, separated by commas.", max_new_tokens=40, stop=["4"]))
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_sequence == "4"
     assert "4" not in stopped.text
     assert full.text.startswith(stopped.text)
+    assert full.stop_sequence is None
 
 
 def test_max_new_tokens_gives_length(engine: Engine) -> None:

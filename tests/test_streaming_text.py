@@ -31,14 +31,20 @@ def test_stop_matcher_holds_back_partial_stops_and_cuts_at_the_first() -> None:
     stops = StopMatcher(["END", "\n\n"])
     out = [stops.feed(piece) for piece in ["Hello E", "N", "ough said", " E", "ND and more"]]
     assert "".join(out) == "Hello ENough said "
-    assert stops.stopped
+    assert stops.stopped and stops.matched == "END"
+
+
+def test_stop_matcher_names_the_earliest_stop_in_the_text() -> None:
+    stops = StopMatcher(["zz", "b"])
+    assert stops.feed("a b zz") == "a "
+    assert stops.matched == "b"
 
 
 def test_stop_matcher_releases_held_text_when_the_stream_ends() -> None:
     stops = StopMatcher(["STOP"])
     assert stops.feed("abc ST") == "abc "
     assert stops.flush() == "ST"
-    assert not stops.stopped
+    assert not stops.stopped and stops.matched is None
 
 
 def test_no_stops_passes_everything_through() -> None:

@@ -34,6 +34,7 @@ def test_max_new_tokens_and_stop_strings() -> None:
     engine.close()
     assert isinstance(limited, FinalEvent) and (limited.text, limited.finish_reason) == ("a b", "length")
     assert isinstance(stopped, FinalEvent) and (stopped.text, stopped.finish_reason) == ("a b", "stop")
+    assert stopped.stop_sequence == "."
 
 
 def test_cancel_ends_a_request_within_a_token() -> None:

@@ -238,7 +238,7 @@ class BatchingEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=job.cache,
+            cache=job.cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -263,7 +263,7 @@ class BatchingEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -304,7 +304,7 @@ class BatchingEngine:
             input_ids=batch.next_tokens.unsqueeze(1),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=batch.cache,
+            cache=batch.cache,
             use_cache=True,
         )
         batch.mask = mask

@@ -48,16 +48,21 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self._stops = [stop for stop in stops if stop]
         self._pending = ""
-        self.stopped = False
+        # The stop sequence that matched (the earliest in the text), once one has.
+        self.matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def feed(self, text: str) -> str:
-        """Text safe to emit now. Sets ``stopped`` once a stop sequence appears."""
+        """Text safe to emit now. Sets ``matched`` once a stop sequence appears."""
         if not self._stops:
             return text
         self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
+        found = [(i, stop) for stop in self._stops if (i := self._pending.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             out, self._pending = self._pending[:cut], ""
             return out
         hold = self._longest_partial_stop()

@@ -51,6 +51,7 @@ class _Sequence:
     submitted: float
     emitted: list[str] = field(default_factory=list)
     cancelled: bool = False
+    stop_sequence: str | None = None
 
 
 class EchoEngine:
@@ -150,6 +151,7 @@ class EchoEngine:
                     piece = after[len(before) : cut]
                     sequence.emitted.append(piece)
                     sequence.sink(TokenEvent(text=piece, token_ids=[_token_id(piece)]))
+                sequence.stop_sequence = stop
                 return "stop"
         sequence.emitted.append(token)
         sequence.sink(TokenEvent(text=token, token_ids=[_token_id(token)]))
@@ -163,4 +165,5 @@ class EchoEngine:
             usage=Usage(prompt_tokens=sequence.prompt_tokens, completion_tokens=len(sequence.emitted)),
             timings=Timings(generation_ms=total_ms, total_ms=total_ms),
             execution=self.info,
+            stop_sequence=sequence.stop_sequence,
         )

@@ -85,13 +85,21 @@ class Sampler:
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int, decode: Callable[[int], str]) -> TokenLogprob:
-    """Log-probability of the chosen token and the ``top_n`` most likely alternatives."""
+    """Log-probability of the chosen token and the ``top_n`` most likely alternatives.
+
+    Ties are ordered by one rule: the chosen token first among equals, then lower token ids first,
+    which is also the order greedy choice breaks ties in (argmax returns the first maximal index).
+    """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top: list[TopLogprob] = []
     if top_n:
         values, ids = torch.topk(logprobs, top_n)
-        top = [
-            TopLogprob(token=decode(int(i)), token_id=int(i), logprob=float(v))
-            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-        ]
+        candidates = dict(zip(ids.tolist(), values.tolist(), strict=True))
+        cutoff = float(values[-1])
+        if cutoff > float("-inf"):
+            # topk picks arbitrarily among tokens tied at its cut: take them all, then order them.
+            tied = (logprobs == cutoff).nonzero().flatten().tolist()
+            candidates.update(dict.fromkeys(tied, cutoff))
+        ranked = sorted(candidates.items(), key=lambda item: (-item[1], item[0] != token, item[0]))[:top_n]
+        top = [TopLogprob(token=decode(i), token_id=i, logprob=v) for i, v in ranked]
     return TokenLogprob(token=decode(token), token_id=token, logprob=float(logprobs[token]), top=top)

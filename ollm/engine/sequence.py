@@ -119,6 +119,7 @@ class Sequence:
                 total_ms=(now - self.submitted_at) * 1000,
             ),
             execution=info,
+            stop_sequence=self._stops.matched,
         )
 
     def finish(self, reason: FinishReason) -> None:

@@ -1,8 +1,9 @@
-"""Translation helpers every OpenAI family shares: stops, finish reasons, usage, images, tools, n.
+"""Translation helpers every OpenAI family shares: stops, finish reasons, usage, tool arguments, n.
 
-Pure functions over ``ollm.generation`` and ``ollm.tools``: chat completions, completions and
-Responses differ in wire shape, not in what "stop", "a data: URI image" or "tool_choice required"
-mean, so those meanings live here once.
+Pure functions over ``ollm.generation``: chat completions, completions and Responses differ in
+wire shape, not in what "stop" or a finish reason mean, so those meanings live here once. What
+every API family shares (images, JSON output, tool_choice) is in ``server.translation`` and
+``ollm.tools``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from openai.types.completion_usage import CompletionUsage
 
 from ollm.errors import InvalidRequestError
-from ollm.generation import Constraint, ContentPart, FinalEvent, FinishReason, GenerationRequest, ToolCall, Usage
-from ollm.tools import function_spec, tool_call_constraint
+from ollm.generation import FinalEvent, FinishReason, GenerationRequest, ToolCall, Usage
 
 OpenAIFinish = Literal["stop", "length", "tool_calls"]
 
@@ -49,15 +48,6 @@ def completion_usage(usage: Usage) -> CompletionUsage:
     )
 
 
-def image_part(url: str, param: str) -> ContentPart:
-    """An image given by URL: only inline ``data:`` URIs, since the server never fetches URLs."""
-    if not url.startswith("data:"):
-        raise InvalidRequestError(
-            "images must be inline data: URIs (data:image/png;base64,...); ollm does not fetch URLs", param=param
-        )
-    return ContentPart(type="image", image=url)
-
-
 def parse_arguments(text: str, param: str) -> dict[str, Any]:
     """Tool-call arguments arrive as a JSON string on the wire; internally they are an object."""
     try:
@@ -71,49 +61,6 @@ def parse_arguments(text: str, param: str) -> dict[str, Any]:
 
 def arguments_json(call: ToolCall) -> str:
     return json.dumps(call.arguments, ensure_ascii=False)
-
-
-def json_constraint(kind: str, schema: dict[str, Any] | None, param: str) -> Constraint | None:
-    """``response_format`` / ``text.format``: text (none), json_object, or json_schema."""
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return Constraint(type="json_object")
-    if schema is None:
-        raise InvalidRequestError("a json_schema format needs its schema", param=param)
-    return Constraint(type="json_schema", json_schema=schema)
-
-
-@dataclass
-class ToolPlan:
-    """What a request's ``tools`` + ``tool_choice`` mean for the engine and for reading its output."""
-
-    tools: list[dict[str, Any]] | None = None
-    # Set for "required" / a named function: the grammar makes a call the only possible output.
-    constraint: Constraint | None = None
-    choice: str = "none"
-
-    @property
-    def parses(self) -> bool:
-        """Whether the output is scanned for calls (never with "none": the model was not offered any)."""
-        return self.tools is not None
-
-
-def tool_plan(tools: list[dict[str, Any]] | None, choice: str | None) -> ToolPlan:
-    """``choice`` is "none" | "auto" | "required" | a function name; None means OpenAI's default."""
-    if not tools:
-        if choice not in (None, "none", "auto"):
-            raise InvalidRequestError(f"tool_choice {choice!r} needs tools", param="tool_choice")
-        return ToolPlan()
-    names = [function_spec(tool)["name"] for tool in tools]
-    if len(set(names)) != len(names):
-        raise InvalidRequestError("tool function names must be unique", param="tools")
-    choice = choice or "auto"
-    if choice == "none":
-        # Not offered at all: a model that sees tools may call one even when told not to.
-        return ToolPlan(choice="none")
-    constraint = None if choice == "auto" else tool_call_constraint(tools, choice)
-    return ToolPlan(tools=tools, constraint=constraint, choice=choice)
 
 
 def total_usage(finals: Mapping[int, FinalEvent], n: int) -> Usage:

@@ -28,11 +28,12 @@ from ollm.generation import (
     Usage,
 )
 from ollm.settings import GenerationSettings
+from ollm.tools import tool_plan
 from server.dispatch import Completed
 from server.errors import event_from_error
 from server.openai.chat_completion.protocol import ChatCompletionRequest
 from server.openai.chat_completion.serving import chunk_frames, first_chunk, from_chat_request, to_chat_completion
-from server.openai.common import fan_out, finish_reason, image_part, parse_arguments, stop_list, tool_plan
+from server.openai.common import fan_out, finish_reason, parse_arguments, stop_list
 from server.openai.completion.protocol import CompletionRequest
 from server.openai.completion.serving import CompletionFrames, from_completion_request, to_completion
 from server.openai.embeddings.protocol import EmbeddingRequest
@@ -41,6 +42,7 @@ from server.openai.models.serving import to_models
 from server.openai.responses.protocol import ResponseRequest
 from server.openai.responses.serving import ResponseBuilder, StreamFrames, from_response_request
 from server.stores.responses import ResponseStore
+from server.translation import image_part
 from workers.heartbeat import WorkerInfo
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)

@@ -40,27 +40,24 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import split_tool_calls, tool_call_parser
+from ollm.tools import ToolPlan, split_tool_calls, tool_call_parser, tool_plan
 from server.dispatch import Completed
 from server.errors import error_body
 from server.openai.chat_completion.protocol import ChatCompletionRequest, Message, NamedToolChoice
 from server.openai.common import (
-    ToolPlan,
     arguments_json,
     completion_usage,
     fan_out,
     finish_reason,
-    image_part,
-    json_constraint,
     parse_arguments,
     stop_list,
-    tool_plan,
     total_usage,
 )
 from server.openai.fanin import fan_in_stream, open_streams
 from server.openai.runs import generate_all
 from server.services import Services
 from server.sse import DONE, event_stream, first_event, sse
+from server.translation import image_part, json_constraint
 
 # ---- pure translation ------------------------------------------------------------------------
 

@@ -34,15 +34,8 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolCallParser, split_tool_calls, tool_call_parser
-from server.openai.common import (
-    ToolPlan,
-    arguments_json,
-    image_part,
-    json_constraint,
-    parse_arguments,
-    tool_plan,
-)
+from ollm.tools import ToolCallParser, ToolPlan, split_tool_calls, tool_call_parser, tool_plan
+from server.openai.common import arguments_json, parse_arguments
 from server.openai.responses.protocol import (
     FunctionCallItem,
     InputFile,
@@ -57,6 +50,7 @@ from server.openai.responses.protocol import (
 from server.services import Services
 from server.sse import event_stream, first_event, sse
 from server.stores.responses import ResponseStore, StoredResponse
+from server.translation import image_part, json_constraint
 
 # Files whose bytes are text the model can read; anything else needs a modality ollm lacks.
 _TEXT_MIME = ("text/", "application/json", "application/xml", "application/x-yaml", "application/yaml")
