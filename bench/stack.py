@@ -61,7 +61,8 @@ def embedded_stack(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [OLLM, "serve", "--port", str(port), "--model", model, "--workers", "1"],
+            # --ephemeral: a benchmark keeps nothing, and runs beside a real `ollm serve` on the same home.
+            [OLLM, "serve", "--port", str(port), "--model", model, "--workers", "1", "--ephemeral"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

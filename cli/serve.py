@@ -58,12 +58,16 @@ def serve(
     ] = None,
     redis_url: RedisUrlOption = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model the embedded workers serve.")] = None,
+    ephemeral: Annotated[
+        bool | None,
+        typer.Option("--ephemeral", help="Embedded mode: keep nothing on disk (stored responses, sessions, ...)."),
+    ] = None,
 ) -> None:
     """Serve the HTTP API. With no Redis URL, also run a private Redis and `--workers` workers."""
     settings = settings_or_exit(
         {
             "server": {"host": host, "port": port, "log_level": log_level, "reload": reload, "workers": workers},
-            "redis": {"url": redis_url},
+            "redis": {"url": redis_url, "ephemeral": ephemeral},
             "runtime": {"model_reference": model},
         }
     )
@@ -83,11 +87,11 @@ def serve(
             from workers.supervisor import EmbeddedStack
 
             reference = settings.runtime.model_reference
-            typer.echo(f"starting a private Redis and {server.workers} worker(s) for {reference}")
+            data_dir = None if settings.redis.ephemeral else settings.redis.resolved_data_dir()
+            kept = "keeping nothing (--ephemeral)" if data_dir is None else f"data in {data_dir}"
+            typer.echo(f"starting a private Redis ({kept}) and {server.workers} worker(s) for {reference}")
             # Assigned before starting, so a signal during start-up still cleans up what was started.
-            stack = EmbeddedStack(
-                settings.runtime.model_reference, server.workers, settings.redis.namespace, server.log_level
-            )
+            stack = EmbeddedStack(reference, server.workers, settings.redis.namespace, server.log_level, data_dir)
             stack.start()
             settings.redis.url = stack.url
         _run_uvicorn(settings)

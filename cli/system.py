@@ -32,7 +32,7 @@ from ollm.catalogue import is_materialized
 from ollm.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from ollm.errors import OllmError
 from ollm.plan import plan_model
-from ollm.settings import Settings, settings_with_origins
+from ollm.settings import Settings, redacted_url, settings_with_origins
 
 
 @app.command("doctor")
@@ -153,8 +153,8 @@ def _redis_status(settings: Settings) -> dict[str, Any]:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
     except (redis.RedisError, OSError, ValueError) as exc:
-        return {"url": url, "reachable": False, "detail": f"{type(exc).__name__}: {exc}"}
-    return {"url": url, "reachable": True, "detail": "ping ok"}
+        return {"url": redacted_url(url), "reachable": False, "detail": f"{type(exc).__name__}: {exc}"}
+    return {"url": redacted_url(url), "reachable": True, "detail": "ping ok"}
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -54,13 +54,18 @@ class ChatMessage(Strict):
         return [part.image for part in self.content if part.type == "image" and part.image]
 
 
+# A sampling seed: what a 64-bit generator takes (torch refuses larger ones at sampling time, a
+# 500 deep in a worker); every API family's protocol uses this type, so a bigger one is a 4xx.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class SamplingParams(Strict):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
     repetition_penalty: float = Field(1.0, gt=0.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

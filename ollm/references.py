@@ -8,6 +8,9 @@ because ollm only ever runs models locally and must not look like a proxy to a r
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +61,10 @@ PROVIDER_NAMESPACES = frozenset(
 # local models (openai/gpt-oss-20b is one of the built-in aliases).
 OPEN_WEIGHT_PREFIXES = ("openai/gpt-oss-", "openai/whisper-", "openai/clip-")
 
+# Longer than any real path or repo ID; a bound keeps a hostile name from reaching the filesystem.
+MAX_REFERENCE_LENGTH = 1024
+# Inside an HTTP request (see ``confined_to``): the directories a client may name local models in.
+_LOCAL_ROOTS: ContextVar[tuple[Path, ...] | None] = ContextVar("ollm_local_roots", default=None)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.][A-Za-z0-9_.-]{0,95}$")
 _PATH_PREFIXES = ("/", "./", "../", "~")
 _WHAT_TO_PASS = (
@@ -88,10 +95,16 @@ def parse_reference(ref: str) -> ModelReference:
     ref = ref.strip()
     if not ref:
         raise InvalidReferenceError(f"empty model reference; {_WHAT_TO_PASS}", param="model")
+    if len(ref) > MAX_REFERENCE_LENGTH or not ref.isprintable():
+        raise InvalidReferenceError(
+            f"model reference {raw[:64]!r}{'...' if len(raw) > 64 else ''} is too long or contains control "
+            f"characters; {_WHAT_TO_PASS}",
+            param="model",
+        )
     if "://" in ref:
         raise InvalidReferenceError(_provider_message(raw, ref.split("://", 1)[0]), param="model")
     if ref.startswith(_PATH_PREFIXES):
-        return ModelReference(raw=raw, kind="local_path", name=str(Path(ref).expanduser().resolve()))
+        return _local(raw, _expand(raw, ref))
     entry = find_alias(ref)
     if entry is not None:
         return ModelReference(raw=raw, kind="alias", name=entry.alias)
@@ -109,13 +122,52 @@ def parse_reference(ref: str) -> ModelReference:
             )
         return ModelReference(raw=raw, kind="repo_id", name=ref)
     path = Path(ref)
-    if (path / "config.json").is_file():
+    if _LOCAL_ROOTS.get() is None and (path / "config.json").is_file():
         return ModelReference(raw=raw, kind="local_path", name=str(path.resolve()))
     raise ModelNotFoundError(
         f"unknown model {raw!r}: not a built-in alias, and no directory with a config.json of that name; "
         f"{_WHAT_TO_PASS}",
         param="model",
     )
+
+
+@contextmanager
+def confined_to(roots: Sequence[Path]) -> Iterator[None]:
+    """While active (in this context and threads it starts), local model directories must lie
+    under ``roots`` and bare names are not looked up relative to the working directory.
+
+    The server runs each request inside it: a client may name models by path only within
+    ``models_dir``, so no request reads files elsewhere on the server's host.
+    """
+    token = _LOCAL_ROOTS.set(tuple(root.expanduser().resolve() for root in roots))
+    try:
+        yield
+    finally:
+        _LOCAL_ROOTS.reset(token)
+
+
+def _expand(raw: str, ref: str) -> Path:
+    # ``~user/...`` names another account's home (and raises when there is no such user); only
+    # the running user's own ``~`` is a path a person means.
+    if ref.startswith("~") and not (ref == "~" or ref.startswith("~/")):
+        raise InvalidReferenceError(
+            f"model reference {raw!r}: only ~/ (your own home) may start a path; {_WHAT_TO_PASS}", param="model"
+        )
+    try:
+        return Path(ref).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise InvalidReferenceError(f"model reference {raw!r} is not a usable path ({exc})", param="model") from None
+
+
+def _local(raw: str, path: Path) -> ModelReference:
+    roots = _LOCAL_ROOTS.get()
+    if roots is not None and not any(path == root or path.is_relative_to(root) for root in roots):
+        raise InvalidReferenceError(
+            f"model reference {raw!r} is a directory outside {', '.join(map(str, roots))}; over HTTP, local "
+            "models are named by their alias or repo ID, or must live in runtime.models_dir",
+            param="model",
+        )
+    return ModelReference(raw=raw, kind="local_path", name=str(path))
 
 
 def _provider_message(raw: str, provider: str) -> str:

@@ -10,6 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -85,7 +86,9 @@ class ServerSettings(Section):
     api_key: str | None = Field(None, description="Bearer token; required when binding a non-loopback host.")
     response_store_backend: StoreBackend = "redis"
     response_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="How long stored responses live.")
-    session_backend: SessionBackend = "memory"
+    session_backend: SessionBackend = Field(
+        "redis", description="Where sessions live; with redis they survive restarts and are shared by replicas."
+    )
     session_ttl_seconds: int = Field(24 * 3600, ge=1)
     request_timeout_seconds: float = Field(600.0, gt=0, description="Longest a generation may take end to end.")
     worker_lost_seconds: float = Field(
@@ -98,6 +101,16 @@ class ServerSettings(Section):
 class RedisSettings(Section):
     url: str | None = Field(None, description="redis://host:port/db; unset means `ollm serve` runs its own.")
     namespace: str = Field("ollm", description="Key prefix for everything ollm stores in Redis.")
+    data_dir: Path = Field(
+        Path("~/.ollm/redis"),
+        description="Where embedded mode's private Redis keeps its data (append-only file, fsynced every second).",
+    )
+    ephemeral: bool = Field(
+        False, description="Embedded mode keeps nothing on disk: its Redis starts empty and is thrown away."
+    )
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser()
 
 
 class WorkerSettings(Section):
@@ -218,6 +231,16 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for `ollm doctor` and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every effective setting with its value and origin, for `ollm doctor`."""
     overrides = overrides or {}
@@ -229,6 +252,8 @@ def settings_with_origins(settings: Settings, overrides: dict[str, Any] | None =
             value = getattr(section, field_name)
             if section_name == "server" and field_name == "api_key" and value:
                 value = "***"
+            if section_name == "redis" and field_name == "url" and value:
+                value = redacted_url(value)
             rows.append(
                 {
                     "setting": f"{section_name}.{field_name}",

@@ -14,6 +14,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm.errors import OllmError
@@ -34,6 +35,29 @@ class ApiError(OllmError):
         self.status = status
         self.code = code or _default_code(status)
         self.kind = error_type(status)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every /v1 error (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+# Declared on every /v1 router, so /openapi.json says what a failure looks like (FastAPI's own
+# 422 schema, ``{"detail": [...]}``, is not what ollm sends). 4XX: bad JSON, a body that does not
+# match the schema (422), an unknown model, response or session (404), a missing API key (401),
+# a body over server.max_request_bytes (413). 5XX: no live worker or Redis down (503), timeout (504).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "The request cannot be served as sent; the message says why"},
+    "5XX": {"model": ErrorResponse, "description": "The service cannot serve it now (no worker, Redis, timeout)"},
+}
 
 
 def error_type(status: int) -> str:

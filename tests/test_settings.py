@@ -166,3 +166,11 @@ def test_doctor_shows_where_each_setting_came_from(cli: Any, tmp_path: Path) -> 
     assert rows["server.port"] == {"setting": "server.port", "value": 8123, "origin": "OLLM_SERVER__PORT='8123'"}
     assert rows["generation.max_new_tokens"]["origin"].endswith("[generation] max_new_tokens = 64")
     assert rows["runtime.backend"]["origin"] == "built-in default"
+
+
+def test_redis_passwords_are_not_shown() -> None:
+    from ollm.settings import redacted_url
+
+    assert redacted_url("rediss://ollm:s3cret@redis.internal:6380/0") == "rediss://ollm:***@redis.internal:6380/0"
+    assert redacted_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -91,12 +91,16 @@ def test_session_store(backend: str, connection: fakeredis.FakeAsyncRedis) -> No
     asyncio.run(scenario())
 
 
-def test_sessions_live_in_memory_by_default(connection: fakeredis.FakeAsyncRedis) -> None:
-    store = session_store(ServerSettings(), connection, KEYS)
+def test_sessions_live_in_redis_by_default_and_in_memory_when_asked(connection: fakeredis.FakeAsyncRedis) -> None:
+    # In Redis they survive `ollm serve` restarts (embedded mode persists its Redis).
+    kept = session_store(ServerSettings(), connection, KEYS)
+    local = session_store(ServerSettings(session_backend="memory"), connection, KEYS)
 
     async def scenario() -> None:
-        await store.create("echo")
-        assert await connection.keys("*") == []
+        session = await kept.create("echo")
+        assert await connection.keys("*") == [KEYS.session(session.id).encode()]
+        await local.create("echo")
+        assert len(await connection.keys("*")) == 1
 
     asyncio.run(scenario())
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import redis
+from rq.exceptions import DeserializationError
 from rq.job import Job
 
 from ollm.engine.base import Engine
@@ -305,3 +306,19 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
 # What the server enqueues (RQ stores a job's function by dotted name).
 GENERATE_JOB = f"{__name__}.{generate.__name__}"
 EMBED_JOB = f"{__name__}.{embed.__name__}"
+JOBS = frozenset({GENERATE_JOB, EMBED_JOB})
+
+
+def refusal(job: Job) -> str | None:
+    """Why a dequeued job must not run at all, or None.
+
+    RQ runs whatever callable a job names; anything that can write to Redis could name any. A
+    worker runs only ollm's own jobs, and a job whose data cannot even be decoded is failed
+    instead of raising out of the worker's loop (which would stop the worker)."""
+    try:
+        name, instance = job.func_name, job.instance
+    except DeserializationError:
+        return "the job's data cannot be decoded (not what `ollm serve` enqueues)"
+    if name not in JOBS or instance is not None:
+        return f"{name!r} is not an ollm job; workers run only {', '.join(sorted(JOBS))}"
+    return None

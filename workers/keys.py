@@ -6,9 +6,23 @@ and a namespace of ``rq`` is refused, so the two never collide.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from ollm.errors import SettingsError
+from ollm.errors import InvalidRequestError, SettingsError
+
+# Ids a client sends back (response and session ids): what ollm itself issues (``resp_<hex>``,
+# ``sess_<hex>``) and any similar token, never a pattern, a separator or a path.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def client_id(value: str, what: str) -> str:
+    """``value`` when it is a well-formed id; else a 400, before it becomes part of any key."""
+    if not _CLIENT_ID.fullmatch(value):
+        raise InvalidRequestError(
+            f"{value[:64]!r} is not a valid {what} id (letters, digits, _ and -, at most 128)", param=f"{what}_id"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,10 +61,10 @@ class Keys:
         return f"{self.namespace}:workers"
 
     def response(self, response_id: str) -> str:
-        return f"{self.namespace}:response:{response_id}"
+        return f"{self.namespace}:response:{client_id(response_id, 'response')}"
 
     def session(self, session_id: str) -> str:
-        return f"{self.namespace}:session:{session_id}"
+        return f"{self.namespace}:session:{client_id(session_id, 'session')}"
 
     # -- keep-alive and derived models (the Ollama /api family) -----------------------------------
 

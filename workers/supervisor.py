@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -35,12 +37,15 @@ def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:
 
 
 class EmbeddedStack:
-    def __init__(self, model: str, workers: int, namespace: str, log_level: str = "info") -> None:
+    def __init__(
+        self, model: str, workers: int, namespace: str, log_level: str = "info", data_dir: Path | None = None
+    ) -> None:
+        """``data_dir`` None: a Redis that keeps nothing (``--ephemeral``)."""
         self.model = model
         self.count = workers
         self.keys = Keys(namespace)
         self.log_level = log_level
-        self.redis = RedisServer()
+        self.redis = RedisServer(data_dir=data_dir)
         self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -63,10 +68,10 @@ class EmbeddedStack:
 
     def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
         """Block until every worker has registered, so the server answers from its first request."""
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, decode_responses=True)
         deadline = time.monotonic() + timeout
         try:
-            while client.scard(self.keys.workers) < self.count:
+            while self._registered(client) < self.count:
                 dead = [w for w in self.workers if w.poll() is not None]
                 if dead:
                     raise ServiceUnavailableError(
@@ -78,6 +83,18 @@ class EmbeddedStack:
                 time.sleep(0.1)
         finally:
             client.close()
+
+    def _registered(self, client: redis.Redis) -> int:
+        """How many of this stack's workers have registered. A persisted Redis still lists the
+        workers of the previous run (until their keys expire), so registrations are matched to
+        this stack's own processes."""
+        ours = {str(w.pid) for w in self.workers}
+        host = socket.gethostname()
+        count = 0
+        for name in client.smembers(self.keys.workers):
+            pid, at = client.hmget(self.keys.worker(str(name)), ["pid", "host"])
+            count += pid in ours and at == host
+        return count
 
     def stop(self) -> None:
         for process in self.workers:

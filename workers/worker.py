@@ -29,7 +29,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from workers.heartbeat import Heartbeat
-from workers.job import JobContext
+from workers.job import JobContext, refusal
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,16 @@ class GenerationWorker(SimpleWorker):
         return result
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        refused = refusal(job)
+        if refused is not None:
+            log.warning("job %s refused: %s", job.id, refused)
+            try:
+                self.handle_job_failure(job, queue, exc_string=f"refused by the worker: {refused}")
+            except redis.RedisError as exc:
+                log.warning("could not record job %s as failed: %s", job.id, exc)
+            finally:
+                self._slots.release()
+            return
         # The engine starts on the request here, on the dequeuing thread, before the job thread
         # runs RQ's bookkeeping (several round trips) and competes with the engine for the GIL.
         self.context.prestart(job)

@@ -7,11 +7,11 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from server.anthropic import serving
-from server.anthropic.errors import AnthropicRoute
+from server.anthropic.errors import ERROR_RESPONSES, AnthropicRoute
 from server.anthropic.protocol import CountTokensRequest, MessageResponse, MessagesRequest, MessageTokensCount
 from server.services import Services, services
 
-router = APIRouter(prefix="/v1", tags=["anthropic"], route_class=AnthropicRoute)
+router = APIRouter(prefix="/v1", tags=["anthropic"], route_class=AnthropicRoute, responses=ERROR_RESPONSES)
 
 
 @router.post(

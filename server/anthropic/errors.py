@@ -16,12 +16,12 @@ import redis
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm.errors import OllmError
 from server.anthropic.protocol import ErrorDetail, ErrorResponse, ErrorType
 from server.errors import redis_unavailable_message, validation_message
+from server.routing import ClientInputRoute
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ _TYPES: dict[int, ErrorType] = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error",
 }  # fmt: skip
+
+
+# Declared on the router (instead of FastAPI's 422 schema: Anthropic answers malformed requests
+# with 400), so /openapi.json says what a failure looks like.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Invalid request, unknown model (404), missing API key"},
+    "5XX": {"model": ErrorResponse, "description": "No live worker (overloaded), Redis unavailable, timeout"},
+}
 
 
 def is_anthropic_path(path: str) -> bool:
@@ -67,7 +75,7 @@ def anthropic_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-class AnthropicRoute(APIRoute):
+class AnthropicRoute(ClientInputRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 

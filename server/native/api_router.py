@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from ollm.errors import OllmError
+from server.errors import ERROR_RESPONSES
 from server.native import serving
 from server.native.protocol import (
     HealthResponse,
@@ -18,10 +19,11 @@ from server.native.protocol import (
     SessionPromptRequest,
     SessionResponse,
 )
+from server.routing import ClientInputRoute
 from server.services import Services, services
 from server.stores.sessions import Session
 
-router = APIRouter(prefix="/v1", tags=["ollm"])
+router = APIRouter(prefix="/v1", tags=["ollm"], route_class=ClientInputRoute, responses=ERROR_RESPONSES)
 
 
 class SessionNotFoundError(OllmError):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Timings
+from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Seed, Timings
 from workers.heartbeat import WorkerInfo
 
 
@@ -23,7 +23,7 @@ class SamplingOptions(_Body):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: list[str] | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

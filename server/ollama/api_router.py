@@ -18,7 +18,7 @@ from ollm.pull import PullProgress, pull_model
 from ollm.references import parse_reference
 from server.dispatch import JobStream
 from server.ollama import catalog, residency
-from server.ollama.errors import OllamaModelNotFound, OllamaRoute, message_of
+from server.ollama.errors import ERROR_RESPONSES, OllamaModelNotFound, OllamaRoute, message_of
 from server.ollama.models import Resolved, check_new_name, registry, require_kind, resolve
 from server.ollama.protocol import (
     ChatRequest,
@@ -58,7 +58,7 @@ from server.ollama.serving import (
 from server.services import Services, services
 from server.sse import event_stream, first_event
 
-router = APIRouter(tags=["ollama"], route_class=OllamaRoute)
+router = APIRouter(tags=["ollama"], route_class=OllamaRoute, responses=ERROR_RESPONSES)
 
 # The Ollama API level these routes follow; clients gate features on it, not on ollm's version.
 OLLAMA_API_VERSION = "0.12.0"

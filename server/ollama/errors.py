@@ -15,11 +15,12 @@ import redis
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm.errors import ModelNotFoundError, OllmError
 from server.errors import redis_unavailable_message
+from server.routing import ClientInputRoute
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,20 @@ class OllamaModelNotFound(ModelNotFoundError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f'model "{name}" not found, try pulling it first', param="model")
+
+
+class OllamaErrorResponse(BaseModel):
+    """The body of every /api error (Ollama's shape)."""
+
+    error: str
+
+
+# Declared on the /api router (instead of FastAPI's 422 schema, which Ollama never sends: its
+# validation errors are 400s).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": OllamaErrorResponse, "description": "Bad request, unknown model (404), missing API key"},
+    "5XX": {"model": OllamaErrorResponse, "description": "No live worker, Redis unavailable, timeout"},
+}
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -63,7 +78,7 @@ def ollama_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-class OllamaRoute(APIRoute):
+class OllamaRoute(ClientInputRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 

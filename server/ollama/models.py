@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ollm import catalogue
 from ollm.errors import InvalidRequestError, OllmError
-from ollm.references import parse_reference
+from ollm.references import MAX_REFERENCE_LENGTH, parse_reference
 from server.ollama.errors import OllamaModelNotFound
 from server.ollama.registry import DerivedModel, Registry
 from server.ollama.serving import model_name
@@ -60,8 +60,14 @@ async def resolve(services: Services, name: str) -> Resolved:
 def check_new_name(name: str) -> str:
     """A name /api/create or /api/copy may give a model; returns it without the default tag."""
     short = model_name(name)
-    if not short or short.startswith(("/", ".", "~")) or any(bad in short for bad in _FORBIDDEN):
-        raise InvalidRequestError(f"invalid model name {name!r}", param="model")
+    if (
+        not short
+        or short.startswith(("/", ".", "~"))
+        or any(bad in short for bad in _FORBIDDEN)
+        or len(short) > MAX_REFERENCE_LENGTH
+        or not short.isprintable()
+    ):
+        raise InvalidRequestError(f"invalid model name {name[:64]!r}", param="model")
     if catalogue.find_alias(short) is not None:
         raise InvalidRequestError(f"{name!r} is a built-in model; choose another name", param="model")
     return short

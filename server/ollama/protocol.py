@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from ollm.generation import Seed
+
 # A duration: seconds as a number, or a Go duration string ("5m", "1h30m", "-1"); negative = forever.
 KeepAliveValue = float | str | None
 # "" / "json" / a JSON schema.
@@ -33,7 +35,7 @@ class Options(_Lenient):
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     num_predict: int | None = None
     repeat_penalty: float | None = None

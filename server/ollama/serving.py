@@ -9,6 +9,7 @@ to an Ollama client (``generate_chunk``, ``chat_chunk``, ``*_final``).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -54,6 +55,7 @@ from server.ollama.registry import DerivedModel
 # Ollama's default keep_alive (OLLAMA_KEEP_ALIVE): five minutes after the last request.
 DEFAULT_KEEP_ALIVE_SECONDS = 300.0
 _NS_PER_MS = 1_000_000
+_MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Go templates (Ollama's own) use {{ .Field }}; ollm renders Jinja chat templates only.
@@ -89,6 +91,13 @@ def keep_alive_seconds(value: KeepAliveValue) -> float | None:
             seconds = float(text)
         except ValueError:
             seconds = _go_duration(text)
+    if math.isnan(seconds) or seconds > _MAX_DURATION_SECONDS:
+        # Go's (Ollama's) durations end there; Redis would refuse the expiry anyway.
+        raise InvalidRequestError(
+            f"keep_alive: {value!r} is not a duration ollm can keep (at most about 292 years); use -1 to keep the "
+            "model loaded until the worker stops",
+            param="keep_alive",
+        )
     return None if seconds < 0 else seconds
 
 

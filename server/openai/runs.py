@@ -15,6 +15,16 @@ async def generate_all(
     jobs are cancelled as their streams close) and is raised."""
     if len(requests) == 1:
         return [await dispatcher.generate(requests[0], disconnected)]
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(dispatcher.generate(request, disconnected)) for request in requests]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(dispatcher.generate(request, disconnected)) for request in requests]
+    except BaseExceptionGroup as failed:
+        # The task group wraps what failed; the client is owed the error itself (a 404 for an
+        # unknown model, not a 500 "unhandled errors in a TaskGroup").
+        raise _first_leaf(failed) from None
     return [task.result() for task in tasks]
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -70,7 +70,7 @@ def test_embedded_serve_runs_the_whole_stack_and_leaves_nothing_behind(tmp_path:
     port = free_port()
     serve = Process(
         [*OLLM, "serve", "--model", "echo", "--workers", "2", "--port", str(port), "--log-level", "warning"],
-        base_env(new_namespace(), TMPDIR=str(tmp_path)),
+        base_env(new_namespace(), TMPDIR=str(tmp_path), OLLM_REDIS__DATA_DIR=str(tmp_path / "data")),
         tmp_path / "serve.log",
     )
     try:

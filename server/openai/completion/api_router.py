@@ -6,11 +6,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from openai.types import Completion
 
+from server.errors import ERROR_RESPONSES
 from server.openai.completion import serving
 from server.openai.completion.protocol import CompletionRequest
+from server.routing import ClientInputRoute
 from server.services import Services, services
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=ClientInputRoute, responses=ERROR_RESPONSES)
 
 
 @router.post(

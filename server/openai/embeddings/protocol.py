@@ -20,3 +20,26 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Truncate to this many dimensions and renormalize.")
     user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    # With encoding_format "base64": the little-endian float32 values, base64-encoded (as
+    # OpenAI sends them, although the `openai` package's type only declares the float list).
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    """The response as sent, float or base64: ``openai.types.CreateEmbeddingResponse`` plus the
+    base64 form."""
+
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingsUsage

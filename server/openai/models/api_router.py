@@ -8,10 +8,12 @@ from fastapi import APIRouter, Depends
 from openai.types import Model
 from pydantic import BaseModel
 
+from server.errors import ERROR_RESPONSES
 from server.openai.models import serving
+from server.routing import ClientInputRoute
 from server.services import Services, services
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=ClientInputRoute, responses=ERROR_RESPONSES)
 
 
 class ModelList(BaseModel):

@@ -8,11 +8,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from openai.types.responses import Response as OpenAIResponse
 
+from server.errors import ERROR_RESPONSES
 from server.openai.responses import serving
 from server.openai.responses.protocol import ResponseRequest
+from server.routing import ClientInputRoute
 from server.services import Services, services
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=ClientInputRoute, responses=ERROR_RESPONSES)
 
 
 @router.post(

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from ollm.generation import Seed
+
 
 class _Lenient(BaseModel):
     # OpenAI adds fields often; unknown ones are ignored like the OpenAI API itself ignores them.
@@ -120,7 +122,7 @@ class ResponseRequest(_Lenient):
     previous_response_id: str | None = None
     stream: bool = False
     user: str | None = None
-    seed: int | None = Field(None, description="Not in OpenAI's Responses API; ollm accepts it for reproducibility.")
+    seed: Seed | None = Field(None, description="Not in OpenAI's Responses API; ollm accepts it for reproducibility.")
 
     @field_validator("metadata")
     @classmethod
