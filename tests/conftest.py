@@ -19,6 +19,18 @@ from workers.redis_server import RedisServer
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# For structured-output tests on the real model: bounded strings, enums and booleans (a 135M model
+# loops on free-form numbers), so every answer ends well inside max tokens.
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "is_capital": {"type": "boolean"},
+        "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]},
+    },
+    "required": ["city", "is_capital", "continent"],
+    "additionalProperties": False,
+}
 
 
 def default_models_dir() -> Path:

@@ -16,7 +16,7 @@ import pytest
 from anthropic.types import TextBlock, ToolUseBlock
 
 from tests.anthropic.conftest import sdk_client
-from tests.conftest import DEFAULT_CHAT_MODEL
+from tests.conftest import CITY_SCHEMA, DEFAULT_CHAT_MODEL
 from tests.integration.harness import Server, sse_events
 from tests.openai.conftest import Live
 
@@ -91,17 +91,7 @@ def test_stop_sequences_and_max_tokens(client: anthropic.Anthropic) -> None:
 
 
 def test_json_schema_output_validates(client: anthropic.Anthropic) -> None:
-    # Bounded strings, enums and booleans: a 135M model loops on free-form numbers.
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "is_capital": {"type": "boolean"},
-            "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]},
-        },
-        "required": ["city", "is_capital", "continent"],
-        "additionalProperties": False,
-    }
+    schema = CITY_SCHEMA
     answer = client.messages.create(
         model=MODEL, max_tokens=80, messages=[{"role": "user", "content": "Describe Paris as JSON."}],
         output_config={"format": {"type": "json_schema", "schema": schema}}, extra_body=GREEDY,

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+from tests.conftest import CITY_SCHEMA, DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 from tests.openai.conftest import Live
 
 pytestmark = pytest.mark.slow
@@ -101,17 +101,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_json_schema_output_validates(client: openai.OpenAI) -> None:
-    # Strings are bounded and the rest are enums/booleans: a 135M model loops on free-form numbers.
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "is_capital": {"type": "boolean"},
-            "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]},
-        },
-        "required": ["city", "is_capital", "continent"],
-        "additionalProperties": False,
-    }
+    schema = CITY_SCHEMA
     prompts = ["Describe Paris as JSON.", "Describe Tokyo as JSON.", "Give me JSON about Nairobi."]
 
     def ask(prompt: str) -> str:
