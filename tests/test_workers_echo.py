@@ -6,7 +6,15 @@ import queue
 
 from ollm.engine.base import stream
 from ollm.engine.echo import EchoEngine
-from ollm.generation import ChatMessage, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
+from ollm.generation import (
+    ChatMessage,
+    ErrorEvent,
+    Event,
+    FinalEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
 
 
 def request(text: str, **sampling: object) -> GenerationRequest:
@@ -63,3 +71,20 @@ def test_requests_in_flight_advance_together() -> None:
     # Served one after another, the second request's first token would follow the first's end.
     first_final = next(n for n, (_, e) in enumerate(events) if isinstance(e, FinalEvent))
     assert {i for i, e in events[:first_final] if isinstance(e, TokenEvent)} == set(range(10))
+
+
+def test_one_failing_request_does_not_end_the_engine_for_the_others() -> None:
+    engine = EchoEngine(token_delay=0)
+    failed: queue.Queue[Event] = queue.Queue()
+
+    def refusing_sink(event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            raise RuntimeError("the consumer broke")
+        failed.put(event)
+
+    engine.submit(request("doomed words"), refusing_sink)
+    assert isinstance(failed.get(timeout=5), ErrorEvent)
+    # Text no UTF-8 encoder takes (a lone surrogate) is echoed, not fatal.
+    events = list(stream(engine, request("\ud800 still here")))
+    engine.close()
+    assert isinstance(events[-1], FinalEvent) and events[-1].text == "\ud800 still here"

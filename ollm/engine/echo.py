@@ -7,6 +7,7 @@ overhead benchmarked without loading weights.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -27,6 +28,8 @@ from ollm.generation import (
 )
 from ollm.plan import RuntimePlan
 
+log = logging.getLogger(__name__)
+
 # Seconds between decode steps; lets tests stream slowly enough to kill or cancel mid-stream.
 TOKEN_DELAY_ENV = "OLLM_ECHO_TOKEN_DELAY"
 _WORD = re.compile(r"\s*\S+")
@@ -39,7 +42,7 @@ def echo_tokens(text: str) -> list[str]:
 
 
 def _token_id(token: str) -> int:
-    return zlib.crc32(token.encode()) % _VOCAB
+    return zlib.crc32(token.encode("utf-8", "surrogatepass")) % _VOCAB
 
 
 @dataclass
@@ -120,7 +123,14 @@ class EchoEngine:
                 batch = list(self._sequences.values())
             # One token for every sequence per step, like a batched decode step.
             for sequence in batch:
-                finish = self._step(sequence)
+                try:
+                    finish = self._step(sequence)
+                except Exception as exc:  # One request's failure must not end the engine for all.
+                    log.exception("echo step failed")
+                    with self._wake:
+                        self._sequences.pop(sequence.request.id, None)
+                    sequence.sink(ErrorEvent(message=f"generation failed: {exc}"))
+                    continue
                 if finish is not None:
                     with self._wake:
                         self._sequences.pop(sequence.request.id, None)
