@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,7 +29,9 @@ RedisUrlOption = Annotated[
 ]
 ModelsOption = Annotated[
     list[str] | None,
-    typer.Option("--model", "-m", help="Model reference to serve; repeat for several (default: runtime one)."),
+    typer.Option(
+        "--model", "-m", help="Model to load at start and pin; repeat for several (default: none, load on demand)."
+    ),
 ]
 
 
@@ -124,7 +126,8 @@ def worker(
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="Requests in flight at once.")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
-    """Run an RQ worker that loads its model(s) once and serves generation jobs from Redis."""
+    """Run an RQ worker: it loads and pins the `--model`s, and loads any other model requests ask
+    for within its memory budget (worker.memory_budget), evicting idle ones."""
     settings = settings_or_exit(
         {"redis": {"url": redis_url}, "worker": {"models": model or None, "max_batch": max_batch}}
     )
@@ -134,33 +137,56 @@ def worker(
         fail("ollm worker needs a Redis: pass --redis-url or set OLLM_REDIS__URL", code=2)
     import redis
 
+    from ollm.contract import Keys
+    from ollm.devices import resolve_device
     from workers.engines import load_models
     from workers.job import JobContext, install
     from workers.keep_alive import Residency
-    from workers.keys import Keys
+    from workers.loads import OnDemandLoader
+    from workers.memory import default_budget
     from workers.worker import run_worker
 
-    models = settings.worker.models or [settings.runtime.model_reference]
+    budget = settings.worker.memory_budget
+    if budget is None:
+        # Measured before anything loads: what this worker may fill.
+        budget = default_budget(resolve_device(settings.runtime.device))
+    pinned = settings.worker.models
     started = time.perf_counter()
     try:
-        engines, embedders = load_models(models, settings)
+        engines, embedders = load_models(pinned, settings)
     except OllmError as exc:
         fail(str(exc))
     served = sorted(set(engines) | set(embedders))
-    logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
+    if served:
+        logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis.url)
     keys = Keys(settings.redis.namespace)
-    # Keep-alive: idle models are unloaded and reloaded on their next request (Ollama's keep_alive).
-    residency = Residency.around(engines, embedders, settings, connection, keys)
+    # Pinned models stay; others load on demand within the budget and leave after their
+    # keep-alive (Ollama's keep_alive) or when a load needs their room.
+    residency = Residency.around(engines, embedders, settings, connection, keys, int(budget))
     del engines, embedders  # the residents hold the models now: an unload must be able to free them
-    context = JobContext(connection, keys, residency.engines, residency.embedders)
+    loader = None
+    if settings.worker.on_demand:
+        loader = OnDemandLoader(residency, connection, keys, settings.server.request_timeout_seconds)
+    context = JobContext(connection, keys, residency.engines, residency.embedders, loader)
     install(context)
     residency.start()
+    on_demand = "1" if settings.worker.on_demand else "0"
+
+    def status() -> dict[str, str | int]:
+        return {**residency.status(), "on_demand": on_demand}
+
+    def attach(worker: Any) -> None:
+        residency.on_served = worker.served
+
     try:
-        run_worker(served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level)
+        run_worker(
+            served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
+            status=status, served=attach,
+        )  # fmt: skip
     finally:
         install(None)
         context.close()
         residency.stop()
-        for engine in {id(e): e for e in residency.engines.values()}.values():
+        for engine in {id(e): e for e in list(residency.engines.values())}.values():
             engine.close()

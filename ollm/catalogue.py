@@ -565,3 +565,28 @@ def model_lock(models_dir: Path, name: str, *, blocking: bool = True) -> Iterato
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Bytes per parameter of the dtypes weights are stored and run in.
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Buffers, the tokenizer and allocator slack on top of the weights themselves.
+_LOAD_OVERHEAD = 1.1
+
+
+def estimated_memory(path: Path | None, run_dtype: str) -> int:
+    """Bytes a loaded copy of the model at ``path`` will take, from its files, before loading.
+
+    The weight files' size, scaled from the dtype they are stored in (config.json) to the one the
+    plan runs them in (bfloat16 weights run in float32 on a CPU without bf16 take twice their
+    size), plus a margin. 0 for a model without files (echo).
+    """
+    if path is None or not path.is_dir():
+        return 0
+    weights = sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    config = read_json(path / "config.json") or {}
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    scale = _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored, 4)
+    return int(weights * scale * _LOAD_OVERHEAD)

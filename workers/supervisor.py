@@ -15,8 +15,8 @@ import time
 
 import redis
 
+from ollm.contract import Keys
 from ollm.errors import ServiceUnavailableError
-from workers.keys import Keys
 from workers.lifetime import die_with_parent
 from workers.redis_server import RedisServer
 

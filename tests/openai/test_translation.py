@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
+from ollm.contract import WorkerInfo
 from ollm.errors import InvalidRequestError
 from ollm.generation import (
     EmbeddingResult,
@@ -41,7 +42,6 @@ from server.openai.models.serving import to_models
 from server.openai.responses.protocol import ResponseRequest
 from server.openai.responses.serving import ResponseBuilder, StreamFrames, from_response_request
 from server.stores.responses import ResponseStore
-from workers.heartbeat import WorkerInfo
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)
 TOOLS: list[dict[str, Any]] = [
