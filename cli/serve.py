@@ -85,11 +85,16 @@ def serve(
             from workers.supervisor import EmbeddedStack
 
             reference = settings.runtime.model_reference
-            typer.echo(f"starting a private Redis and {server.workers} worker(s) for {reference}")
-            # Assigned before starting, so a signal during start-up still cleans up what was started.
-            stack = EmbeddedStack(
-                settings.runtime.model_reference, server.workers, settings.redis.namespace, server.log_level
+            typer.echo(
+                f"starting a private Redis and {server.workers} worker(s) for {reference} "
+                "(other models load on first use)"
             )
+            # Assigned before starting, so a signal during start-up still cleans up what was started.
+            budget = settings.worker.memory_budget
+            stack = EmbeddedStack(
+                settings.runtime.model_reference, server.workers, settings.redis.namespace, server.log_level,
+                memory_budget=None if budget is None else int(budget),
+            )  # fmt: skip
             stack.start()
             settings.redis.url = stack.url
         _run_uvicorn(settings)
