@@ -143,7 +143,8 @@ def test_a_budget_for_one_model_evicts_and_reloads_when_alternating(
     start_worker: WorkerFactory,
     start_server: ServerFactory,
 ) -> None:
-    chat_size, embed_size = estimate(DEFAULT_CHAT_MODEL, default_runtime), estimate(DEFAULT_EMBEDDING_MODEL, default_runtime)
+    chat_size = estimate(DEFAULT_CHAT_MODEL, default_runtime)
+    embed_size = estimate(DEFAULT_EMBEDDING_MODEL, default_runtime)
     # Either model fits alone; both together do not.
     budget = chat_size + embed_size // 4
     start_worker(OLLM_WORKER__MEMORY_BUDGET=str(budget))
