@@ -151,10 +151,9 @@ def worker(
     from workers.memory import default_budget
     from workers.worker import run_worker
 
-    budget = settings.worker.memory_budget
-    if budget is None:
-        # Measured before anything loads: what this worker may fill.
-        budget = default_budget(resolve_device(settings.runtime.device))
+    configured = settings.worker.memory_budget
+    # Measured before anything loads: what this worker may fill.
+    budget = int(configured) if configured is not None else default_budget(resolve_device(settings.runtime.device))
     pinned = settings.worker.models
     started = time.perf_counter()
     try:
@@ -168,7 +167,7 @@ def worker(
     keys = Keys(settings.redis.namespace)
     # Pinned models stay; others load on demand within the budget and leave after their
     # keep-alive (Ollama's keep_alive) or when a load needs their room.
-    residency = Residency.around(engines, embedders, settings, connection, keys, int(budget))
+    residency = Residency.around(engines, embedders, settings, connection, keys, budget)
     del engines, embedders  # the residents hold the models now: an unload must be able to free them
     loader = None
     if settings.worker.on_demand:

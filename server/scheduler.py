@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -124,6 +125,17 @@ class Scheduler:
         self.lost_after = settings.server.worker_lost_seconds
         self._estimates: dict[str, tuple[float, int]] = {}
         self._replica_checked: dict[str, float] = {}
+        # Planning needs the device, and finding it imports torch (seconds): done now, in the
+        # background, rather than on the first request for a model no worker holds.
+        threading.Thread(target=self._warm_up, name="ollm-plan-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            from ollm.devices import resolve_device
+
+            resolve_device(self.settings.runtime.device)
+        except Exception as exc:  # the first cold request will report it properly
+            log.debug("planning warm-up: %s", exc)
 
     async def estimate(self, model: str) -> int:
         """Bytes a loaded copy will take, from its files and plan; raises for no servable model."""
@@ -150,18 +162,21 @@ class Scheduler:
                     "models from there only. Use the model's name, or start a worker with `--model <path>`",
                     param="model",
                 )
+        not_pulled = ServiceUnavailableError(
+            f"no live worker serves model {model!r} and it is not pulled here; run `ollm pull {model}` "
+            f"and it loads on first use, or start `ollm worker --model {model}` where it is",
+            param="model",
+        )
         try:
             plan = plan_model(model, runtime)
         except ModelNotMaterializedError:
-            raise ServiceUnavailableError(
-                f"no live worker serves model {model!r} and it is not pulled here; run `ollm pull {model}` "
-                f"and it loads on first use, or start `ollm worker --model {model}` where it is",
-                param="model",
-            ) from None
+            raise not_pulled from None
         except OllmError:
             raise
         except Exception as exc:  # a broken directory or config: the client named something unservable
             raise ModelNotFoundError(f"model {model!r} cannot be served: {exc}", param="model") from exc
+        if not plan.materialized and plan.backend != "echo":
+            raise not_pulled
         if plan.support_level == "unsupported" and plan.backend != "echo":
             raise InvalidReferenceError(
                 f"model {model!r} cannot be served: {plan.fallback_reason or 'unsupported'}", param="model"
