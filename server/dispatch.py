@@ -5,6 +5,10 @@ confirm, and only then enqueue the RQ job, so the first token cannot be publishe
 listens. While waiting, a quiet stream is checked against the job's real RQ status and its worker's
 heartbeat, so a dead worker ends the request within ``server.worker_lost_seconds`` (and the job is
 moved to RQ's failed registry) instead of leaving the client hanging.
+
+A model no live worker holds is placed on one that loads it (``server.scheduler``); its jobs wait
+in its queue meanwhile. A derived model (``ollm.derived``) is resolved to its base here, once per
+request, so every API family serves it the same way.
 """
 
 from __future__ import annotations
@@ -116,8 +120,9 @@ class Dispatcher:
         one that loads it (server/scheduler.py); raises 400/404 for names that are no servable
         model and 503 when no live worker can ever load it."""
         if await self.serves(model):
-            if self.settings.server.replica_queue_depth:
-                self._in_background(self.scheduler.consider_replica(model, await self.workers()))
+            # Off the request's path, and at most once a second per model.
+            if self.scheduler.replica_due(model):
+                self._in_background(self._consider_replica(model))
             return
         workers = await self.workers()
         if any(model in worker.models for worker in workers):
@@ -143,6 +148,12 @@ class Dispatcher:
         if await self.serves(model):
             return None
         return await self.derived.get(model)
+
+    async def _consider_replica(self, model: str) -> None:
+        try:
+            await self.scheduler.consider_replica(model, await self.workers())
+        except (OllmError, redis.RedisError) as exc:
+            log.debug("replica check of %s: %s", model, exc)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -282,6 +293,9 @@ class Dispatcher:
         if status == JobStatus.QUEUED:
             workers = await self.workers()
             if any(model in worker.models for worker in workers):
+                # Waiting for a busy model: its queue may be deep enough for a replica.
+                if self.scheduler.replica_due(model):
+                    await self.scheduler.consider_replica(model, workers)
                 return None
             # Waiting for its model to load: fine while the load is on its way.
             ending = await self.scheduler.waiting(model, workers)

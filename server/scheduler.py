@@ -269,14 +269,18 @@ class Scheduler:
             except redis.WatchError:
                 return
 
-    async def consider_replica(self, model: str, workers: list[WorkerInfo]) -> None:
-        """A second copy of a busy model, when its queue is deep and a worker has room now.
-        Checked at most once a second per model."""
-        depth = self.settings.server.replica_queue_depth
+    def replica_due(self, model: str) -> bool:
+        """Whether to look at ``model``'s queue depth now: replicas are on and it has not been
+        looked at for a second (the clock starts now)."""
         now = time.monotonic()
-        if not depth or now - self._replica_checked.get(model, 0.0) < 1.0:
-            return
+        if not self.settings.server.replica_queue_depth or now - self._replica_checked.get(model, 0.0) < 1.0:
+            return False
         self._replica_checked[model] = now
+        return True
+
+    async def consider_replica(self, model: str, workers: list[WorkerInfo]) -> None:
+        """A second copy of a busy model, when its queue is deep and a worker has room now."""
+        depth = self.settings.server.replica_queue_depth
         if await self.connection.llen(self.keys.rq_queue_key(model)) < depth:
             return
         try:

@@ -264,3 +264,25 @@ def test_names_that_are_no_servable_model_are_client_errors(
         assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
         api = client.post("/api/chat", json={"model": model, "messages": HELLO})
         assert 400 <= api.status_code < 500 and set(api.json()) == {"error"}
+
+
+def test_a_deep_queue_gets_a_replica_on_a_second_worker(
+    start_worker: WorkerFactory, start_server: ServerFactory
+) -> None:
+    # One request at a time per worker, 50 ms a token: requests pile up in the model's queue.
+    for _ in range(2):
+        start_worker(OLLM_WORKER__MAX_BATCH="1", OLLM_ECHO_TOKEN_DELAY="0.05")
+    server = start_server(OLLM_SERVER__REPLICA_QUEUE_DEPTH="2")
+    openai = server.openai_client()
+    words = " ".join(f"w{i}" for i in range(20))
+
+    def ask(_: int) -> str | None:
+        reply = openai.chat.completions.create(model="echo", messages=[{"role": "user", "content": words}])
+        return reply.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == [words] * 8
+    found = workers(server)
+    assert [w["models"] for w in found] == [["echo"], ["echo"]]  # one copy on each, never two on one
+    assert sum(w["loads"] for w in found) == 2
