@@ -223,7 +223,7 @@ def test_a_pinned_model_is_never_evicted_and_a_model_too_large_fails_at_once(
 def test_a_worker_killed_while_loading_fails_the_waiting_requests_and_another_loads(
     start_worker: WorkerFactory, start_server: ServerFactory, redis_server: RedisServer, namespace: str
 ) -> None:
-    loaders = [start_worker(OLLM_ECHO_LOAD_DELAY="30") for _ in range(2)]
+    loaders = [start_worker(OLLM_ECHO_LOAD_DELAY="8") for _ in range(2)]
     server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=str(LOST_AFTER))
     results: dict[str, httpx.Response] = {}
 
