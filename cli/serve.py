@@ -143,7 +143,7 @@ def worker(
     import redis
 
     from ollm.contract import Keys
-    from ollm.devices import resolve_device
+    from ollm.devices import resolve_device, resolve_dtype
     from workers.engines import load_models
     from workers.job import JobContext, install
     from workers.keep_alive import Residency
@@ -152,8 +152,11 @@ def worker(
     from workers.worker import run_worker
 
     configured = settings.worker.memory_budget
+    device = resolve_device(settings.runtime.device)
     # Measured before anything loads: what this worker may fill.
-    budget = int(configured) if configured is not None else default_budget(resolve_device(settings.runtime.device))
+    budget = int(configured) if configured is not None else default_budget(device)
+    # Told to the scheduler, which sizes models by it without planning (or importing torch) itself.
+    dtype = resolve_dtype(settings.runtime.dtype, device)
     pinned = settings.worker.models
     started = time.perf_counter()
     try:
@@ -178,7 +181,7 @@ def worker(
     on_demand = "1" if settings.worker.on_demand else "0"
 
     def status() -> dict[str, str | int]:
-        return {**residency.status(), "on_demand": on_demand}
+        return {**residency.status(), "on_demand": on_demand, "dtype": dtype}
 
     def attach(worker: Any) -> None:
         residency.on_served = worker.served

@@ -574,19 +574,26 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _LOAD_OVERHEAD = 1.1
 
 
-def estimated_memory(path: Path | None, run_dtype: str) -> int:
-    """Bytes a loaded copy of the model at ``path`` will take, from its files, before loading.
-
-    The weight files' size, scaled from the dtype they are stored in (config.json) to the one the
-    plan runs them in (bfloat16 weights run in float32 on a CPU without bf16 take twice their
-    size), plus a margin. 0 for a model without files (echo).
-    """
+def weight_bytes(path: Path | None) -> tuple[int, str]:
+    """The size of a model's weight files and the dtype they are stored in (config.json)."""
     if path is None or not path.is_dir():
-        return 0
+        return 0, "float32"
     weights = sum(
         f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
     )
     config = read_json(path / "config.json") or {}
-    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    scale = _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored, 4)
+    return weights, str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
+def scaled_memory(weights: int, stored_dtype: str, run_dtype: str) -> int:
+    """Bytes the weights take once loaded in ``run_dtype`` (bfloat16 weights run in float32 on a
+    CPU without bf16 take twice their size), plus a margin for buffers and the tokenizer."""
+    scale = _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored_dtype, 4)
     return int(weights * scale * _LOAD_OVERHEAD)
+
+
+def estimated_memory(path: Path | None, run_dtype: str) -> int:
+    """Bytes a loaded copy of the model at ``path`` will take, from its files and the dtype its
+    plan runs it in, before loading. 0 for a model without files (echo)."""
+    weights, stored = weight_bytes(path)
+    return scaled_memory(weights, stored, run_dtype)

@@ -181,6 +181,7 @@ class WorkerInfo(BaseModel):
     memory_used: int = Field(0, description="Bytes its loaded models take now.")
     max_loaded_models: int = Field(0, description="Models it holds at once at most (0: no limit).")
     loads: int = Field(0, description="Models loaded since start (start-up loads included).")
+    dtype: str = Field("", description="The dtype it runs models in on its device: what a model's size depends on.")
 
 
 def ttl_ms_for(heartbeat_seconds: float) -> int:
@@ -251,4 +252,5 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         memory_used=int(fields.get("memory_used", 0)),
         max_loaded_models=int(fields.get("max_loaded_models", 0)),
         loads=int(fields.get("loads", 0)),
+        dtype=fields.get("dtype", ""),
     )

@@ -4,7 +4,8 @@ A request for a model nobody serves is not refused. Its job is enqueued on the m
 usual, where it waits, and the scheduler places one load:
 
 1. it checks the name (400/404 for what is no servable model) and estimates the model's memory
-   from its files and plan, before anything loads;
+   from its weight files and the dtype each worker runs models in, before anything loads (the
+   worker plans it; the server never imports torch);
 2. a model larger than every live worker could ever hold fails at once (503, sizes named);
 3. it picks a worker (``choose``): room now first, else the one that frees most by evicting idle
    models; then claims the load with ``SET NX`` on ``Keys.load_claim(model)``, so concurrent first
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,11 +36,11 @@ import redis.asyncio
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from ollm import catalogue
 from ollm.contract import LOAD_JOB, Keys, LoadedModel, LoadRequest, WorkerInfo, loaded_models, worker_age
 from ollm.errors import (
     InvalidReferenceError,
     ModelNotFoundError,
-    ModelNotMaterializedError,
     OllmError,
     ServiceUnavailableError,
 )
@@ -55,8 +55,21 @@ _ESTIMATE_TTL = 300.0
 
 
 @dataclass(frozen=True)
+class Weights:
+    """What the server knows of a model's size without planning it: its weight files."""
+
+    bytes: int
+    stored_dtype: str
+
+    def on(self, worker: WorkerInfo) -> int:
+        """Bytes a loaded copy takes on ``worker`` (in the dtype it runs models in)."""
+        return catalogue.scaled_memory(self.bytes, self.stored_dtype, worker.dtype or self.stored_dtype)
+
+
+@dataclass(frozen=True)
 class Candidate:
     worker: WorkerInfo
+    size: int  # bytes the model would take there
     capacity: int  # bytes it could ever give this model: its budget less its pinned models
     free: int  # bytes free now
     evictable: int  # bytes held by idle models it may evict
@@ -67,7 +80,9 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def candidates(workers: list[WorkerInfo], loaded: list[dict[str, LoadedModel]], model: str) -> list[Candidate]:
+def candidates(
+    workers: list[WorkerInfo], loaded: list[dict[str, LoadedModel]], model: str, weights: Weights
+) -> list[Candidate]:
     """Live workers that load on demand and do not hold ``model``, with their memory."""
     out = []
     for worker, models in zip(workers, loaded, strict=True):
@@ -79,6 +94,7 @@ def candidates(workers: list[WorkerInfo], loaded: list[dict[str, LoadedModel]], 
         out.append(
             Candidate(
                 worker=worker,
+                size=weights.on(worker),
                 capacity=math.inf if unlimited else worker.memory_budget - pinned,  # type: ignore[arg-type]
                 free=math.inf if unlimited else worker.memory_budget - worker.memory_used,  # type: ignore[arg-type]
                 evictable=idle,
@@ -88,26 +104,27 @@ def candidates(workers: list[WorkerInfo], loaded: list[dict[str, LoadedModel]], 
     return out
 
 
-def choose(found: list[Candidate], size: int, replica: bool = False) -> Candidate | None:
-    """Where ``size`` bytes go: a worker with room now (most free first); else, unless this is
-    a replica, the one that can make most room by evicting idle models. None: nowhere."""
-    now = [c for c in found if c.free >= size and c.slots and c.capacity >= size]
+def choose(found: list[Candidate], replica: bool = False) -> Candidate | None:
+    """Where the model goes: a worker with room now (most free first); else, unless this is a
+    replica, the one that can make most room by evicting idle models. None: nowhere."""
+    now = [c for c in found if c.free >= c.size and c.slots and c.capacity >= c.size]
     if now:
         return max(now, key=lambda c: (c.free, -c.worker.in_flight))
     if replica:
         return None
-    later = [c for c in found if c.capacity >= size]
+    later = [c for c in found if c.capacity >= c.size]
     if not later:
         return None
     return max(later, key=lambda c: (c.free + c.evictable, -c.worker.in_flight))
 
 
-def too_large(model: str, size: int, found: list[Candidate]) -> str:
+def too_large(model: str, found: list[Candidate]) -> str:
     budgets = ", ".join(
         f"{c.worker.name} {gib(c.worker.memory_budget)}"
         + (f" ({gib(c.worker.memory_budget - int(c.capacity))} pinned)" if c.capacity < c.worker.memory_budget else "")
         for c in found
     )
+    size = min(c.size for c in found)
     return (
         f"model {model!r} needs about {gib(size)} of memory, more than any live worker can hold "
         f"(memory budgets: {budgets}); raise worker.memory_budget or start a worker with more memory"
@@ -123,35 +140,24 @@ class Scheduler:
         self.connection = connection
         self.keys = keys
         self.lost_after = settings.server.worker_lost_seconds
-        self._estimates: dict[str, tuple[float, int]] = {}
+        self._weights: dict[str, tuple[float, Weights]] = {}
         self._replica_checked: dict[str, float] = {}
-        # Planning needs the device, and finding it imports torch (seconds): done now, in the
-        # background, rather than on the first request for a model no worker holds.
-        threading.Thread(target=self._warm_up, name="ollm-plan-warm-up", daemon=True).start()
 
-    def _warm_up(self) -> None:
-        try:
-            from ollm.devices import resolve_device
-
-            resolve_device(self.settings.runtime.device)
-        except Exception as exc:  # the first cold request will report it properly
-            log.debug("planning warm-up: %s", exc)
-
-    async def estimate(self, model: str) -> int:
-        """Bytes a loaded copy will take, from its files and plan; raises for no servable model."""
-        cached = self._estimates.get(model)
+    async def weights(self, model: str) -> Weights:
+        """The model's weight files; raises for no servable model. Read from disk, never planned:
+        planning needs the device, and finding it would import torch into the server."""
+        cached = self._weights.get(model)
         if cached is not None and time.monotonic() - cached[0] < _ESTIMATE_TTL:
             return cached[1]
-        size = await asyncio.to_thread(self._estimate, model)
-        self._estimates[model] = (time.monotonic(), size)
-        return size
+        weights = await asyncio.to_thread(self._weights_of, model)
+        self._weights[model] = (time.monotonic(), weights)
+        return weights
 
-    def _estimate(self, model: str) -> int:
-        from ollm import catalogue
-        from ollm.plan import plan_model
-
+    def _weights_of(self, model: str) -> Weights:
         runtime = self.settings.runtime
         ref = parse_reference(model)
+        if catalogue.is_echo(ref):
+            return Weights(0, "float32")
         if ref.kind == "local_path":
             models_dir = runtime.resolved_models_dir().resolve()
             path = ref.path
@@ -162,33 +168,29 @@ class Scheduler:
                     "models from there only. Use the model's name, or start a worker with `--model <path>`",
                     param="model",
                 )
-        not_pulled = ServiceUnavailableError(
-            f"no live worker serves model {model!r} and it is not pulled here; run `ollm pull {model}` "
-            f"and it loads on first use, or start `ollm worker --model {model}` where it is",
-            param="model",
-        )
         try:
-            plan = plan_model(model, runtime)
-        except ModelNotMaterializedError:
-            raise not_pulled from None
+            found = catalogue.materialized_path(ref, runtime)
         except OllmError:
             raise
-        except Exception as exc:  # a broken directory or config: the client named something unservable
+        except Exception as exc:  # a broken directory or manifest: the client named something unservable
             raise ModelNotFoundError(f"model {model!r} cannot be served: {exc}", param="model") from exc
-        if not plan.materialized and plan.backend != "echo":
-            raise not_pulled
-        if plan.support_level == "unsupported" and plan.backend != "echo":
-            raise InvalidReferenceError(
-                f"model {model!r} cannot be served: {plan.fallback_reason or 'unsupported'}", param="model"
+        if found is None:
+            if ref.kind == "local_path":
+                raise ModelNotFoundError(f"model {model!r}: no model directory there", param="model")
+            raise ServiceUnavailableError(
+                f"no live worker serves model {model!r} and it is not pulled here; run `ollm pull {model}` "
+                f"and it loads on first use, or start `ollm worker --model {model}` where it is",
+                param="model",
             )
-        return catalogue.estimated_memory(plan.path, plan.dtype)
+        size, stored = catalogue.weight_bytes(found)
+        return Weights(size, stored)
 
     async def place(self, model: str, workers: list[WorkerInfo], replica: bool = False) -> None:
         """Have a worker load ``model`` unless a load of it is already under way. Raises
         ServiceUnavailableError when no live worker can ever load it."""
-        size = await self.estimate(model)
+        weights = await self.weights(model)
         loaded = await asyncio.gather(*(loaded_models(self.connection, self.keys, w) for w in workers))
-        found = candidates(workers, list(loaded), model)
+        found = candidates(workers, list(loaded), model, weights)
         if not found:
             if replica:
                 return
@@ -197,18 +199,18 @@ class Scheduler:
                 f"`ollm worker` (it loads what is asked for) or `ollm worker --model {model}`",
                 param="model",
             )
-        chosen = choose(found, size, replica)
+        chosen = choose(found, replica)
         if chosen is None:
             if replica:
                 return
-            raise ServiceUnavailableError(too_large(model, size, found), param="model")
+            raise ServiceUnavailableError(too_large(model, found), param="model")
         request = LoadRequest(model=model, worker=chosen.worker.name, claim=uuid.uuid4().hex, replica=replica)
         ttl = math.ceil(self.settings.server.request_timeout_seconds) + 60
         if not await self.connection.set(self.keys.load_claim(model), request.model_dump_json(), nx=True, ex=ttl):
             return  # another request placed it: this one waits for the same load
         await self.connection.delete(self.keys.load_failed(model))
         kind = "a replica of " if replica else ""
-        log.info("placing %s%s on worker %s (about %s)", kind, model, chosen.worker.name, gib(size))
+        log.info("placing %s%s on worker %s (about %s)", kind, model, chosen.worker.name, gib(chosen.size))
         await asyncio.to_thread(self._enqueue_load, request)
 
     def _enqueue_load(self, request: LoadRequest) -> None:
