@@ -1,10 +1,13 @@
-"""Keep-alive: a worker's models leave memory when idle past their keep-alive and come back on use.
+"""Residency: which models a worker holds in memory, within its budget, and for how long.
 
 Each model a worker serves is wrapped in a ``Resident``: it loads the real engine (or embedder) on
-the first request that needs it and counts requests in flight. A ``Residency`` thread sweeps every
-``TICK`` seconds: an idle model whose keep-alive has run out since its last request is closed and
-dropped. Its queue stays registered (the heartbeat still lists the model as served), so the next
-request simply reloads it.
+the first request that needs it and counts requests in flight. Models are pinned (loaded at start,
+never evicted) or loaded on demand (``Residency.load``, placed by the server's scheduler): a load
+that does not fit ``worker.memory_budget`` / ``worker.max_loaded_models`` first evicts the least
+recently used idle on-demand model. A ``Residency`` thread sweeps every ``TICK`` seconds: an idle
+model whose keep-alive has run out since its last request is closed and dropped. A pinned model's
+queue stays registered (the heartbeat still lists it as served), so the next request simply
+reloads it; a model loaded on demand stops being served here until it is placed again.
 
 Clients choose the keep-alive (Ollama's ``keep_alive``); the server stores the latest choice per
 model under ``Keys.keep_alive`` as ``{"seconds": s | null, "stamp": unique}`` (null = forever).
