@@ -151,7 +151,9 @@ class Dispatcher:
 
     async def _consider_replica(self, model: str) -> None:
         try:
-            await self.scheduler.consider_replica(model, await self.workers())
+            # One LLEN; the workers are read only for a queue that is deep.
+            if await self.scheduler.deep(model):
+                await self.scheduler.consider_replica(model, await self.workers())
         except (OllmError, redis.RedisError) as exc:
             log.debug("replica check of %s: %s", model, exc)
 

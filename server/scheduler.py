@@ -280,10 +280,14 @@ class Scheduler:
         self._replica_checked[model] = now
         return True
 
+    async def deep(self, model: str) -> bool:
+        """Whether ``server.replica_queue_depth`` requests wait in the model's queue."""
+        depth = self.settings.server.replica_queue_depth
+        return bool(depth) and await self.connection.llen(self.keys.rq_queue_key(model)) >= depth
+
     async def consider_replica(self, model: str, workers: list[WorkerInfo]) -> None:
         """A second copy of a busy model, when its queue is deep and a worker has room now."""
-        depth = self.settings.server.replica_queue_depth
-        if await self.connection.llen(self.keys.rq_queue_key(model)) < depth:
+        if not await self.deep(model):
             return
         try:
             await self.place(model, workers, replica=True)
