@@ -1,9 +1,10 @@
 """`python -m bench.run`: throughput and latency of the whole stack against concurrency.
 
 By default it starts the stacks it measures (embedded `ollm serve`: private Redis + one worker):
-the batching stack, the same stack with ``max_batch=1``, and an echo-model stack for pipeline
-overhead; plus in-process ``generate`` as the baseline, and llama-cpp-python's server as a peer
-when it is installed. ``--url`` measures an already running server instead. Writes a JSON file and
+the batching stack, the same stack with ``max_batch=1``, an echo-model stack for pipeline
+overhead, and a stack that loads models on demand (a cold request and a model switch); plus
+in-process ``generate`` as the baseline, and llama-cpp-python's server as a peer when it is
+installed. ``--url`` measures an already running server instead. Writes a JSON file and
 a PNG plot, prints a table, and checks the targets of issue #4.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from bench.baselines import generate_one_at_a_time
 from bench.client import PROMPTS, LevelResult, run_level
+from bench.loading import loading_rows, measure_loading
 from bench.peer import llama_cpp_peer
 from bench.stack import embedded_stack
 from ollm.devices import resolve_device, resolve_dtype
@@ -60,6 +62,14 @@ def echo_overhead(log_dir: Path, levels: list[int], per_client: int) -> list[Lev
         # Warm-up: the first request pays for connection set-up and imports.
         asyncio.run(run_level(url, "echo", 1, 3, ECHO_PROMPT_WORDS, prompts=prompts))
         return measure(url, "echo", levels, per_client * 5, ECHO_PROMPT_WORDS, prompts)
+
+
+def loading(model: str, embedding_model: str, out: Path) -> dict[str, Any]:
+    print("loading on demand: cold request and model switch next to a warm request…", flush=True)
+    result = measure_loading(model, embedding_model, out)
+    for row in loading_rows(result):
+        print(f"  {row}", flush=True)
+    return result
 
 
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -142,6 +152,8 @@ def main() -> None:
     parser.add_argument("--baseline-levels", default="1,16", help="Levels for the max_batch=1 stack and peer.")
     parser.add_argument("--skip-baselines", action="store_true", help="Only the batching stack.")
     parser.add_argument("--skip-echo", action="store_true", help="No pipeline-overhead run.")
+    parser.add_argument("--skip-loading", action="store_true", help="No cold-request / model-switch run.")
+    parser.add_argument("--only-loading", action="store_true", help="Only the cold-request / model-switch run.")
     parser.add_argument("--out", default="bench/results", help="Directory for the JSON, PNG and logs.")
     args = parser.parse_args()
 
@@ -166,7 +178,9 @@ def main() -> None:
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if args.url:
+    if args.only_loading:
+        report["loading"] = loading(model, settings.runtime.embedding_model_reference, out)
+    elif args.url:
         report["stack"] = [lv.as_dict() for lv in measure(args.url, model, levels, args.requests_per_client,
                                                           args.max_tokens)]  # fmt: skip
     else:
@@ -202,19 +216,22 @@ def main() -> None:
                     ]
         if not args.skip_echo:
             report["echo"] = [lv.as_dict() for lv in echo_overhead(out, [1, 16], args.requests_per_client)]
+        if not args.skip_loading:
+            report["loading"] = loading(model, settings.runtime.embedding_model_reference, out)
     report["targets"] = check_targets(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2))
     png_path = out / f"bench-{stamp}.png"
-    plot(report, png_path)
+    if report.get("stack"):
+        plot(report, png_path)
     print()
     for target in report["targets"]:
         value = target["value"]
         shown = "-" if value is None else f"{value:.2f}"
         verdict = {True: "MET ", False: "MISS", None: "    "}[target["met"]]
         print(f"{verdict} {target['target']}: {shown} (wanted {target['wanted']})")
-    print(f"\nwrote {json_path} and {png_path}")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if report.get("stack") else ""))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,7 +29,9 @@ RedisUrlOption = Annotated[
 ]
 ModelsOption = Annotated[
     list[str] | None,
-    typer.Option("--model", "-m", help="Model reference to serve; repeat for several (default: runtime one)."),
+    typer.Option(
+        "--model", "-m", help="Model to load at start and pin; repeat for several (default: none, load on demand)."
+    ),
 ]
 
 
@@ -89,9 +91,16 @@ def serve(
             reference = settings.runtime.model_reference
             data_dir = None if settings.redis.ephemeral else settings.redis.resolved_data_dir()
             kept = "keeping nothing (--ephemeral)" if data_dir is None else f"data in {data_dir}"
-            typer.echo(f"starting a private Redis ({kept}) and {server.workers} worker(s) for {reference}")
+            typer.echo(
+                f"starting a private Redis ({kept}) and {server.workers} worker(s) for {reference} "
+                "(other models load on first use)"
+            )
             # Assigned before starting, so a signal during start-up still cleans up what was started.
-            stack = EmbeddedStack(reference, server.workers, settings.redis.namespace, server.log_level, data_dir)
+            budget = settings.worker.memory_budget
+            stack = EmbeddedStack(
+                reference, server.workers, settings.redis.namespace, server.log_level, data_dir,
+                memory_budget=None if budget is None else int(budget),
+            )  # fmt: skip
             stack.start()
             settings.redis.url = stack.url
         _run_uvicorn(settings)
@@ -128,7 +137,8 @@ def worker(
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="Requests in flight at once.")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
-    """Run an RQ worker that loads its model(s) once and serves generation jobs from Redis."""
+    """Run an RQ worker: it loads and pins the `--model`s, and loads any other model requests ask
+    for within its memory budget (worker.memory_budget), evicting idle ones."""
     settings = settings_or_exit(
         {"redis": {"url": redis_url}, "worker": {"models": model or None, "max_batch": max_batch}}
     )
@@ -138,33 +148,58 @@ def worker(
         fail("ollm worker needs a Redis: pass --redis-url or set OLLM_REDIS__URL", code=2)
     import redis
 
+    from ollm.contract import Keys
+    from ollm.devices import resolve_device, resolve_dtype
     from workers.engines import load_models
     from workers.job import JobContext, install
     from workers.keep_alive import Residency
-    from workers.keys import Keys
+    from workers.loads import OnDemandLoader
+    from workers.memory import default_budget
     from workers.worker import run_worker
 
-    models = settings.worker.models or [settings.runtime.model_reference]
+    configured = settings.worker.memory_budget
+    device = resolve_device(settings.runtime.device)
+    # Measured before anything loads: what this worker may fill.
+    budget = int(configured) if configured is not None else default_budget(device)
+    # Told to the scheduler, which sizes models by it without planning (or importing torch) itself.
+    dtype = resolve_dtype(settings.runtime.dtype, device)
+    pinned = settings.worker.models
     started = time.perf_counter()
     try:
-        engines, embedders = load_models(models, settings)
+        engines, embedders = load_models(pinned, settings)
     except OllmError as exc:
         fail(str(exc))
     served = sorted(set(engines) | set(embedders))
-    logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
+    if served:
+        logging.getLogger("ollm.worker").info("loaded %s in %.1fs", ", ".join(served), time.perf_counter() - started)
     connection = redis.Redis.from_url(settings.redis.url)
     keys = Keys(settings.redis.namespace)
-    # Keep-alive: idle models are unloaded and reloaded on their next request (Ollama's keep_alive).
-    residency = Residency.around(engines, embedders, settings, connection, keys)
+    # Pinned models stay; others load on demand within the budget and leave after their
+    # keep-alive (Ollama's keep_alive) or when a load needs their room.
+    residency = Residency.around(engines, embedders, settings, connection, keys, budget)
     del engines, embedders  # the residents hold the models now: an unload must be able to free them
-    context = JobContext(connection, keys, residency.engines, residency.embedders)
+    loader = None
+    if settings.worker.on_demand:
+        loader = OnDemandLoader(residency, connection, keys, settings.server.request_timeout_seconds)
+    context = JobContext(connection, keys, residency.engines, residency.embedders, loader)
     install(context)
     residency.start()
+    on_demand = "1" if settings.worker.on_demand else "0"
+
+    def status() -> dict[str, str | int]:
+        return {**residency.status(), "on_demand": on_demand, "dtype": dtype}
+
+    def attach(worker: Any) -> None:
+        residency.on_served = worker.served
+
     try:
-        run_worker(served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level)
+        run_worker(
+            served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
+            status=status, served=attach,
+        )  # fmt: skip
     finally:
         install(None)
         context.close()
         residency.stop()
-        for engine in {id(e): e for e in residency.engines.values()}.values():
+        for engine in {id(e): e for e in list(residency.engines.values())}.values():
             engine.close()

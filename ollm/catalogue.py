@@ -565,3 +565,35 @@ def model_lock(models_dir: Path, name: str, *, blocking: bool = True) -> Iterato
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Bytes per parameter of the dtypes weights are stored and run in.
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Buffers, the tokenizer and allocator slack on top of the weights themselves.
+_LOAD_OVERHEAD = 1.1
+
+
+def weight_bytes(path: Path | None) -> tuple[int, str]:
+    """The size of a model's weight files and the dtype they are stored in (config.json)."""
+    if path is None or not path.is_dir():
+        return 0, "float32"
+    weights = sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    config = read_json(path / "config.json") or {}
+    return weights, str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
+def scaled_memory(weights: int, stored_dtype: str, run_dtype: str) -> int:
+    """Bytes the weights take once loaded in ``run_dtype`` (bfloat16 weights run in float32 on a
+    CPU without bf16 take twice their size), plus a margin for buffers and the tokenizer."""
+    scale = _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored_dtype, 4)
+    return int(weights * scale * _LOAD_OVERHEAD)
+
+
+def estimated_memory(path: Path | None, run_dtype: str) -> int:
+    """Bytes a loaded copy of the model at ``path`` will take, from its files and the dtype its
+    plan runs it in, before loading. 0 for a model without files (echo)."""
+    weights, stored = weight_bytes(path)
+    return scaled_memory(weights, stored, run_dtype)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -96,6 +96,12 @@ class ServerSettings(Section):
     )
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     workers: int = Field(1, ge=0, description="Worker processes `ollm serve` starts in embedded mode.")
+    replica_queue_depth: int = Field(
+        8,
+        ge=0,
+        description="When this many requests wait in one model's queue, another worker with room loads a "
+        "replica of it (0: never).",
+    )
 
 
 class RedisSettings(Section):
@@ -114,7 +120,17 @@ class RedisSettings(Section):
 
 
 class WorkerSettings(Section):
-    models: list[str] = Field(default_factory=list, description="Models this worker serves (default: runtime one).")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models loaded at start and pinned (never evicted); unset: none, models load on demand.",
+    )
+    on_demand: bool = Field(True, description="Also load the models requests ask for, within the memory budget.")
+    memory_budget: ByteSize | None = Field(
+        None,
+        description="Bytes of models this worker may hold, e.g. \"8GiB\"; unset: 80% of the memory available "
+        "when it starts (the device's memory on a GPU), shared by `ollm serve`'s embedded workers.",
+    )
+    max_loaded_models: int = Field(3, ge=0, description="Models one worker holds at once at most (0: no limit).")
     max_batch: int = Field(16, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
     max_tokens_per_step: int = Field(
         256, ge=16, description="Prompt tokens prefilled per engine step, so prefill never stalls decoding."

@@ -5,6 +5,10 @@ confirm, and only then enqueue the RQ job, so the first token cannot be publishe
 listens. While waiting, a quiet stream is checked against the job's real RQ status and its worker's
 heartbeat, so a dead worker ends the request within ``server.worker_lost_seconds`` (and the job is
 moved to RQ's failed registry) instead of leaving the client hanging.
+
+A model no live worker holds is placed on one that loads it (``server.scheduler``); its jobs wait
+in its queue meanwhile. A derived model (``ollm.derived``) is resolved to its base here, once per
+request, so every API family serves it the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,9 @@ from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 
+from ollm.contract import EMBED_JOB, GENERATE_JOB, Keys, WorkerInfo, live_workers, worker_age
+from ollm.derived import DerivedModel, DerivedModels
+from ollm.derived import apply as apply_derived
 from ollm.errors import GenerationTimeoutError, OllmError, ServiceUnavailableError
 from ollm.generation import (
     EmbeddingRequest,
@@ -41,12 +48,9 @@ from ollm.generation import (
     TokenEvent,
     TokenLogprob,
 )
-from ollm.references import parse_reference
 from ollm.settings import Settings
 from server.errors import error_from_event
-from workers.heartbeat import WorkerInfo, live_workers, worker_age
-from workers.job import EMBED_JOB, GENERATE_JOB
-from workers.keys import Keys
+from server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,9 @@ class Dispatcher:
         self._served: tuple[float, set[str]] = (0.0, set())
         self.subscriptions = Subscriptions(connection)
         self._queues: dict[str, Queue] = {}
+        self.scheduler = Scheduler(settings, sync, connection, self.keys)
+        self.derived = DerivedModels(connection, self.keys)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def workers(self) -> list[WorkerInfo]:
         workers = await live_workers(self.connection, self.keys, self.lost_after)
@@ -108,18 +115,60 @@ class Dispatcher:
             return True
         return bool(await self.serving(model))
 
-    async def require_worker(self, model: str) -> None:
-        if not await self.serves(model):
-            # A name that is no alias, repo ID or directory is the client's mistake (400/404); a
-            # real model with no live worker is the service's state (503).
-            parse_reference(model)
-            raise ServiceUnavailableError(
-                f"no live worker serves model {model!r}; start one with `ollm worker --model {model}`",
-                param="model",
-            )
+    async def route(self, model: str) -> None:
+        """Make sure ``model`` is served or on its way: a model no live worker holds is placed on
+        one that loads it (server/scheduler.py); raises 400/404 for names that are no servable
+        model and 503 when no live worker can ever load it."""
+        if await self.serves(model):
+            # Off the request's path, and at most once a second per model.
+            if self.scheduler.replica_due(model):
+                self._in_background(self._consider_replica(model))
+            return
+        workers = await self.workers()
+        if any(model in worker.models for worker in workers):
+            return
+        await self.scheduler.place(model, workers)
+
+    async def load(self, model: str, timeout: float) -> bool:
+        """Have ``model`` loaded (Ollama's empty prompt); whether it is served within ``timeout``."""
+        await self.route(model)
+        deadline = time.monotonic() + timeout
+        while not await self.serving(model):
+            if time.monotonic() > deadline:
+                return False
+            ending = await self.scheduler.waiting(model, await self.workers())
+            if ending is not None:
+                raise error_from_event(ErrorEvent.model_validate(ending))
+            await asyncio.sleep(self.tick / 4)
+        return True
+
+    async def resolve(self, model: str) -> DerivedModel | None:
+        """The derived model (/api/create, /api/copy) a name means, if any. A name a live worker
+        serves is a real model: the warm path asks Redis nothing more."""
+        if await self.serves(model):
+            return None
+        return await self.derived.get(model)
+
+    async def _consider_replica(self, model: str) -> None:
+        try:
+            # One LLEN; the workers are read only for a queue that is deep.
+            if await self.scheduler.deep(model):
+                await self.scheduler.consider_replica(model, await self.workers())
+        except (OllmError, redis.RedisError) as exc:
+            log.debug("replica check of %s: %s", model, exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def submit(self, request: GenerationRequest) -> JobStream:
-        """Enqueue a generation; the returned stream yields its events. Raises 503 with no worker."""
+        """Enqueue a generation; the returned stream yields its events. A derived model's request
+        goes to its base with the derived defaults applied; a model no worker holds is loaded
+        first (the job waits in its queue meanwhile)."""
+        derived = await self.resolve(request.model)
+        if derived is not None:
+            request = apply_derived(request, derived)
         return await self._submit(request.model, request.id, GENERATE_JOB, request.model_dump(mode="json"))
 
     async def generate(self, request: GenerationRequest, disconnected: Disconnected | None = None) -> Completed:
@@ -139,6 +188,9 @@ class Dispatcher:
             await stream.close()
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        derived = await self.resolve(request.model)
+        if derived is not None:
+            request = request.model_copy(update={"model": derived.base})
         stream = await self._submit(request.model, uuid.uuid4().hex, EMBED_JOB, request.model_dump(mode="json"))
         try:
             message = await stream.next_message()
@@ -149,7 +201,7 @@ class Dispatcher:
         raise error_from_event(ErrorEvent.model_validate(message))
 
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
-        await self.require_worker(model)
+        await self.route(model)
         queue = await self._queue(model)
         channel = self.keys.events(job_id)
         pubsub = await self.subscriptions.subscribe(channel)
@@ -240,10 +292,18 @@ class Dispatcher:
                 await asyncio.to_thread(self._fail_lost_job, job, message)
                 return _error(message, 503, "worker_lost")
             return None
-        if not await self.serving(model):
-            if status == JobStatus.QUEUED:
+        if status == JobStatus.QUEUED:
+            workers = await self.workers()
+            if any(model in worker.models for worker in workers):
+                # Waiting for a busy model: its queue may be deep enough for a replica.
+                if self.scheduler.replica_due(model):
+                    await self.scheduler.consider_replica(model, workers)
+                return None
+            # Waiting for its model to load: fine while the load is on its way.
+            ending = await self.scheduler.waiting(model, workers)
+            if ending is not None:
                 await asyncio.to_thread(job.cancel)
-            return _error(f"no live worker serves model {model!r} any more", 503, "service_unavailable")
+            return ending
         return None
 
     def _job_status(self, job_id: str) -> tuple[Job | None, JobStatus | None]:

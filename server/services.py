@@ -8,12 +8,12 @@ import redis
 import redis.asyncio
 from fastapi import Request
 
+from ollm.contract import Keys
 from ollm.errors import SettingsError
 from ollm.settings import Settings
 from server.dispatch import Dispatcher
 from server.stores.responses import ResponseStore, response_store
 from server.stores.sessions import SessionStore, session_store
-from workers.keys import Keys
 
 # Short socket timeouts: with Redis down a request must fail fast with 503, not hang.
 _CONNECT_TIMEOUT = 2.0

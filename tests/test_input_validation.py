@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from ollm.contract import Keys
 from ollm.errors import InvalidReferenceError, InvalidRequestError, ModelNotFoundError
 from ollm.references import confined_to, parse_reference
 from server.app import ROUTERS
 from server.routing import ClientInputRoute, lone_surrogate_at
-from workers.keys import Keys
 
 
 @pytest.mark.parametrize(

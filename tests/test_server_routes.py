@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker
 
+from ollm.contract import Keys
 from ollm.engine.echo import EchoEngine
 from ollm.errors import OllmError
 from ollm.generation import ChatMessage, EmbeddingRequest, EmbeddingResult, GenerationRequest
@@ -32,7 +33,6 @@ from server.stores.sessions import session_store
 from workers import job as job_module
 from workers.heartbeat import Heartbeat
 from workers.job import GENERATE_JOB, JobContext
-from workers.keys import Keys
 
 
 class LengthEmbedder:

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
+from ollm.contract import Keys
 from ollm.generation import ChatMessage
 from ollm.settings import ServerSettings
 from server.stores.bucket import MemoryBucket
 from server.stores.responses import StoredResponse, response_store
 from server.stores.sessions import session_store
-from workers.keys import Keys
 
 KEYS = Keys("ns")
 

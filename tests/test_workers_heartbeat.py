@@ -6,8 +6,8 @@ import asyncio
 
 import fakeredis
 
-from workers.heartbeat import Heartbeat, live_workers, worker_age
-from workers.keys import Keys
+from ollm.contract import Keys, live_workers, worker_age
+from workers.heartbeat import Heartbeat
 
 KEYS = Keys("hb")
 

@@ -13,12 +13,12 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from ollm.contract import Keys
 from ollm.engine.base import EventSink
 from ollm.engine.echo import EchoEngine
 from ollm.errors import GenerationFailedError, ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, ExecutionInfo, GenerationRequest
 from workers.job import GENERATE_JOB, JobContext
-from workers.keys import Keys
 
 KEYS = Keys("job")
 

@@ -22,6 +22,7 @@ import redis
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
+from ollm.contract import EMBED_JOB, GENERATE_JOB, LOAD_JOB, Keys, LoadRequest
 from ollm.engine.base import Engine
 from ollm.errors import GenerationFailedError, ModelNotFoundError, OllmError
 from ollm.generation import (
@@ -34,7 +35,6 @@ from ollm.generation import (
     Timings,
     Usage,
 )
-from workers.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ _POLL_SECONDS = 0.25
 
 class Embedder(Protocol):
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+
+class Loader(Protocol):
+    """Loads a model on demand (the worker's residency); see ``workers.job.load``."""
+
+    def __call__(self, request: LoadRequest) -> dict[str, Any]: ...
 
 
 class _Run:
@@ -135,11 +141,14 @@ class JobContext:
         keys: Keys,
         engines: Mapping[str, Engine],
         embedders: Mapping[str, Embedder] | None = None,
+        loader: Loader | None = None,
     ) -> None:
         self.connection = connection
         self.keys = keys
-        self.engines = dict(engines)
-        self.embedders = dict(embedders or {})
+        # Live views: models loaded on demand appear in them, evicted ones leave.
+        self.engines = engines
+        self.embedders = embedders if embedders is not None else {}
+        self.loader = loader
         self.publisher = Publisher(connection)
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -303,10 +312,19 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     return _require_context().embed(request).model_dump(mode="json")
 
 
-# What the server enqueues (RQ stores a job's function by dotted name).
-GENERATE_JOB = f"{__name__}.{generate.__name__}"
-EMBED_JOB = f"{__name__}.{embed.__name__}"
-JOBS = frozenset({GENERATE_JOB, EMBED_JOB})
+def load(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job, on one worker's own queue: load a model there (placed by the server's scheduler)."""
+    request = LoadRequest.model_validate(payload)
+    loader = _require_context().loader
+    if loader is None:
+        raise RuntimeError("this worker does not load models on demand (worker.on_demand is off)")
+    return loader(request)
+
+
+# The contract names these functions for the server, which never imports this module.
+assert f"{__name__}.{generate.__name__}" == GENERATE_JOB and f"{__name__}.{embed.__name__}" == EMBED_JOB
+assert f"{__name__}.{load.__name__}" == LOAD_JOB
+JOBS = frozenset({GENERATE_JOB, EMBED_JOB, LOAD_JOB})
 
 
 def refusal(job: Job) -> str | None:

@@ -1,10 +1,13 @@
-"""Keep-alive: a worker's models leave memory when idle past their keep-alive and come back on use.
+"""Residency: which models a worker holds in memory, within its budget, and for how long.
 
 Each model a worker serves is wrapped in a ``Resident``: it loads the real engine (or embedder) on
-the first request that needs it and counts requests in flight. A ``Residency`` thread sweeps every
-``TICK`` seconds: an idle model whose keep-alive has run out since its last request is closed and
-dropped. Its queue stays registered (the heartbeat still lists the model as served), so the next
-request simply reloads it.
+the first request that needs it and counts requests in flight. Models are pinned (loaded at start,
+never evicted) or loaded on demand (``Residency.load``, placed by the server's scheduler): a load
+that does not fit ``worker.memory_budget`` / ``worker.max_loaded_models`` first evicts the least
+recently used idle on-demand model. A ``Residency`` thread sweeps every ``TICK`` seconds: an idle
+model whose keep-alive has run out since its last request is closed and dropped. A pinned model's
+queue stays registered (the heartbeat still lists it as served), so the next request simply
+reloads it; a model loaded on demand stops being served here until it is placed again.
 
 Clients choose the keep-alive (Ollama's ``keep_alive``); the server stores the latest choice per
 model under ``Keys.keep_alive`` as ``{"seconds": s | null, "stamp": unique}`` (null = forever).
@@ -27,17 +30,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import redis
+from pydantic import ValidationError
 from redis.client import PubSub
 
+from ollm.contract import KeepAlive, Keys, LoadedModel, ResidencyMessage
 from ollm.engine.base import Engine, EventSink
+from ollm.errors import ServiceUnavailableError
 from ollm.generation import EmbeddingRequest, EmbeddingResult, ErrorEvent, Event, FinalEvent, GenerationRequest
 from ollm.settings import Settings
 from workers.job import Embedder
-from workers.keys import Keys
+from workers.memory import resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +51,26 @@ TICK = 0.5
 _PROMPT = 0.1
 # The loaded-models hash outlives a few missed sweeps but not a dead worker for long.
 _LOADED_TTL_MS = 15_000
+# How long a keep-alive reload of a pinned model waits for busy on-demand models to make room.
+_RELOAD_WAIT = 60.0
 
 M = TypeVar("M")
-
-
-@dataclass(frozen=True)
-class KeepAlive:
-    """One client choice: ``seconds`` None keeps the model loaded forever."""
-
-    seconds: float | None
-    stamp: str
-
-    @classmethod
-    def parse(cls, raw: bytes | str | None) -> KeepAlive | None:
-        if raw is None:
-            return None
-        try:
-            data = json.loads(raw)
-            seconds = data.get("seconds")
-            return cls(None if seconds is None else float(seconds), str(data.get("stamp", "")))
-        except (ValueError, TypeError, AttributeError):
-            return None
-
-    def dumps(self) -> str:
-        return json.dumps({"seconds": self.seconds, "stamp": self.stamp})
 
 
 class Resident(Generic[M]):
     """One served model: the loaded engine or embedder (or None), its names, use and keep-alive."""
 
-    def __init__(self, names: list[str], load: Callable[[], M], loaded: M | None, size: int) -> None:
+    def __init__(
+        self, names: list[str], load: Callable[[], M], loaded: M | None, size: int, pinned: bool = True
+    ) -> None:
         self.names = names
         self.size = size
+        # Pinned: loaded at start (`ollm worker --model`), never evicted, and still served after a
+        # keep-alive unload (it reloads on use). A model loaded on demand leaves with its memory.
+        self.pinned = pinned
         self._load = load
+        # Called before a reload with the bytes it needs, so a budget can make room first.
+        self.before_reload: Callable[[Resident[Any]], None] = lambda resident: None
         self.model: M | None = loaded
         self._lock = threading.RLock()
         self._in_flight = 0
@@ -99,6 +91,7 @@ class Resident(Generic[M]):
             if self.model is None:
                 started = time.perf_counter()
                 log.info("loading %s again (it was unloaded after its keep-alive)", self.name)
+                self.before_reload(self)
                 self.model = self._load()
                 self.loaded_at = time.time()
                 log.info("loaded %s in %.1fs", self.name, time.perf_counter() - started)
@@ -115,6 +108,10 @@ class Resident(Generic[M]):
             self._in_flight = max(0, self._in_flight - 1)
             self.last_used = time.time()
         self.on_change()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
 
     def busy(self) -> bool:
         with self._lock:
@@ -205,15 +202,39 @@ class ResidentEmbedder:
 
 
 class Residency:
-    """The residents of one worker process, their sweeper thread and the residency listener."""
+    """The residents of one worker process, its memory budget, the sweeper thread and the
+    residency listener.
 
-    def __init__(self, connection: redis.Redis, keys: Keys, residents: list[Resident[Any]]) -> None:
+    Loads on demand (``load``) fit the budget: the least recently used idle model that was itself
+    loaded on demand is evicted until the new one fits (``make_room``); a pinned model or one with
+    requests running or queued never is.
+    """
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        keys: Keys,
+        residents: list[Resident[Any]],
+        budget: int = 0,
+        max_loaded: int = 0,
+        settings: Settings | None = None,
+    ) -> None:
         self.connection = connection
         self.keys = keys
+        self.settings = settings
+        self.budget = budget
+        self.max_loaded = max_loaded
         self.residents: list[Resident[Any]] = []
         self.engines: dict[str, Engine] = {}
         self.embedders: dict[str, Embedder] = {}
+        self.loads = 0
         self.loaded_key = keys.loaded(socket.gethostname(), os.getpid())
+        # Told the names a model is served under when it arrives (True) or leaves (False): the
+        # worker listens on their queues and beats at once.
+        self.on_served: Callable[[list[str], bool], None] = lambda names, served: None
+        # Loads, evictions and keep-alive unloads one at a time: the budget is checked and spent
+        # under this lock.
+        self._memory = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ollm-keep-alive", daemon=True)
         self._dirty = threading.Event()
@@ -222,7 +243,129 @@ class Residency:
 
     def add(self, resident: Resident[Any]) -> None:
         resident.on_change = self.publish_now
+        resident.before_reload = self._before_reload
         self.residents.append(resident)
+
+    # ---- memory ------------------------------------------------------------------------------
+
+    def used(self) -> int:
+        return sum(r.size for r in self.residents if r.model is not None)
+
+    def holding(self, model: str) -> Resident[Any] | None:
+        return next((r for r in self.residents if model in r.names), None)
+
+    def status(self) -> dict[str, str | int]:
+        """The registration fields that change as models come and go (see ``WorkerInfo``)."""
+        with self._memory:
+            return {
+                "models": json.dumps(sorted({name for r in self.residents for name in r.names})),
+                "pinned": json.dumps(sorted({name for r in self.residents if r.pinned for name in r.names})),
+                "memory_budget": self.budget,
+                "memory_used": self.used(),
+                "max_loaded_models": self.max_loaded,
+                "loads": self.loads,
+            }
+
+    def make_room(self, size: int, name: str, deadline: float, keep: Resident[Any] | None = None) -> None:
+        """Evict idle on-demand models, least recently used first, until ``size`` more bytes and
+        one more model fit. Waits (until ``deadline``, monotonic) while the only candidates are
+        busy; raises ServiceUnavailableError when the model cannot fit at all or in time."""
+        pinned = sum(r.size for r in self.residents if r.pinned and r.model is not None and r is not keep)
+        if self.budget and size + pinned > self.budget:
+            raise ServiceUnavailableError(_too_large(name, size, self.budget, pinned))
+        while True:
+            with self._memory:
+                loaded = [r for r in self.residents if r.model is not None and r is not keep]
+                fits = not self.budget or self.used() + size <= self.budget
+                if fits and (not self.max_loaded or len(loaded) < self.max_loaded):
+                    return
+                idle = [r for r in loaded if not r.pinned and not r.busy() and not self._waiting(r)]
+                if idle:
+                    victim = min(idle, key=lambda r: r.last_used)
+                    log.info("evicting %s (%d bytes, idle) to make room for %s", victim.name, victim.size, name)
+                    self._drop(victim, None)
+                    continue
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(
+                    f"no room for model {name!r} ({_gib(size)}) on this worker: its memory budget "
+                    f"({_gib(self.budget)}) is taken by models with requests running"
+                )
+            time.sleep(0.1)
+
+    def _waiting(self, resident: Resident[Any]) -> bool:
+        """Whether requests wait in the model's queue: it would be reloaded as soon as it left."""
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for name in resident.names:
+                    pipe.llen(self.keys.rq_queue_key(name))
+                return any(pipe.execute())
+        except redis.RedisError:
+            return True
+
+    def _before_reload(self, resident: Resident[Any]) -> None:
+        self.make_room(resident.size, resident.name, time.monotonic() + _RELOAD_WAIT, keep=resident)
+
+    def _drop(self, resident: Resident[Any], consumed: str | None) -> bool:
+        """Unload a resident; one loaded on demand also stops being served here."""
+        if not resident.unload(consumed):
+            return False
+        if not resident.pinned:
+            self.residents.remove(resident)
+            for name in resident.names:
+                self.engines.pop(name, None)
+                self.embedders.pop(name, None)
+            self.on_served(resident.names, False)
+        self.publish_now()
+        return True
+
+    # ---- loading on demand ---------------------------------------------------------------------
+
+    def load(self, model: str, deadline: float) -> tuple[Resident[Any], bool]:
+        """Have ``model`` loaded here: (its resident, whether this call loaded it). Never a second
+        copy: a model already held (under any of its names) is only reloaded if it was unloaded."""
+        from ollm import catalogue
+        from ollm.plan import plan_model
+        from workers.engines import load_models
+
+        assert self.settings is not None, "loading on demand needs the worker's settings"
+        with self._memory:
+            held = self.holding(model)
+            if held is not None:
+                if held.model is None:
+                    held.acquire()
+                    held.release()
+                return held, False
+            plan = plan_model(model, self.settings.runtime)
+            held = self.holding(plan.resolved_reference)
+            if held is not None:
+                return held, False
+            estimate = catalogue.estimated_memory(plan.path, plan.dtype)
+            self.make_room(estimate, model, deadline)
+            started = time.perf_counter()
+            log.info("loading %s on demand (about %s)", model, _gib(estimate))
+            engines, embedders = load_models([model], self.settings)
+            loaded: Any = (engines or embedders)[model]
+            kind = "engine" if engines else "embedder"
+            names = list(dict.fromkeys([model, plan.resolved_reference]))
+
+            def reload(first: str = model, kind: str = kind) -> Any:
+                loaded_engines, loaded_embedders = load_models([first], self.settings)  # type: ignore[arg-type]
+                return (loaded_engines if kind == "engine" else loaded_embedders)[first]
+
+            size = resident_bytes(loaded)
+            resident: Resident[Any] = Resident(names, reload, loaded, estimate if size is None else size, pinned=False)
+            self.add(resident)
+            self._serve(resident, kind)
+            self.loads += 1
+            log.info("loaded %s in %.1fs (%s)", model, time.perf_counter() - started, _gib(resident.size))
+        self.on_served(names, True)
+        self.publish_now()
+        return resident, True
+
+    def _serve(self, resident: Resident[Any], kind: str) -> None:
+        wrapper: Any = ResidentEngine(resident) if kind == "engine" else ResidentEmbedder(resident)
+        target: dict[str, Any] = self.engines if kind == "engine" else self.embedders
+        target.update(dict.fromkeys(resident.names, wrapper))
 
     @classmethod
     def around(
@@ -232,11 +375,13 @@ class Residency:
         settings: Settings,
         connection: redis.Redis,
         keys: Keys,
+        budget: int = 0,
     ) -> Residency:
-        """Wrap what ``workers.engines.load_models`` loaded; reloads go through it again."""
+        """Wrap what ``workers.engines.load_models`` loaded at start (pinned); reloads go through
+        it again."""
         from workers.engines import load_models
 
-        residency = cls(connection, keys, [])
+        residency = cls(connection, keys, [], budget, settings.worker.max_loaded_models, settings)
         for kind, models in (("engine", engines), ("embedder", embedders)):
             groups: dict[int, list[str]] = {}
             for name, model in models.items():
@@ -248,11 +393,12 @@ class Residency:
                     loaded_engines, loaded_embedders = load_models([first], settings)
                     return (loaded_engines if kind == "engine" else loaded_embedders)[first]
 
-                resident: Resident[Any] = Resident(names, load, models[first], _size_of(first, settings))
+                measured = resident_bytes(models[first])
+                size = _size_of(first, settings) if measured is None else measured
+                resident: Resident[Any] = Resident(names, load, models[first], size)
                 residency.add(resident)
-                wrapper: Any = ResidentEngine(resident) if kind == "engine" else ResidentEmbedder(resident)
-                target: dict[str, Any] = residency.engines if kind == "engine" else residency.embedders
-                target.update(dict.fromkeys(names, wrapper))
+                residency.loads += 1
+                residency._serve(resident, kind)
         return residency
 
     def start(self) -> None:
@@ -303,7 +449,7 @@ class Residency:
     def sweep(self, requests: list[tuple[str, str]] = []) -> None:  # noqa: B006 (never mutated)
         """Serve load requests, unload expired idle models, then publish what is loaded."""
         for model, action in requests:
-            for resident in self.residents:
+            for resident in list(self.residents):
                 if model in resident.names and action == "load":
                     try:
                         resident.acquire()
@@ -312,12 +458,13 @@ class Residency:
                         log.exception("could not load %s", resident.name)
         keep_alives = self._keep_alives()
         now = time.time()
-        for resident in self.residents:
-            keep_alive = keep_alives.get(id(resident))
-            expires = resident.expires_at(keep_alive)
-            if resident.model is not None and expires is not None and expires <= now:
-                resident.unload(keep_alive.stamp if keep_alive else None)
-        self._publish(keep_alives)
+        with self._memory:
+            for resident in list(self.residents):
+                keep_alive = keep_alives.get(id(resident))
+                expires = resident.expires_at(keep_alive)
+                if resident.model is not None and expires is not None and expires <= now:
+                    self._drop(resident, keep_alive.stamp if keep_alive else None)
+            self._publish(keep_alives)
 
     def publish_now(self) -> None:
         """Have the sweeper report within ``_PROMPT`` seconds (a load, a request ended). It may be
@@ -339,14 +486,15 @@ class Residency:
 
     def _publish(self, keep_alives: dict[int, KeepAlive]) -> None:
         entries = {
-            resident.name: json.dumps(
-                {
-                    "names": resident.names,
-                    "size": resident.size,
-                    "loaded_at": resident.loaded_at,
-                    "expires_at": resident.expires_at(keep_alives.get(id(resident))),
-                }
-            )
+            resident.name: LoadedModel(
+                names=resident.names,
+                size=resident.size,
+                loaded_at=resident.loaded_at,
+                expires_at=resident.expires_at(keep_alives.get(id(resident))),
+                last_used=resident.last_used,
+                in_flight=resident.in_flight(),
+                pinned=resident.pinned,
+            ).model_dump_json()
             for resident in self.residents
             if resident.model is not None
         }
@@ -384,8 +532,20 @@ def _free_memory() -> None:
 
 def _residency_request(message: dict[str, Any]) -> tuple[str, str] | None:
     try:
-        data = json.loads(message["data"])
-        return str(data["model"]), str(data["action"])
-    except (ValueError, KeyError, TypeError):
+        data = ResidencyMessage.model_validate_json(message["data"])
+        return data.model, data.action
+    except (ValidationError, KeyError, TypeError):
         log.warning("ignoring malformed residency message %r", message.get("data"))
         return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _too_large(name: str, size: int, budget: int, pinned: int) -> str:
+    held = f", {_gib(pinned)} of it held by pinned models" if pinned else ""
+    return (
+        f"model {name!r} needs about {_gib(size)} but this worker's memory budget is {_gib(budget)}{held}; "
+        "raise worker.memory_budget or run a worker with more memory"
+    )

@@ -1,5 +1,7 @@
 """The embedded stack of `ollm serve` with no Redis URL: a private Redis plus N worker processes.
 
+Each worker preloads and pins the default chat model and loads every other model on demand.
+
 Children start in their own sessions (a terminal's Ctrl-C reaches only `ollm serve`, which then
 stops them in order) and, on Linux, are told to die with their parent, so even a killed
 `ollm serve` leaves nothing running.
@@ -8,6 +10,7 @@ stops them in order) and, on Linux, are told to die with their parent, so even a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import redis
 
+from ollm.contract import Keys
 from ollm.errors import ServiceUnavailableError
-from workers.keys import Keys
 from workers.lifetime import die_with_parent
+from workers.memory import default_budget
 from workers.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 # A worker first loads its model; a large one on CPU can take minutes.
 _READY_TIMEOUT = 600.0
 _STOP_TIMEOUT = 15.0
+BUDGET_ENV = "OLLM_WORKER__MEMORY_BUDGET"
 
 
 def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:
@@ -38,10 +43,18 @@ def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:
 
 class EmbeddedStack:
     def __init__(
-        self, model: str, workers: int, namespace: str, log_level: str = "info", data_dir: Path | None = None
+        self,
+        model: str,
+        workers: int,
+        namespace: str,
+        log_level: str = "info",
+        data_dir: Path | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         """``data_dir`` None: a Redis that keeps nothing (``--ephemeral``)."""
         self.model = model
+        # The workers share this machine: unless configured, each gets its share of the default.
+        self.memory_budget = memory_budget
         self.count = workers
         self.keys = Keys(namespace)
         self.log_level = log_level
@@ -55,12 +68,18 @@ class EmbeddedStack:
     def start(self) -> EmbeddedStack:
         self.redis.start()
         log.info("private Redis at %s", self.url)
+        env = dict(os.environ)
+        if self.memory_budget is None and self.count > 1:
+            env[BUDGET_ENV] = str(default_budget("cpu", sharing=self.count))
+        elif self.memory_budget is not None:
+            env[BUDGET_ENV] = str(self.memory_budget)
         for _ in range(self.count):
             self.workers.append(
                 subprocess.Popen(
                     worker_command(self.model, self.url, self.log_level),
                     start_new_session=True,
                     preexec_fn=die_with_parent,
+                    env=env,
                 )
             )
         self.wait_ready()

@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
+from ollm.contract import EMBED_JOB, GENERATE_JOB, LOAD_JOB
 from workers.heartbeat import Heartbeat
 from workers.job import JobContext, refusal
 
@@ -51,8 +53,13 @@ class GenerationWorker(SimpleWorker):
         max_concurrency: int,
         heartbeat_seconds: float,
         name: str | None = None,
+        status: Callable[[], dict[str, str | int]] | None = None,
     ) -> None:
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
+        # First, its own queue: the loads the server's scheduler places on this worker.
+        own = Queue(context.keys.worker_queue(self.name), connection=connection, serializer=JSONSerializer)
+        self._queue_lock = threading.Lock()
+        self._set_queues([own, *self.queues])
         self.context = context
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ollm-job")
@@ -66,6 +73,7 @@ class GenerationWorker(SimpleWorker):
             max_batch=max_concurrency,
             interval=heartbeat_seconds,
             in_flight=context.in_flight,
+            status=status,
         )
         self._dequeuing = False
         self._last_beat = -_BEAT_EVERY
@@ -110,6 +118,44 @@ class GenerationWorker(SimpleWorker):
             self._slots.release()
         return result
 
+    # ---- models arriving and leaving -----------------------------------------------------------
+
+    def _set_queues(self, queues: list[Queue]) -> None:
+        # New lists, never mutated in place: RQ's dequeue loop reads them from another thread.
+        self.queues = list(queues)
+        self._ordered_queues = list(queues)
+
+    def served(self, names: list[str], served: bool) -> None:
+        """A model arrived (its queues are listened on from the next dequeue) or left; either way
+        the registration says so at once."""
+        with self._queue_lock:
+            keep = [q for q in self.queues if q.name not in {self.context.keys.queue(n) for n in names}]
+            if served:
+                keep += [
+                    Queue(self.context.keys.queue(n), connection=self.connection, serializer=JSONSerializer)
+                    for n in names
+                ]
+            self._set_queues(keep)
+        try:
+            self._registration.beat()
+        except redis.RedisError as exc:
+            log.warning("could not announce %s: %s", names, exc)
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        # The queue a job came from may have left meanwhile (its model was evicted).
+        with contextlib.suppress(ValueError):
+            super().reorder_queues(reference_queue)
+
+    def _holds(self, job: Job) -> bool:
+        """Whether this worker still holds the model a generation or embedding job asks for."""
+        if job.func_name not in (GENERATE_JOB, EMBED_JOB):
+            return True
+        try:
+            model = job.args[0]["model"]
+        except (IndexError, KeyError, TypeError):
+            return True  # malformed: let the job function report it
+        return model in self.context.engines or model in self.context.embedders
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         refused = refusal(job)
         if refused is not None:
@@ -120,6 +166,19 @@ class GenerationWorker(SimpleWorker):
                 log.warning("could not record job %s as failed: %s", job.id, exc)
             finally:
                 self._slots.release()
+            return
+        if job.func_name == LOAD_JOB:
+            # On the dequeuing thread: once loaded, the very next dequeue listens on the model's
+            # queue, and a worker loads one model at a time.
+            with self._running_lock:
+                self._running += 1
+            self._perform(job, queue)
+            return
+        if not self._holds(job):
+            # Dequeued in the moment its model was evicted: back to the front of its queue, where
+            # the server's scheduler finds it waiting and has the model loaded again.
+            self.connection.lpush(queue.key, job.id)
+            self._slots.release()
             return
         # The engine starts on the request here, on the dequeuing thread, before the job thread
         # runs RQ's bookkeeping (several round trips) and competes with the engine for the GIL.
@@ -217,10 +276,16 @@ def run_worker(
     max_concurrency: int,
     heartbeat_seconds: float,
     log_level: str = "INFO",
+    status: Callable[[], dict[str, str | int]] | None = None,
+    served: Callable[[GenerationWorker], None] | None = None,
 ) -> None:
-    """Serve the given model references until SIGINT/SIGTERM."""
+    """Serve the given model references (and, with a loader in ``context``, any model the
+    scheduler places here) until SIGINT/SIGTERM. ``served`` is called with the worker before it
+    starts, to be told of models that arrive and leave."""
     _wait_for_redis(connection)
     queues = [context.keys.queue(model) for model in models]
-    worker = GenerationWorker(queues, connection, context, max_concurrency, heartbeat_seconds)
+    worker = GenerationWorker(queues, connection, context, max_concurrency, heartbeat_seconds, status=status)
+    if served is not None:
+        served(worker)
     log.info("worker %s serving %s", worker.name, json.dumps(models))
     worker.work(logging_level=log_level)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between decode steps; lets tests stream slowly enough to kill or cancel mid-stream.
 TOKEN_DELAY_ENV = "OLLM_ECHO_TOKEN_DELAY"
+# Seconds "loading" the echo model takes: a window in which tests can kill a loading worker.
+LOAD_DELAY_ENV = "OLLM_ECHO_LOAD_DELAY"
 _WORD = re.compile(r"\s*\S+")
 _VOCAB = 49152
 
@@ -62,6 +64,9 @@ class EchoEngine:
         if token_delay is None:
             token_delay = float(os.environ.get(TOKEN_DELAY_ENV, "0") or 0)
         self.token_delay = token_delay
+        load_delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
+        if load_delay:
+            time.sleep(load_delay)
         self.info = ExecutionInfo(
             model=plan.reference if plan else "echo",
             backend="echo",

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ollm.contract import WorkerInfo
 from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Seed, Timings
-from workers.heartbeat import WorkerInfo
 
 
 class _Body(BaseModel):

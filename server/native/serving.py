@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ollm import catalogue
+from ollm.contract import WorkerInfo
 from ollm.errors import ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
 from ollm.sampling_defaults import sampling_params
@@ -29,7 +30,6 @@ from server.native.protocol import (
 from server.services import Services
 from server.sse import event_stream, first_event, sse
 from server.stores.sessions import Session
-from workers.heartbeat import WorkerInfo
 
 # ---- pure translation ------------------------------------------------------------------------
 

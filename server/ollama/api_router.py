@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ollm import catalogue
+from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
@@ -40,7 +41,6 @@ from server.ollama.protocol import (
     ShowResponse,
     VersionResponse,
 )
-from server.ollama.registry import DerivedModel
 from server.ollama.serving import (
     ChatStream,
     GenerateStream,
@@ -95,11 +95,12 @@ def _ndjson_stream(job: JobStream, first: Event, frames: Callable[[Event], Itera
 
 async def _load_or_unload(svc: Services, resolved: Resolved, name: str, seconds: float | None, chat: bool) -> Response:
     """Ollama's empty prompt: load the model (keep_alive 0: unload it) and answer at once."""
-    await svc.dispatcher.require_worker(resolved.base)
     await residency.set_keep_alive(svc, resolved.base, seconds)
     if seconds == 0:
         await residency.request(svc, resolved.base, "unload", _UNLOAD_TIMEOUT)
         return JSONResponse(residency_response(name, chat, "unload"))
+    # Placed on a worker if none holds it, then loaded there if keep-alive had unloaded it.
+    await svc.dispatcher.load(resolved.base, _LOAD_TIMEOUT)
     await residency.request(svc, resolved.base, "load", _LOAD_TIMEOUT)
     return JSONResponse(residency_response(name, chat, "load"))
 
@@ -175,7 +176,7 @@ async def embed(body: EmbedRequest, svc: Services = Depends(services)) -> dict[s
     inputs: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
     inputs = [item for item in inputs if item != ""]
     if not inputs:  # Ollama: no input only loads the model
-        await svc.dispatcher.require_worker(resolved.base)
+        await svc.dispatcher.load(resolved.base, _LOAD_TIMEOUT)
         return EmbedResponse(model=body.model, embeddings=[]).wire()
     result = await svc.dispatcher.embed(
         EmbeddingRequest(model=resolved.base, inputs=inputs, truncate=body.truncate, dimensions=body.dimensions)

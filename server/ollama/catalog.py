@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ollm.catalogue import ModelListing
+from ollm.derived import DerivedModel
 from server.ollama.protocol import ListedModel, ModelDetails, RunningModel, ShowResponse
-from server.ollama.registry import DerivedModel
 from server.ollama.serving import display_name
 
 # Ollama shows a model kept forever as expiring at the largest time.Duration from now.

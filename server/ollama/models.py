@@ -11,10 +11,10 @@ import asyncio
 from dataclasses import dataclass
 
 from ollm import catalogue
+from ollm.derived import DerivedModel, DerivedModels
 from ollm.errors import InvalidRequestError, OllmError
 from ollm.references import MAX_REFERENCE_LENGTH, parse_reference
 from server.ollama.errors import OllamaModelNotFound
-from server.ollama.registry import DerivedModel, Registry
 from server.ollama.serving import model_name
 from server.services import Services
 
@@ -30,8 +30,8 @@ class Resolved:
     derived: DerivedModel | None
 
 
-def registry(services: Services) -> Registry:
-    return Registry(services.connection, services.keys)
+def registry(services: Services) -> DerivedModels:
+    return DerivedModels(services.connection, services.keys)
 
 
 async def base_name(services: Services, name: str) -> str | None:

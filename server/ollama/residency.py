@@ -4,14 +4,13 @@ keep-alive for a model, ask workers to load or unload it now, and read what they
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
+from ollm.contract import KeepAlive, ResidencyMessage
 from server.ollama.catalog import merge_reports
 from server.ollama.serving import stamp
 from server.services import Services
-from workers.keep_alive import KeepAlive
 
 _POLL = 0.1
 
@@ -45,7 +44,7 @@ async def request(services: Services, model: str, action: str, timeout: float) -
     """Ask the workers serving ``model`` to "load" or "unload" it; wait until one (load) or none
     (unload) reports it in memory. Returns False when that did not happen within ``timeout``."""
     want = action == "load"
-    message = json.dumps({"model": model, "action": action})
+    message = ResidencyMessage(model=model, action="load" if want else "unload").model_dump_json()
     await services.connection.publish(services.keys.residency_channel, message)
     deadline = time.monotonic() + timeout
     while True:

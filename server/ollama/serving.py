@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError
 from ollm.generation import (
     ChatMessage,
@@ -50,7 +51,6 @@ from server.ollama.protocol import (
     Timings,
     TopLogprob,
 )
-from server.ollama.registry import DerivedModel
 
 # Ollama's default keep_alive (OLLAMA_KEEP_ALIVE): five minutes after the last request.
 DEFAULT_KEEP_ALIVE_SECONDS = 300.0

@@ -13,10 +13,10 @@ from typing import Any
 import redis.asyncio
 from pydantic import BaseModel, Field
 
+from ollm.contract import Keys
 from ollm.generation import ChatMessage
 from ollm.settings import ServerSettings
 from server.stores.bucket import Bucket, MemoryBucket, RedisBucket
-from workers.keys import Keys
 
 
 class StoredResponse(BaseModel):

@@ -27,8 +27,9 @@ def start_worker(tmp_path: Path, redis_server: RedisServer, namespace: str) -> I
     def start(
         *models: str, redis_url: str | None = None, ns: str | None = None, wait: bool = True, **env: str
     ) -> Worker:
+        # No models: a worker that pins nothing and loads what requests ask for.
         log = tmp_path / f"worker{len(started)}.log"
-        worker = Worker(redis_url or redis_server.url, ns or namespace, list(models) or ["echo"], log, **env)
+        worker = Worker(redis_url or redis_server.url, ns or namespace, list(models), log, **env)
         started.append(worker)
         return worker.wait_ready() if wait else worker
 

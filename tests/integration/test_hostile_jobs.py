@@ -16,10 +16,10 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from ollm.contract import Keys
 from tests.integration.conftest import ServerFactory, WorkerFactory
 from tests.integration.harness import wait_until
 from workers.job import GENERATE_JOB
-from workers.keys import Keys
 from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -44,12 +44,13 @@ def test_honcho_runs_the_stack_with_two_workers(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).json()
-                if health.get("models", {}).get("echo", {}).get("workers") == 2:  # type: ignore[union-attr]
+                # The Procfile's workers pin no model: they load what requests ask for.
+                if len(health.get("workers", [])) == 2:  # type: ignore[arg-type]
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        assert health.get("models", {}).get("echo", {}).get("workers") == 2, health  # type: ignore[union-attr]
+        assert len(health.get("workers", [])) == 2, health  # type: ignore[arg-type]
         children = psutil.Process(honcho.pid).children(recursive=True)
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",

@@ -11,12 +11,12 @@ import psutil
 import pytest
 import redis.asyncio
 
+from ollm.contract import Keys
 from ollm.generation import ChatMessage
 from ollm.settings import ServerSettings
 from server.stores.responses import StoredResponse, response_store
 from tests.integration.conftest import ServerFactory, Stack
 from tests.integration.harness import OLLM, Process, base_env, free_port, new_namespace, wait_until
-from workers.keys import Keys
 from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
+from ollm.contract import Keys
 from ollm.engine.base import EventSink
 from ollm.generation import ExecutionInfo, FinalEvent, GenerationRequest, Timings, Usage
 from workers.keep_alive import KeepAlive, Residency, Resident, ResidentEngine
-from workers.keys import Keys
 
 KEYS = Keys("t")
 
@@ -82,7 +82,8 @@ def test_kept_forever_without_a_client_keep_alive(redis_client: fakeredis.FakeRe
     residency.sweep()
     assert resident.model is not None
     assert loaded(redis_client, residency)["m"] == {
-        "names": ["m", "org/m"], "size": 123, "loaded_at": resident.loaded_at, "expires_at": None
+        "names": ["m", "org/m"], "size": 123, "loaded_at": resident.loaded_at, "expires_at": None,
+        "last_used": resident.last_used, "in_flight": 0, "pinned": True,
     }  # fmt: skip
 
 

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 import pytest
 from fastapi.exceptions import RequestValidationError
 
+from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError
 from ollm.generation import FinalEvent, FinishReason, Timings, TokenLogprob, TopLogprob, Usage
 from ollm.settings import GenerationSettings
 from server.ollama import catalog
 from server.ollama.errors import validation_message
 from server.ollama.protocol import ChatRequest, CreateRequest, GenerateRequest
-from server.ollama.registry import DerivedModel
 from server.ollama.serving import (
     ChatStream,
     GenerateStream,

@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
+from ollm.contract import WorkerInfo
 from ollm.errors import InvalidRequestError
 from ollm.generation import (
     EmbeddingResult,
@@ -43,7 +44,6 @@ from server.openai.responses.protocol import ResponseRequest
 from server.openai.responses.serving import ResponseBuilder, StreamFrames, from_response_request
 from server.stores.responses import ResponseStore
 from server.translation import image_part
-from workers.heartbeat import WorkerInfo
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)
 TOOLS: list[dict[str, Any]] = [
