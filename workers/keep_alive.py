@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -38,7 +39,7 @@ from redis.client import PubSub
 
 from ollm.contract import KeepAlive, Keys, LoadedModel, ResidencyMessage
 from ollm.engine.base import Engine, EventSink
-from ollm.errors import ServiceUnavailableError
+from ollm.errors import OllmError, ServiceUnavailableError
 from ollm.generation import EmbeddingRequest, EmbeddingResult, ErrorEvent, Event, FinalEvent, GenerationRequest
 from ollm.settings import Settings
 from workers.job import Embedder
@@ -328,6 +329,7 @@ class Residency:
         from workers.engines import load_models
 
         assert self.settings is not None, "loading on demand needs the worker's settings"
+        settings = self.settings
         with self._memory:
             held = self.holding(model)
             if held is not None:
@@ -335,10 +337,16 @@ class Residency:
                     held.acquire()
                     held.release()
                 return held, False
-            plan = plan_model(model, self.settings.runtime)
-            held = self.holding(plan.resolved_reference)
+            plan = plan_model(model, settings.runtime)
+            held = self.holding(plan.resolved_reference) or self._holding_files(plan.path)
             if held is not None:
-                return held, False
+                # The same model under another name (an alias and its directory): serve that name too.
+                self._also_serve(held, model)
+        if held is not None:
+            self.on_served([model], True)
+            self.publish_now()
+            return held, False
+        with self._memory:
             estimate = catalogue.estimated_memory(plan.path, plan.dtype)
             self.make_room(estimate, model, deadline)
             started = time.perf_counter()
@@ -361,6 +369,29 @@ class Residency:
         self.on_served(names, True)
         self.publish_now()
         return resident, True
+
+    def _holding_files(self, path: Path | None) -> Resident[Any] | None:
+        """A resident loaded from the directory ``path`` under another name, if any."""
+        from ollm.plan import plan_model
+
+        assert self.settings is not None
+        if path is None:
+            return None
+        for resident in self.residents:
+            try:
+                other = plan_model(resident.name, self.settings.runtime).path
+            except OllmError:
+                continue
+            if other is not None and other.resolve() == path.resolve():
+                return resident
+        return None
+
+    def _also_serve(self, resident: Resident[Any], name: str) -> None:
+        resident.names.append(name)
+        if resident.name in self.engines:
+            self.engines[name] = self.engines[resident.name]
+        if resident.name in self.embedders:
+            self.embedders[name] = self.embedders[resident.name]
 
     def _serve(self, resident: Resident[Any], kind: str) -> None:
         wrapper: Any = ResidentEngine(resident) if kind == "engine" else ResidentEmbedder(resident)

@@ -286,3 +286,17 @@ def test_a_deep_queue_gets_a_replica_on_a_second_worker(
     found = workers(server)
     assert [w["models"] for w in found] == [["echo"], ["echo"]]  # one copy on each, never two on one
     assert sum(w["loads"] for w in found) == 2
+
+
+def test_one_model_named_two_ways_is_loaded_once(
+    embedding_model_dir: Path, start_worker: WorkerFactory, start_server: ServerFactory
+) -> None:
+    start_worker()
+    server = start_server()
+    openai = server.openai_client()
+    # Its alias, then its directory: the same files, so the worker serves the second name from the
+    # copy it already holds.
+    for name in (DEFAULT_EMBEDDING_MODEL, str(embedding_model_dir)):
+        assert len(openai.embeddings.create(model=name, input="hi").data[0].embedding) == 384
+    (worker,) = workers(server)
+    assert worker["loads"] == 1
