@@ -20,6 +20,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    MemoryBudgetOption,
     ModelOption,
     ModelsDirOption,
     NoSpecializationOption,
@@ -45,6 +46,7 @@ def doctor_command(
     device: DeviceOption = None,
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Environment and runtime diagnostics: devices, memory, disk, models, Redis, settings."""
     overrides = {
@@ -55,6 +57,7 @@ def doctor_command(
             device=device,
             dtype=dtype,
             models_dir=models_dir,
+            memory_budget=memory_budget,
         )
     }
     settings = settings_or_exit(overrides)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from ollm.errors import SettingsError
+from ollm.memory import parse_size
 
 ENV_PREFIX = "OLLM_"
 ENV_DELIMITER = "__"
@@ -56,10 +57,25 @@ class RuntimeSettings(Section):
     dense_projection_chunk_rows: int = Field(
         0,
         ge=0,
-        description="Rows per chunk for the llama.chunked-mlp specialization pass (0 = no chunking). "
-        "That pass is planned, not implemented: today this setting has no effect.",
+        description="Rows per chunk of the MLP projections (the llama.chunked-mlp pass), so a long prefill "
+        "never holds a [tokens x intermediate] tensor at once (0 = no chunking); see docs/memory.md.",
+    )
+    memory_budget: int | Literal["auto"] = Field(
+        "auto",
+        description="Memory the model may use on the compute device: bytes or a size such as 512MiB or 8GiB; "
+        "auto = what the device has free less a margin. The plan holds its estimate against it (docs/memory.md).",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_memory_budget(cls, value: Any) -> int | str:
+        if not isinstance(value, (int, str)):
+            raise ValueError("expected auto, a byte count or a size such as 8GiB")
+        try:
+            return parse_size(value)
+        except SettingsError as exc:
+            raise ValueError(str(exc).removeprefix("runtime.memory_budget: ")) from None
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser()
