@@ -225,17 +225,24 @@ def _plan_memory(
     memory.enforced = runtime.memory_budget != "auto"
     if facts.path is not None:
         memory.weights_bytes = safetensors_weight_bytes(facts.path, plan.dtype)
-    tokens = context_tokens or facts.context_length
+    # An encoder (embedding model) keeps no KV cache between forwards.
+    tokens = 0 if plan.kind == "embedding" else context_tokens or facts.context_length
     shape = facts.shape
-    if shape is not None and tokens:
+    if shape is not None and tokens is not None:
         memory.kv_cache_tokens = tokens
         memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype)
+        step = min(prefill_tokens, tokens or prefill_tokens)
         memory.activations_bytes = shape.activation_bytes(
-            min(prefill_tokens, tokens), tokens, plan.dense_projection_chunk_rows, max_batch, plan.dtype
+            step, max(tokens, step), plan.dense_projection_chunk_rows, max_batch, plan.dtype
         )
     weights, kv, activations = memory.weights_bytes, memory.kv_cache_bytes, memory.activations_bytes
     if weights is None or kv is None or activations is None or tokens is None or shape is None:
-        missing = "no safetensors files" if weights is None else "config.json lacks the decoder's dimensions"
+        if facts.path is None:
+            missing = "the model is not materialized, so there are no files to read"
+        elif weights is None:
+            missing = "no safetensors files"
+        else:
+            missing = "config.json lacks the decoder's dimensions"
         memory.reason = f"cannot estimate memory: {missing}"
         return
     budget = memory.budget_bytes

@@ -231,3 +231,18 @@ def test_save_file_headers_are_what_the_plan_reads(tmp_path: Path, tmp_runtime: 
     save_file({"c": torch.zeros(5, dtype=torch.float32)}, str(path / "model-00002.safetensors"))
     memory = plan_model(str(path), runtime(tmp_runtime, dtype="float32")).memory
     assert memory.weights_bytes == 100 * 4 + 10 * 8 + 5 * 4
+
+
+def test_embedding_models_have_no_kv_cache_and_unpulled_models_no_estimate(
+    make_model_dir: Any, tmp_path: Path, tmp_runtime: RuntimeSettings
+) -> None:
+    bert = {"model_type": "bert", "architectures": ["BertModel"], "max_position_embeddings": 512,
+            "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "vocab_size": 100}  # fmt: skip
+    path = make_model_dir(tmp_path / "bert", bert, {"embeddings.weight": (100, 32)})
+    memory = plan_model(str(path), runtime(tmp_runtime, dtype="float32")).memory
+    assert (memory.kv_cache_tokens, memory.kv_cache_bytes, memory.strategy) == (0, 0, "resident")
+    assert memory.expected_peak_bytes == 100 * 32 * 4 + (memory.activations_bytes or 0)
+
+    unpulled = plan_model("gpt-oss-20B", tmp_runtime).memory
+    assert (unpulled.expected_peak_bytes, unpulled.strategy) == (None, "unknown")
+    assert unpulled.reason is not None and "not materialized" in unpulled.reason
