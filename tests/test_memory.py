@@ -189,6 +189,10 @@ def test_plan_memory_shown_by_cli_and_doctor(cli: Any, llama_dir: Path, tmp_path
     doctor = cli("doctor", "--plan-json", "--model", str(llama_dir), "--memory-budget", "512MiB")
     assert doctor.exit_code == 0, doctor.output
     assert json.loads(doctor.stdout)["memory"]["budget_bytes"] == 512 * 2**20
+    report = cli("doctor", "--json", "--model", str(llama_dir), "--memory-budget", "512MiB")
+    assert json.loads(report.stdout)["plan"]["memory"]["strategy"] == "resident"
+    table = cli("doctor", "--model", str(llama_dir), "--memory-budget", "512MiB")
+    assert "memory plan" in table.stdout and "512.0 MiB budget" in table.stdout
 
 
 def test_chunked_mlp_bounds_rows_and_keeps_the_result() -> None:
