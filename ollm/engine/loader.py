@@ -71,6 +71,7 @@ class _SequenceFactory:
         self.tokenizer = tokenizer
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.context = plan.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.settings_kv_budget = settings.worker.kv_cache_max_tokens
         self.kv_budget = kv_token_budget(plan, settings)
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -92,9 +93,14 @@ class _SequenceFactory:
             )
         max_new = min(request.sampling.max_new_tokens, self.context - len(prompt_ids))
         if len(prompt_ids) + max_new > self.kv_budget:
+            source = (
+                "worker.kv_cache_max_tokens"
+                if self.kv_budget == self.settings_kv_budget
+                else "what runtime.memory_budget leaves beside the weights; see docs/memory.md"
+            )
             raise ContextLengthError(
                 f"the request needs {len(prompt_ids) + max_new} tokens of KV cache, more than this worker's "
-                f"budget of {self.kv_budget} (worker.kv_cache_max_tokens). Lower max tokens or raise the budget."
+                f"budget of {self.kv_budget} ({source}). Lower max tokens or raise the budget."
             )
         grammar = self.grammars().mask_for(request.constraint) if request.constraint else None
         return Sequence(
