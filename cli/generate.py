@@ -14,6 +14,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    MemoryBudgetOption,
     ModelOption,
     ModelsDirOption,
     NoSpecializationOption,
@@ -58,10 +59,11 @@ def _overrides(
     device: str | None,
     dtype: str | None,
     models_dir: str | None,
+    memory_budget: str | None,
     generation: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
     return {
-        "runtime": runtime_overrides(model, backend, no_specialization, device, dtype, models_dir),
+        "runtime": runtime_overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget),
         "generation": generation,
     }
 
@@ -73,7 +75,12 @@ def _sampling(settings: Settings, stop: list[str] | None) -> SamplingParams:
 
 def _plan(settings: Settings) -> RuntimePlan:
     try:
-        return plan_model(settings.runtime.model_reference, settings.runtime)
+        return plan_model(
+            settings.runtime.model_reference,
+            settings.runtime,
+            prefill_tokens=settings.worker.max_tokens_per_step,
+            max_batch=settings.worker.max_batch,
+        )
     except OllmError as exc:
         fail(exc.message)
 
@@ -119,6 +126,7 @@ def prompt_command(
     device: DeviceOption = None,
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Answer one prompt and exit (non-zero on failure)."""
     generation = {
@@ -133,7 +141,9 @@ def prompt_command(
         "presence_penalty": presence_penalty,
         "stream": stream_output,
     }
-    settings = settings_or_exit(_overrides(model, backend, no_specialization, device, dtype, models_dir, generation))
+    settings = settings_or_exit(
+        _overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget, generation)
+    )
     plan = _plan(settings)
     if plan_json:
         typer.echo(plan.model_dump_json(indent=2))
@@ -191,10 +201,13 @@ def chat_command(
     device: DeviceOption = None,
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Interactive chat with history. /clear forgets the conversation, /exit leaves."""
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-    settings = settings_or_exit(_overrides(model, backend, no_specialization, device, dtype, models_dir, generation))
+    settings = settings_or_exit(
+        _overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget, generation)
+    )
     plan = _plan(settings)
     if plan_json:
         typer.echo(plan.model_dump_json(indent=2))

@@ -15,6 +15,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    MemoryBudgetOption,
     ModelsDirOption,
     NoSpecializationOption,
     PlanJsonOption,
@@ -74,6 +75,7 @@ def info_command(
     device: DeviceOption = None,
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """What a model is and how it would run, read from its config files without loading weights."""
     overrides = runtime_overrides(
@@ -82,6 +84,7 @@ def info_command(
         device=device,
         dtype=dtype,
         models_dir=models_dir,
+        memory_budget=memory_budget,
     )
     settings = settings_or_exit({"runtime": overrides})
     try:
@@ -127,6 +130,17 @@ def _print_info(info: dict[str, Any]) -> None:
                 table.add_row(f"plan: {key.replace('_', ' ')}", str(plan[key]))
         if plan["planned_passes"]:
             table.add_row("plan: planned passes", ", ".join(plan["planned_passes"]))
+        memory = plan.get("memory") or {}
+        if memory.get("expected_peak_bytes") is not None:
+            table.add_row(
+                "plan: memory",
+                f"peak {_human_bytes(memory['expected_peak_bytes'])} of a {_human_bytes(memory['budget_bytes'])} "
+                f"budget (weights {_human_bytes(memory['weights_bytes'])}, KV cache "
+                f"{_human_bytes(memory['kv_cache_bytes'])} for {memory['kv_cache_tokens']} tokens, activations "
+                f"{_human_bytes(memory['activations_bytes'])}): {memory['strategy']}",
+            )
+        if plan["applied_passes"]:
+            table.add_row("plan: applied passes", ", ".join(plan["applied_passes"]))
         if plan["fallback_reason"]:
             table.add_row("plan: fallback reason", plan["fallback_reason"])
     else:

@@ -23,6 +23,12 @@ PlanJsonOption = Annotated[bool, typer.Option("--plan-json", help="Print the run
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DTypeOption = Annotated[str | None, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
 ModelsDirOption = Annotated[str | None, typer.Option("--models-dir", help="Where models are materialized.")]
+MemoryBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget", help="Memory the model may use: bytes, 512MiB, 8GiB... or auto (free memory less a margin)."
+    ),
+]
 
 
 def runtime_overrides(
@@ -32,6 +38,7 @@ def runtime_overrides(
     device: str | None = None,
     dtype: str | None = None,
     models_dir: str | None = None,
+    memory_budget: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -40,6 +47,7 @@ def runtime_overrides(
         "device": device,
         "dtype": dtype,
         "models_dir": models_dir,
+        "memory_budget": memory_budget,
     }
 
 

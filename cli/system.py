@@ -20,6 +20,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    MemoryBudgetOption,
     ModelOption,
     ModelsDirOption,
     NoSpecializationOption,
@@ -31,6 +32,7 @@ from cli.options import (
 from ollm.catalogue import is_materialized
 from ollm.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from ollm.errors import OllmError
+from ollm.memory import human
 from ollm.plan import plan_model
 from ollm.settings import Settings, redacted_url, settings_with_origins
 
@@ -45,6 +47,7 @@ def doctor_command(
     device: DeviceOption = None,
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Environment and runtime diagnostics: devices, memory, disk, models, Redis, settings."""
     overrides = {
@@ -55,6 +58,7 @@ def doctor_command(
             device=device,
             dtype=dtype,
             models_dir=models_dir,
+            memory_budget=memory_budget,
         )
     }
     settings = settings_or_exit(overrides)
@@ -191,6 +195,13 @@ def _print_report(report: dict[str, Any]) -> None:
         summary.add_row(
             "plan", f"{plan['support_level']}, backend {plan['backend']}, {plan['specialization_state']}"
         )
+        estimate = plan["memory"]
+        if estimate["expected_peak_bytes"] is not None:
+            summary.add_row(
+                "memory plan",
+                f"peak {human(estimate['expected_peak_bytes'])} of a {human(estimate['budget_bytes'])} budget "
+                f"({estimate['budget_source']}): {estimate['strategy']}",
+            )
         if plan["fallback_reason"]:
             summary.add_row("fallback", plan["fallback_reason"])
     redis_status = report["redis"]

@@ -48,6 +48,12 @@ class UnsupportedModelError(InvalidRequestError):
     code = "unsupported_model"
 
 
+class MemoryBudgetError(UnsupportedModelError):
+    """The model cannot run within runtime.memory_budget (the plan's numbers say why)."""
+
+    code = "memory_budget_exceeded"
+
+
 class PullError(OllmError):
     status = 502
     code = "pull_failed"

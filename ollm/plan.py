@@ -1,6 +1,6 @@
-"""Runtime planning: reference -> how to run it (backend, device, dtype, specialization).
+"""Runtime planning: reference -> how to run it (backend, device, dtype, specialization, memory).
 
-Planning reads config files only, never weights.
+Planning reads config files and safetensors headers only, never weights.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from ollm import catalogue
 from ollm.catalogue import ModelKind
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.errors import ModelNotFoundError, UnsupportedModelError
+from ollm.memory import MemoryPlan, TextShape, human, resolve_budget, safetensors_weight_bytes
 from ollm.references import ModelReference, parse_reference
-from ollm.settings import RuntimeSettings
+from ollm.settings import RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
 
 __all__ = ["ModelKind", "RuntimePlan", "SupportLevel", "plan_model"]
@@ -41,11 +42,32 @@ class RuntimePlan(BaseModel):
     dtype: str
     batch_invariant: bool = False
     context_length: int | None = None
+    dense_projection_chunk_rows: int = 0
+    memory: MemoryPlan = Field(default_factory=MemoryPlan)
     fallback_reason: str | None = None
 
+    def expected_peak_bytes(self) -> int | None:
+        """What the model is expected to hold at its peak (weights + KV + activations); None if unknown.
 
-def plan_model(reference: str, runtime: RuntimeSettings) -> RuntimePlan:
+        Memory accounting (the worker's, a scheduler's) should count this, not the weights' size."""
+        return self.memory.expected_peak_bytes
+
+
+_DEFAULT_PREFILL_TOKENS = int(WorkerSettings.model_fields["max_tokens_per_step"].default)
+_DEFAULT_MAX_BATCH = int(WorkerSettings.model_fields["max_batch"].default)
+
+
+def plan_model(
+    reference: str,
+    runtime: RuntimeSettings,
+    context_tokens: int | None = None,
+    prefill_tokens: int = _DEFAULT_PREFILL_TOKENS,
+    max_batch: int = _DEFAULT_MAX_BATCH,
+) -> RuntimePlan:
     """Decide how ``reference`` would run under ``runtime``, without loading anything heavy.
+
+    The memory estimate covers one request of ``context_tokens`` tokens (default: the model's
+    context) prefilled ``prefill_tokens`` at a time, beside a decode batch of ``max_batch``.
 
     Raises InvalidReferenceError / ModelNotFoundError for references that cannot be resolved
     (ModelNotMaterializedError for a repo ID that was never pulled: there is no config to read),
@@ -83,6 +105,7 @@ def plan_model(reference: str, runtime: RuntimeSettings) -> RuntimePlan:
             )
         return plan
     _choose_backend(plan, provider_for(facts.model_type), runtime)
+    _plan_memory(plan, provider_for(facts.model_type), facts, runtime, context_tokens, prefill_tokens, max_batch)
     return plan
 
 
@@ -92,6 +115,7 @@ class _ModelFacts(BaseModel):
     architecture: str | None
     model_type: str | None
     context_length: int | None
+    shape: TextShape | None = None
 
 
 def _model_facts(ref: ModelReference, runtime: RuntimeSettings) -> _ModelFacts:
@@ -105,6 +129,7 @@ def _model_facts(ref: ModelReference, runtime: RuntimeSettings) -> _ModelFacts:
             architecture=architectures[0],
             model_type=config.get("model_type"),
             context_length=catalogue.context_length(config, path),
+            shape=TextShape.from_config(config),
         )
     entry = catalogue.find_alias(ref.name) if ref.kind == "alias" else None
     if entry is None:
@@ -154,6 +179,18 @@ def _choose_backend(
             )
     if provider is None:
         return
+    # Chunking the MLP changes the generic forward only: it applies whether or not the rest of the
+    # provider's passes exist.
+    chunked = provider.chunked_projection_pass
+    if (
+        chunked is not None
+        and chunked in provider.implemented_passes
+        and runtime.dense_projection_chunk_rows > 0
+        and runtime.use_specialization
+        and forced != "transformers-generic"
+    ):
+        plan.applied_passes.append(chunked)
+        plan.dense_projection_chunk_rows = runtime.dense_projection_chunk_rows
     if not runtime.use_specialization:
         plan.specialization_state = "disabled"
         plan.fallback_reason = (
@@ -172,6 +209,76 @@ def _choose_backend(
         plan.specialization_state = "planned"
         plan.support_level = "optimized"
         plan.backend = "optimized-native"
+
+
+def _plan_memory(
+    plan: RuntimePlan,
+    provider: SpecializationProvider | None,
+    facts: _ModelFacts,
+    runtime: RuntimeSettings,
+    context_tokens: int | None,
+    prefill_tokens: int,
+    max_batch: int,
+) -> None:
+    memory = plan.memory
+    memory.budget_bytes, memory.budget_source = resolve_budget(runtime.memory_budget, plan.device)
+    memory.enforced = runtime.memory_budget != "auto"
+    if facts.path is not None:
+        memory.weights_bytes = safetensors_weight_bytes(facts.path, plan.dtype)
+    # An encoder (embedding model) keeps no KV cache between forwards.
+    tokens = 0 if plan.kind == "embedding" else context_tokens or facts.context_length
+    shape = facts.shape
+    if shape is not None and tokens is not None:
+        memory.kv_cache_tokens = tokens
+        memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype)
+        step = min(prefill_tokens, tokens or prefill_tokens)
+        memory.activations_bytes = shape.activation_bytes(
+            step, max(tokens, step), plan.dense_projection_chunk_rows, max_batch, plan.dtype
+        )
+    weights, kv, activations = memory.weights_bytes, memory.kv_cache_bytes, memory.activations_bytes
+    if weights is None or kv is None or activations is None or tokens is None or shape is None:
+        if facts.path is None:
+            missing = "the model is not materialized, so there are no files to read"
+        elif weights is None:
+            missing = "no safetensors files"
+        else:
+            missing = "config.json lacks the decoder's dimensions"
+        memory.reason = f"cannot estimate memory: {missing}"
+        return
+    budget = memory.budget_bytes
+    memory.expected_peak_bytes = weights + kv + activations
+    memory.fits = memory.expected_peak_bytes <= budget
+    if memory.fits:
+        memory.strategy = "resident"
+        return
+    memory.strategy = "needs-streaming"
+    per_token = max(shape.kv_bytes(1, plan.dtype), 1)
+    memory.kv_cache_token_limit = max(budget - weights - activations, 0) // per_token
+    layer_pass = (provider and provider.layer_streaming_pass) or "layer streaming (no pass for this family)"
+    kv_pass = (provider and provider.kv_offload_pass) or "KV offload (no pass for this family)"
+    memory.required_passes = [kv_pass] if weights + activations <= budget else [layer_pass, kv_pass]
+    how = ", ".join(memory.required_passes)
+    memory.reason = (
+        f"expected peak {human(memory.expected_peak_bytes)} (weights {human(weights)} + KV cache for "
+        f"{tokens} tokens {human(kv)} + activations {human(activations)}) exceeds the budget of "
+        f"{human(budget)} ({memory.budget_source}); {how} would keep it under, but "
+        + ("they are" if len(memory.required_passes) > 1 else "it is")
+        + " planned, not implemented. "
+    )
+    if memory.kv_cache_token_limit > 0 and memory.enforced:
+        memory.strategy = "resident-capped-kv"
+        memory.reason += (
+            f"Running resident with the KV cache capped at {memory.kv_cache_token_limit} tokens across requests."
+        )
+        memory.expected_peak_bytes = weights + activations + memory.kv_cache_token_limit * per_token
+        memory.fits = True
+    elif memory.enforced:
+        memory.reason += (
+            "Loading refuses: raise runtime.memory_budget (--memory-budget) or use a smaller model or dtype."
+        )
+    else:
+        memory.reason += "Running resident anyway: the system may swap or run out of memory."
+    plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, memory.reason]))
 
 
 def _echo_plan(reference: str, runtime: RuntimeSettings) -> RuntimePlan:

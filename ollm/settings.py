@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from ollm.errors import SettingsError
+from ollm.memory import parse_size
 
 ENV_PREFIX = "OLLM_"
 ENV_DELIMITER = "__"
@@ -31,6 +32,16 @@ Backend = Literal["auto", "optimized-native", "transformers-generic"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 StoreBackend = Literal["redis", "memory", "none"]
 SessionBackend = Literal["memory", "redis"]
+
+
+def _size(value: Any, setting: str) -> int | str:
+    """A memory size setting: ``auto``, a byte count or a size such as 8GiB (one parser for all)."""
+    if not isinstance(value, (int, str)):
+        raise ValueError("expected auto, a byte count or a size such as 8GiB")
+    try:
+        return parse_size(value, setting)
+    except SettingsError as exc:
+        raise ValueError(str(exc).removeprefix(f"{setting}: ")) from None
 
 
 class Section(BaseModel):
@@ -56,10 +67,20 @@ class RuntimeSettings(Section):
     dense_projection_chunk_rows: int = Field(
         0,
         ge=0,
-        description="Rows per chunk for the llama.chunked-mlp specialization pass (0 = no chunking). "
-        "That pass is planned, not implemented: today this setting has no effect.",
+        description="Rows per chunk of the MLP projections (the llama.chunked-mlp pass), so a long prefill "
+        "never holds a [tokens x intermediate] tensor at once (0 = no chunking); see docs/memory.md.",
+    )
+    memory_budget: int | Literal["auto"] = Field(
+        "auto",
+        description="Memory the model may use on the compute device: bytes or a size such as 512MiB or 8GiB; "
+        "auto = what the device has free less a margin. The plan holds its estimate against it (docs/memory.md).",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_memory_budget(cls, value: Any) -> int | str:
+        return _size(value, "runtime.memory_budget")
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser()
@@ -125,10 +146,10 @@ class WorkerSettings(Section):
         description="Models loaded at start and pinned (never evicted); unset: none, models load on demand.",
     )
     on_demand: bool = Field(True, description="Also load the models requests ask for, within the memory budget.")
-    memory_budget: ByteSize | None = Field(
+    memory_budget: int | None = Field(
         None,
-        description="Bytes of models this worker may hold, e.g. \"8GiB\"; unset: 80% of the memory available "
-        "when it starts (the device's memory on a GPU), shared by `ollm serve`'s embedded workers.",
+        description="Bytes of models this worker may hold, e.g. \"8GiB\"; unset or auto: 80% of the memory "
+        "available when it starts (the device's memory on a GPU), shared by `ollm serve`'s embedded workers.",
     )
     max_loaded_models: int = Field(3, ge=0, description="Models one worker holds at once at most (0: no limit).")
     max_batch: int = Field(16, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
@@ -139,6 +160,12 @@ class WorkerSettings(Section):
         262144, ge=256, description="KV cache budget (tokens across sequences) before requests wait."
     )
     heartbeat_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_memory_budget(cls, value: Any) -> int | None:
+        size = "auto" if value is None else _size(value, "worker.memory_budget")
+        return None if size == "auto" else int(size)
 
 
 class Settings(BaseSettings):

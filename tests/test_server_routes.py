@@ -245,3 +245,25 @@ def test_a_request_that_outlives_its_timeout_is_504_and_cancelled(settings: Sett
     job_id = marker.decode().rsplit(":", 1)[1]
     queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)
     assert job_id not in queue.get_job_ids()  # the queued job was cancelled, not left to run
+
+
+def test_plan_route_shows_the_memory_estimate(
+    settings: Settings, make_model_dir: Any, clean_settings_env: Path, tmp_path: Path
+) -> None:
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 512,
+        "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+        "vocab_size": 10,
+    }  # fmt: skip
+    settings.runtime.models_dir = tmp_path  # the server plans directories under its models dir only
+    make_model_dir(tmp_path / "tiny-llama", config, {"embed.weight": (10, 8)})
+    with TestClient(create_app(settings, services_for(settings))) as client:
+        model = str(tmp_path / "tiny-llama")
+        body = {"model": model, "dtype": "float32", "memory_budget": "1GiB", "context_tokens": 100}
+        answer = client.post("/v1/plan", json=body)
+        plan = answer.json()
+        assert answer.status_code == 200, plan
+        assert plan["memory"]["budget_bytes"] == 2**30 and plan["memory"]["weights_bytes"] == 10 * 8 * 4
+        assert plan["memory"]["kv_cache_tokens"] == 100 and plan["memory"]["strategy"] == "resident"
+        bad = client.post("/v1/plan", json={"model": model, "memory_budget": "a lot"})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "memory_budget"

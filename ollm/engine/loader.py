@@ -23,11 +23,12 @@ from ollm.embeddings import Embedder
 from ollm.engine.base import Engine, EventSink
 from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
+from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
 from ollm.engine.prompting import render_ids, render_text
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
-from ollm.errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
+from ollm.errors import ContextLengthError, InvalidRequestError, MemoryBudgetError, UnsupportedModelError
 from ollm.generation import ExecutionInfo, GenerationRequest
 from ollm.plan import RuntimePlan
 from ollm.settings import Settings
@@ -70,7 +71,8 @@ class _SequenceFactory:
         self.tokenizer = tokenizer
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.context = plan.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.kv_budget = settings.worker.kv_cache_max_tokens
+        self.settings_kv_budget = settings.worker.kv_cache_max_tokens
+        self.kv_budget = kv_token_budget(plan, settings)
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._grammars: GrammarCompiler | None = None
@@ -91,9 +93,14 @@ class _SequenceFactory:
             )
         max_new = min(request.sampling.max_new_tokens, self.context - len(prompt_ids))
         if len(prompt_ids) + max_new > self.kv_budget:
+            source = (
+                "worker.kv_cache_max_tokens"
+                if self.kv_budget == self.settings_kv_budget
+                else "what runtime.memory_budget leaves beside the weights; see docs/memory.md"
+            )
             raise ContextLengthError(
                 f"the request needs {len(prompt_ids) + max_new} tokens of KV cache, more than this worker's "
-                f"budget of {self.kv_budget} (worker.kv_cache_max_tokens). Lower max tokens or raise the budget."
+                f"budget of {self.kv_budget} ({source}). Lower max tokens or raise the budget."
             )
         grammar = self.grammars().mask_for(request.constraint) if request.constraint else None
         return Sequence(
@@ -108,6 +115,14 @@ class _SequenceFactory:
             grammar,
             submitted,
         )
+
+
+def kv_token_budget(plan: RuntimePlan, settings: Settings) -> int:
+    """KV tokens the engine may hold: the worker's setting, capped by what an explicit memory budget leaves."""
+    limit = plan.memory.kv_cache_token_limit
+    if plan.memory.enforced and limit:
+        return min(settings.worker.kv_cache_max_tokens, limit)
+    return settings.worker.kv_cache_max_tokens
 
 
 def _refuse_images(plan: RuntimePlan, request: GenerationRequest) -> None:
@@ -157,8 +172,12 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     started = time.perf_counter()
     dtype = _DTYPES[plan.dtype]
     info = execution_info(plan)
+    if plan.memory.refuses_load():
+        raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+        if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
+            chunk_mlps(model, plan.dense_projection_chunk_rows)
         tokenizer = AutoTokenizer.from_pretrained(plan.path)
         factory = _SequenceFactory(plan, model, tokenizer, settings)
 
@@ -178,7 +197,7 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
             build,
             max_batch=max_batch,
             max_tokens_per_step=settings.worker.max_tokens_per_step,
-            kv_cache_max_tokens=settings.worker.kv_cache_max_tokens,
+            kv_cache_max_tokens=factory.kv_budget,
             batch_invariant=plan.batch_invariant,
             load_ms=(time.perf_counter() - started) * 1000,
         )

@@ -16,6 +16,10 @@ class SpecializationProvider:
     model_types: frozenset[str]
     pass_ids: tuple[str, ...]
     implemented_passes: frozenset[str] = field(default_factory=frozenset)
+    # The roles the memory planner asks for by name; each is one of pass_ids or None.
+    chunked_projection_pass: str | None = None
+    layer_streaming_pass: str | None = None
+    kv_offload_pass: str | None = None
 
     def missing_passes(self) -> list[str]:
         return [pass_id for pass_id in self.pass_ids if pass_id not in self.implemented_passes]

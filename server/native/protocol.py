@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ollm.contract import WorkerInfo
+from ollm.errors import SettingsError
 from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Seed, Timings
+from ollm.memory import parse_size
 
 
 class _Body(BaseModel):
@@ -87,6 +89,21 @@ class PlanRequest(_Body):
     device: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     use_specialization: bool | None = None
+    memory_budget: int | str | None = Field(None, description="Bytes, a size such as 8GiB, or auto.")
+    dense_projection_chunk_rows: int | None = Field(None, ge=0)
+    context_tokens: int | None = Field(
+        None, ge=1, description="Tokens of KV cache the memory estimate covers (default: the model's context)."
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: int | str | None) -> int | str | None:
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class ModelServing(BaseModel):

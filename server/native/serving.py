@@ -87,7 +87,7 @@ def model_serving(workers: list[WorkerInfo]) -> dict[str, ModelServing]:
 
 def runtime_for(base: RuntimeSettings, plan: PlanRequest) -> RuntimeSettings:
     """The runtime settings a plan request asks about: the server's, with the request's overrides."""
-    overrides = plan.model_dump(exclude={"model"}, exclude_none=True)
+    overrides = plan.model_dump(exclude={"model", "context_tokens"}, exclude_none=True)
     return RuntimeSettings.model_validate({**base.model_dump(), **overrides})
 
 
@@ -137,7 +137,15 @@ async def plan(services: Services, body: PlanRequest) -> dict[str, Any]:
     from ollm.plan import plan_model
 
     runtime = runtime_for(services.settings.runtime, body)
-    planned = await asyncio.to_thread(plan_model, body.model or runtime.model_reference, runtime)
+    worker = services.settings.worker
+    planned = await asyncio.to_thread(
+        plan_model,
+        body.model or runtime.model_reference,
+        runtime,
+        body.context_tokens,
+        worker.max_tokens_per_step,
+        worker.max_batch,
+    )
     return planned.model_dump(mode="json")
 
 

@@ -1,0 +1,204 @@
+"""The memory budget and what a model will cost under it, read from config files and safetensors headers.
+
+Nothing here loads weights: the weights' size comes from the safetensors headers (each tensor's
+shape, counted in the run dtype), the KV cache and activations from config.json. docs/memory.md
+explains the formulas and how to choose a budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from math import prod
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ollm.errors import SettingsError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# safetensors dtype -> bytes per element; floating tensors are cast to the run dtype on load.
+_SAFETENSORS_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+}  # fmt: skip
+_FLOATING = {"F64", "F32", "F16", "BF16"}
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# What `auto` leaves to the rest of the system: a tenth of what is free, at least this much.
+AUTO_MARGIN_MIN = 256 * 2**20
+
+# resident: everything fits. resident-capped-kv: the weights fit under an explicit budget, the full
+# context's KV cache does not, so the engine admits only as many KV tokens as fit. needs-streaming:
+# only layer streaming / KV offload would fit (planned passes): loading refuses under an explicit
+# budget and runs resident (reported) under auto.
+MemoryStrategy = Literal["resident", "resident-capped-kv", "needs-streaming", "unknown"]
+
+
+def parse_size(value: int | str, setting: str = "runtime.memory_budget") -> int | Literal["auto"]:
+    """``"auto"``, a byte count, or a size such as ``512MiB``, ``8GiB``, ``1.5GB`` -> bytes."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{setting}: expected a size such as 8GiB, not a boolean")
+    if isinstance(value, int):
+        if value <= 0:
+            raise SettingsError(f"{setting}: {value} must be positive (or auto)")
+        return value
+    text = value.strip()
+    if text.lower() == "auto":
+        return "auto"
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise SettingsError(
+            f"{setting}: {value!r} is not a size; use auto, a byte count, or e.g. 512MiB, 8GiB, 6GB"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise SettingsError(f"{setting}: {value!r} must be positive (or auto)")
+    return size
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def available_bytes(device: str) -> int:
+    """What the compute device has free now: host RAM for cpu, the device's free memory for cuda."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    # mps shares host memory.
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_budget(setting: int | str, device: str) -> tuple[int, str]:
+    """The budget in bytes and where it came from, in words for the plan."""
+    parsed = parse_size(setting)
+    if parsed != "auto":
+        return parsed, "runtime.memory_budget"
+    free = available_bytes(device)
+    margin = max(AUTO_MARGIN_MIN, free // 10)
+    budget = max(free - margin, 0)
+    return budget, f"auto: {human(free)} free on {device} less a margin of {human(margin)}"
+
+
+def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
+    """Bytes the weights take once loaded in ``dtype``, from the headers of ``path``'s *.safetensors.
+
+    None when the directory holds no safetensors files (the estimate is then unknown, not zero).
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    run_bytes = DTYPE_BYTES[dtype]
+    total = 0
+    for file in files:
+        for name, entry in _header(file).items():
+            if name == "__metadata__":
+                continue
+            kind = entry["dtype"]
+            size = run_bytes if kind in _FLOATING else _SAFETENSORS_BYTES.get(kind, 4)
+            total += prod(entry["shape"]) * size
+    return total
+
+
+def _header(file: Path) -> dict[str, Any]:
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header: dict[str, Any] = json.loads(handle.read(length))
+    return header
+
+
+class TextShape(BaseModel):
+    """The decoder's dimensions that the KV cache and activations scale with."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TextShape | None:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        assert isinstance(text, dict)
+        try:
+            layers = int(text["num_hidden_layers"])
+            hidden = int(text["hidden_size"])
+            heads = int(text["num_attention_heads"])
+            intermediate = int(text.get("intermediate_size") or 4 * hidden)
+            kv_heads = int(text.get("num_key_value_heads") or heads)
+            head_dim = int(text.get("head_dim") or hidden // heads)
+            vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        return cls(
+            layers=layers,
+            hidden=hidden,
+            intermediate=intermediate,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab=vocab,
+        )
+
+    def kv_bytes(self, tokens: int, dtype: str) -> int:
+        # Keys and values, every layer, every KV head.
+        return 2 * self.layers * self.kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
+
+    def activation_bytes(self, prefill_tokens: int, context: int, chunk_rows: int, batch: int, dtype: str) -> int:
+        """The largest transient set of one forward: a prefill chunk of ``prefill_tokens`` tokens."""
+        size = DTYPE_BYTES[dtype]
+        rows = min(prefill_tokens, chunk_rows) if chunk_rows else prefill_tokens
+        residual = 4 * prefill_tokens * self.hidden * size  # hidden states, norm output, attention output
+        qkv = prefill_tokens * (self.heads + 2 * self.kv_heads) * self.head_dim * size
+        mlp = 3 * rows * self.intermediate * size  # gate, up and their product, per chunk of rows
+        # An attention kernel that materializes the scores holds [heads x tokens x context]; counted
+        # so the estimate stays an upper bound whichever SDPA path torch picks.
+        scores = self.heads * prefill_tokens * context * size
+        logits = batch * self.vocab * 4  # the last position's logits, upcast to float32 for sampling
+        return residual + qkv + max(mlp, scores) + logits
+
+
+class MemoryPlan(BaseModel):
+    """What the plan expects a model to cost, against the budget. Sizes are bytes."""
+
+    budget_bytes: int | None = Field(None, description="The budget the estimate is held against.")
+    budget_source: str | None = None
+    weights_bytes: int | None = Field(None, description="Weights in the run dtype, from the safetensors headers.")
+    kv_cache_tokens: int | None = Field(None, description="Tokens of KV cache the estimate covers.")
+    kv_cache_bytes: int | None = None
+    activations_bytes: int | None = Field(None, description="The largest transient set of one forward.")
+    expected_peak_bytes: int | None = Field(None, description="weights + KV cache + activations.")
+    strategy: MemoryStrategy = "unknown"
+    required_passes: list[str] = Field(
+        default_factory=list, description="Passes that would keep the peak under the budget."
+    )
+    kv_cache_token_limit: int | None = Field(
+        None, description="KV tokens the budget leaves room for beside the weights, when fewer than the context."
+    )
+    fits: bool | None = None
+    enforced: bool = Field(False, description="True for an explicit budget: loading refuses to exceed it.")
+    reason: str | None = None
+
+    def refuses_load(self) -> bool:
+        """The weights and one forward alone exceed an explicit budget: running resident would break it."""
+        return self.enforced and self.kv_cache_token_limit == 0

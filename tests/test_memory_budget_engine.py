@@ -1,0 +1,57 @@
+"""An explicit memory budget is enforced on the real model: refused with numbers, or the KV cache capped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ollm.engine.base import stream
+from ollm.engine.loader import load_engine
+from ollm.generation import ErrorEvent, FinalEvent, GenerationRequest, SamplingParams
+from ollm.plan import plan_model
+from ollm.settings import RuntimeSettings, load_settings
+from tests.conftest import DEFAULT_CHAT_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def test_prompt_under_a_budget_below_the_weights_is_refused(
+    cli: Any, default_runtime: RuntimeSettings, default_model_dir: Any
+) -> None:
+    result = cli(
+        "prompt", "hi", "--model", DEFAULT_CHAT_MODEL, "--models-dir", str(default_runtime.models_dir),
+        "--dtype", "float32", "--memory-budget", "100MiB",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "exceeds the budget of 100.0 MiB" in result.stderr and "llama.layer-offload" in result.stderr
+    assert "weights 513.1 MiB" in result.stderr  # 134.5M parameters x 4 bytes, from the headers
+
+
+def test_kv_cache_is_capped_to_what_the_budget_leaves(
+    default_runtime: RuntimeSettings, default_model_dir: Any
+) -> None:
+    roomy = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
+                                       "memory_budget": "8GiB"}})  # fmt: skip
+    estimate = plan_model(DEFAULT_CHAT_MODEL, roomy.runtime).memory
+    assert estimate.weights_bytes is not None and estimate.activations_bytes is not None
+    per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2: 30 layers, 3 KV heads of 64, float32
+    budget = estimate.weights_bytes + estimate.activations_bytes + 64 * per_token
+    settings = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
+                                          "memory_budget": budget}})  # fmt: skip
+    plan = plan_model(DEFAULT_CHAT_MODEL, settings.runtime)
+    assert (plan.memory.strategy, plan.memory.kv_cache_token_limit) == ("resident-capped-kv", 64)
+    engine = load_engine(plan, settings)
+    try:
+        short = GenerationRequest(
+            model=DEFAULT_CHAT_MODEL, prompt="Hello", sampling=SamplingParams(temperature=0.0, max_new_tokens=8)
+        )
+        assert isinstance(list(stream(engine, short))[-1], FinalEvent)
+        long = GenerationRequest(
+            model=DEFAULT_CHAT_MODEL, prompt="word " * 100, sampling=SamplingParams(max_new_tokens=8)
+        )
+        refused = list(stream(engine, long))[-1]
+    finally:
+        engine.close()
+    assert isinstance(refused, ErrorEvent) and refused.code == "context_length_exceeded"
+    assert "budget of 64 (what runtime.memory_budget leaves" in refused.message
