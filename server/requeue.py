@@ -36,7 +36,12 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('HDEL', job, 'worker_name', 'started_at', 'last_heartbeat')
 redis.call('HSET', job, 'status', 'queued', 'enqueued_at', ARGV[3])
+-- A started job is kept without expiry; a queued one lives as long as it was enqueued for.
+local ttl = tonumber(redis.call('HGET', job, 'ttl'))
+if ttl and ttl > 0 then redis.call('EXPIRE', job, ttl) end
 local queue = 'rq:queue:' .. origin
+-- Where RQ's single-queue dequeue keeps a job until it is started.
+redis.call('LREM', queue .. ':intermediate', 0, ARGV[1])
 redis.call('LPUSH', queue, ARGV[1])
 redis.call('SADD', KEYS[3], queue)
 return 1
