@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -45,8 +46,9 @@ def is_loopback(host: str) -> bool:
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM must unwind through `finally` so the embedded Redis and workers are stopped.
-    raise SystemExit(128 + signum)
+    # SIGTERM must unwind through `finally` so the embedded workers drain and Redis is stopped. A
+    # stop that was asked for, done cleanly, is a success (status 0) for systemd and supervisors.
+    raise SystemExit(0)
 
 
 @app.command()
@@ -100,6 +102,7 @@ def serve(
             stack = EmbeddedStack(
                 reference, server.workers, settings.redis.namespace, server.log_level, data_dir,
                 memory_budget=None if budget is None else int(budget),
+                drain_seconds=settings.worker.drain_seconds,
             )  # fmt: skip
             stack.start()
             settings.redis.url = stack.url
@@ -127,7 +130,13 @@ def _run_uvicorn(settings: Settings) -> None:
             host=server.host, port=server.port, log_level=server.log_level,
         )  # fmt: skip
     else:
-        uvicorn.run(create_app(settings), host=server.host, port=server.port, log_level=server.log_level)
+        # On SIGTERM/Ctrl-C uvicorn stops accepting connections and waits for the streams in flight
+        # (the workers are still running), at most server.drain_seconds; only then do the embedded
+        # workers drain and stop, and Redis last.
+        uvicorn.run(
+            create_app(settings), host=server.host, port=server.port, log_level=server.log_level,
+            timeout_graceful_shutdown=math.ceil(server.drain_seconds),
+        )  # fmt: skip
 
 
 @app.command()
@@ -195,7 +204,7 @@ def worker(
     try:
         run_worker(
             served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
-            status=status, served=attach,
+            status=status, served=attach, drain_seconds=settings.worker.drain_seconds,
         )  # fmt: skip
     finally:
         install(None)

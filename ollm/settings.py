@@ -117,6 +117,12 @@ class ServerSettings(Section):
     )
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     workers: int = Field(1, ge=0, description="Worker processes `ollm serve` starts in embedded mode.")
+    drain_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="On SIGTERM/Ctrl-C, how long `ollm serve` stops accepting connections while the streams "
+        "in flight finish, before cutting them.",
+    )
     replica_queue_depth: int = Field(
         8,
         ge=0,
@@ -160,6 +166,12 @@ class WorkerSettings(Section):
         262144, ge=256, description="KV cache budget (tokens across sequences) before requests wait."
     )
     heartbeat_seconds: float = Field(1.0, gt=0)
+    drain_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="On SIGTERM/Ctrl-C, how long a worker that takes no new jobs lets its running generations "
+        "finish before cancelling them (they end with finish reason `cancelled`).",
+    )
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -3,8 +3,10 @@
 The order is what makes it lossless: subscribe to the job's event channel, wait for Redis to
 confirm, and only then enqueue the RQ job, so the first token cannot be published before anyone
 listens. While waiting, a quiet stream is checked against the job's real RQ status and its worker's
-heartbeat, so a dead worker ends the request within ``server.worker_lost_seconds`` (and the job is
-moved to RQ's failed registry) instead of leaving the client hanging.
+heartbeat. A dead worker that had not published a token yet costs the client nothing but time: the
+job goes back to the front of its queue for another worker (``server.requeue``). After the first
+token it ends the request within ``server.worker_lost_seconds`` (and the job is moved to RQ's
+failed registry) instead of leaving the client hanging.
 
 A model no live worker holds is placed on one that loads it (``server.scheduler``); its jobs wait
 in its queue meanwhile. A derived model (``ollm.derived``) is resolved to its base here, once per
@@ -50,6 +52,7 @@ from ollm.generation import (
 )
 from ollm.settings import Settings
 from server.errors import error_from_event
+from server.requeue import Requeuer
 from server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ class Dispatcher:
         self._queues: dict[str, Queue] = {}
         self.scheduler = Scheduler(settings, sync, connection, self.keys)
         self.derived = DerivedModels(connection, self.keys)
+        self.requeuer = Requeuer(connection)
         self._background: set[asyncio.Task[None]] = set()
 
     async def workers(self) -> list[WorkerInfo]:
@@ -268,8 +272,12 @@ class Dispatcher:
         if job is not None and status == JobStatus.QUEUED:
             job.cancel()
 
-    async def check_job(self, job_id: str, model: str) -> dict[str, Any] | None:
-        """The message that ends a quiet stream whose job can no longer produce one, else None."""
+    async def check_job(self, job_id: str, model: str, requeue: bool = False) -> dict[str, Any] | None:
+        """The message that ends a quiet stream whose job can no longer produce one, else None.
+
+        With ``requeue`` (nothing of the answer has reached the client yet) a job whose worker
+        died is put back on its queue instead: another worker serves it from the start.
+        """
         job, status = await asyncio.to_thread(self._job_status, job_id)
         if job is None:
             return _error("the job vanished from Redis before it finished", 500, "job_lost")
@@ -285,6 +293,14 @@ class Dispatcher:
         if status == JobStatus.STARTED:
             age = await worker_age(self.connection, self.keys, job.worker_name or "")
             if age is None or age > self.lost_after:
+                if requeue and job.worker_name:
+                    # False: another check (a second replica) got there first; either way the
+                    # job is no longer the dead worker's, and the next check sees its new state.
+                    if await self.requeuer.requeue(job.id, job.worker_name):
+                        log.warning(
+                            "worker %s died before the first token of job %s; requeued", job.worker_name, job.id
+                        )
+                    return None
                 message = (
                     f"worker {job.worker_name} serving model {model!r} stopped responding "
                     f"(no heartbeat for over {self.lost_after:g}s); the request was abandoned"
@@ -396,6 +412,8 @@ class JobStream:
         self.model = model
         self.deadline = time.monotonic() + dispatcher.settings.server.request_timeout_seconds
         self.finished = False
+        # Whether any token reached us: until then a dead worker's job can simply run again.
+        self.streaming = False
         self._closed = False
         self._client_checked = time.monotonic()
 
@@ -421,10 +439,12 @@ class JobStream:
             )
             if message is not None and message.get("type") == "message":
                 data: dict[str, Any] = json.loads(message["data"])
-                self.finished = data.get("type") in ("final", "error", "embedding")
+                kind = data.get("type")
+                self.finished = kind in ("final", "error", "embedding")
+                self.streaming = self.streaming or kind == "token"
                 return data
             if time.monotonic() - quiet_since >= dispatcher.tick:
-                ending = await dispatcher.check_job(self.id, self.model)
+                ending = await dispatcher.check_job(self.id, self.model, requeue=not self.streaming)
                 if ending is not None:
                     self.finished = True
                     return ending

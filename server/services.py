@@ -18,6 +18,10 @@ from server.stores.sessions import SessionStore, session_store
 # Short socket timeouts: with Redis down a request must fail fast with 503, not hang.
 _CONNECT_TIMEOUT = 2.0
 _SOCKET_TIMEOUT = 10.0
+# Every running request holds one connection for its event subscription (and idle subscriptions
+# are kept for reuse), besides the commands in flight: redis-py's default of 100 refused new
+# requests with "Too many connections" at 64 concurrent streams. Redis itself allows 10000 clients.
+_MAX_CONNECTIONS = 4096
 
 
 @dataclass
@@ -38,7 +42,10 @@ class Services:
         keys = Keys(settings.redis.namespace)
         sync = redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT)
         connection = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT
+            url,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=_SOCKET_TIMEOUT,
+            max_connections=_MAX_CONNECTIONS,
         )
         return cls(
             settings=settings,

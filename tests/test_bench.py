@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bench.client import percentile
 from bench.run import check_targets
+from bench.soak import leaks
 
 
 def level(concurrency: int, tps: float, ttft: float = 0.5, itl: float = 0.05) -> dict[str, object]:
@@ -41,3 +42,13 @@ def test_targets_are_judged_from_the_report() -> None:
         "aggregate tok/s at 16 vs max_batch=1 stack at 16",
         "TTFT p50 at 16 streams (s)",
     }
+
+
+def test_soak_calls_only_what_never_goes_away_a_leak() -> None:
+    quiet = {"channels": 3, "event_channels": 0, "cancel_subscribers": 1}
+    assert leaks(quiet, dict(quiet), []) == []
+    assert leaks(quiet, {**quiet, "channels": 4, "event_channels": 1}, ["ollm:x"]) == [
+        "key without expiry: ollm:x",
+        "1 job event channel(s) still subscribed",
+        "pub/sub channels grew from 3 to 4",
+    ]

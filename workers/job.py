@@ -172,6 +172,15 @@ class JobContext:
         for run in running:
             run.engine.cancel(run.id)
 
+    def abort_all(self, event: ErrorEvent) -> None:
+        """End every running generation with ``event`` (its client sees the error, not a cut
+        answer) and stop it on its engine; each job then fails with that error."""
+        with self._lock:
+            running = list(self._runs.values())
+        for run in running:
+            self.publisher.put(run, event)
+            run.engine.cancel(run.id)
+
     def prestart(self, job: Job) -> None:
         """Start a dequeued generation job's request on its engine before RQ's own bookkeeping.
 

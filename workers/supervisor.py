@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 # A worker first loads its model; a large one on CPU can take minutes.
 _READY_TIMEOUT = 600.0
-_STOP_TIMEOUT = 15.0
+# Beyond the workers' own drain: time to deregister and exit before they are killed.
+_STOP_MARGIN = 15.0
 BUDGET_ENV = "OLLM_WORKER__MEMORY_BUDGET"
+DRAIN_ENV = "OLLM_WORKER__DRAIN_SECONDS"
 
 
 def worker_command(model: str, redis_url: str, log_level: str) -> list[str]:
@@ -50,6 +52,7 @@ class EmbeddedStack:
         log_level: str = "info",
         data_dir: Path | None = None,
         memory_budget: int | None = None,
+        drain_seconds: float = 60.0,
     ) -> None:
         """``data_dir`` None: a Redis that keeps nothing (``--ephemeral``)."""
         self.model = model
@@ -58,6 +61,7 @@ class EmbeddedStack:
         self.count = workers
         self.keys = Keys(namespace)
         self.log_level = log_level
+        self.drain_seconds = drain_seconds
         self.redis = RedisServer(data_dir=data_dir)
         self.workers: list[subprocess.Popen[bytes]] = []
 
@@ -73,6 +77,7 @@ class EmbeddedStack:
             env[BUDGET_ENV] = str(default_budget("cpu", sharing=self.count))
         elif self.memory_budget is not None:
             env[BUDGET_ENV] = str(self.memory_budget)
+        env[DRAIN_ENV] = str(self.drain_seconds)
         for _ in range(self.count):
             self.workers.append(
                 subprocess.Popen(
@@ -116,15 +121,20 @@ class EmbeddedStack:
         return count
 
     def stop(self) -> None:
+        """Drain the workers (SIGTERM: they take no new jobs and finish their running ones, within
+        ``drain_seconds``), then stop Redis."""
         for process in self.workers:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT
+        started = time.monotonic()
+        deadline = started + self.drain_seconds + _STOP_MARGIN
         for process in self.workers:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self.workers:
+            log.info("workers stopped in %.2fs", time.monotonic() - started)
         self.workers.clear()
         self.redis.stop()

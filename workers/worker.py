@@ -30,6 +30,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from ollm.contract import EMBED_JOB, GENERATE_JOB, LOAD_JOB
+from ollm.generation import ErrorEvent
 from workers.heartbeat import Heartbeat
 from workers.job import JobContext, refusal
 
@@ -54,6 +55,7 @@ class GenerationWorker(SimpleWorker):
         heartbeat_seconds: float,
         name: str | None = None,
         status: Callable[[], dict[str, str | int]] | None = None,
+        drain_seconds: float = 60.0,
     ) -> None:
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
         # First, its own queue: the loads the server's scheduler places on this worker.
@@ -61,6 +63,7 @@ class GenerationWorker(SimpleWorker):
         self._queue_lock = threading.Lock()
         self._set_queues([own, *self.queues])
         self.context = context
+        self.drain_seconds = drain_seconds
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ollm-job")
         self._running = 0
@@ -217,6 +220,7 @@ class GenerationWorker(SimpleWorker):
 
     def teardown(self) -> None:
         self._registration.drain()
+        self._drain()
         self._pool.shutdown(wait=True)
         self._registration.stop()
         if self._cancel_thread is not None:
@@ -229,6 +233,24 @@ class GenerationWorker(SimpleWorker):
         except redis.RedisError as exc:
             # Redis went first (e.g. honcho stopping everything at once): nothing left to tell it.
             log.warning("could not deregister from RQ: %s", exc)
+
+    def _drain(self) -> None:
+        """Let the generations in flight finish, for at most ``worker.drain_seconds``; then cancel
+        them with an error event, so no client mistakes a cut answer for a whole one."""
+        started = time.monotonic()
+        deadline = started + self.drain_seconds
+        running = self._running
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._running:
+            message = (
+                f"the worker stopped before this answer was finished ({self._running} request(s) still "
+                f"running after worker.drain_seconds={self.drain_seconds:g}s); retry the request"
+            )
+            log.warning("%s", message)
+            self.context.abort_all(ErrorEvent(message=message, status=503, code="worker_stopped"))
+        elif running:
+            log.info("drained %d running request(s) in %.2fs", running, time.monotonic() - started)
 
     def _listen_for_cancels(self) -> None:
         self._cancel_pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
@@ -278,13 +300,17 @@ def run_worker(
     log_level: str = "INFO",
     status: Callable[[], dict[str, str | int]] | None = None,
     served: Callable[[GenerationWorker], None] | None = None,
+    drain_seconds: float = 60.0,
 ) -> None:
     """Serve the given model references (and, with a loader in ``context``, any model the
-    scheduler places here) until SIGINT/SIGTERM. ``served`` is called with the worker before it
+    scheduler places here) until SIGINT/SIGTERM, then drain: take no new jobs and let the running
+    ones finish (at most ``drain_seconds``). ``served`` is called with the worker before it
     starts, to be told of models that arrive and leave."""
     _wait_for_redis(connection)
     queues = [context.keys.queue(model) for model in models]
-    worker = GenerationWorker(queues, connection, context, max_concurrency, heartbeat_seconds, status=status)
+    worker = GenerationWorker(
+        queues, connection, context, max_concurrency, heartbeat_seconds, status=status, drain_seconds=drain_seconds
+    )
     if served is not None:
         served(worker)
     log.info("worker %s serving %s", worker.name, json.dumps(models))

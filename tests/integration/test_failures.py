@@ -114,6 +114,7 @@ def test_a_worker_stopping_finishes_its_requests_and_takes_no_new_ones(
         events = json_events(response.iter_lines())
         next(e for _, e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
         worker.popen.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         time.sleep(0.5)
         refused = httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -126,3 +127,4 @@ def test_a_worker_stopping_finishes_its_requests_and_takes_no_new_ones(
     assert finish[-1] == "stop", rest[-3:]
     assert not any(isinstance(e, dict) and "error" in e for e in rest)
     assert worker.popen.wait(timeout=15) == 0
+    print(f"worker drain: SIGTERM -> worker exit {time.monotonic() - signalled:.2f}s, its stream whole")

@@ -1,0 +1,119 @@
+"""A worker killed before it streamed a token costs its clients time, never their answer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from tests.integration.conftest import ServerFactory, WorkerFactory
+from tests.integration.harness import Server, json_events, wait_until
+from workers.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+LOST_AFTER = 2.0
+
+
+def stream_chat(server: Server, text: str, into: dict[str, Any]) -> None:
+    """One streaming chat request: its text, any error and when it ended, in ``into``."""
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": text}]}
+    pieces: list[str] = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        into["status"] = response.status_code
+        for _, event in json_events(response.iter_lines()):
+            if event == "[DONE]":
+                break
+            if "error" in event:
+                into["error"] = event["error"]
+            elif event["choices"]:
+                pieces.append(event["choices"][0]["delta"].get("content") or "")
+    into["text"] = "".join(pieces)
+    into["ended"] = time.monotonic()
+
+
+def chat(server: Server, text: str, into: dict[str, Any]) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": text}]}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    into["status"] = response.status_code
+    into["text"] = response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
+    into["ended"] = time.monotonic()
+
+
+def test_requests_a_killed_worker_had_not_started_streaming_are_served_by_another(
+    start_worker: WorkerFactory, start_server: ServerFactory, redis_server: RedisServer, namespace: str
+) -> None:
+    # The doomed worker takes a decode step every 10 s: requests it dequeues wait that long for
+    # their first token, a window in which it is killed. It holds four at most.
+    doomed = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="10", OLLM_WORKER__MAX_BATCH="4")
+    server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=str(LOST_AFTER))
+    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+    # The first request streams its first token at once, then waits for the next step.
+    streaming: dict[str, Any] = {}
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "already streaming here"}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        events = json_events(response.iter_lines())
+        first = next(e for _, e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
+        streaming["id"] = first["id"].removeprefix("chatcmpl-")
+
+        texts = [" ".join(f"{n}-{i}" for i in range(30)) for n in ("a", "b", "c")]
+        not_started: list[dict[str, Any]] = [{} for _ in texts]
+        threads = [
+            threading.Thread(target=stream_chat, args=(server, texts[0], not_started[0])),
+            threading.Thread(target=stream_chat, args=(server, texts[1], not_started[1])),
+            threading.Thread(target=chat, args=(server, texts[2], not_started[2])),
+        ]
+        for thread in threads:
+            thread.start()
+
+        def dequeued_by_doomed() -> bool:
+            ids = connection.smembers(f"rq:worker:{doomed.registered_name()}:executions")
+            return len(ids) == 4
+
+        wait_until(dequeued_by_doomed, 5, "the doomed worker to take all four requests")
+        # A second worker, and more load on it, before the kill.
+        start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.02")
+        later_texts = [" ".join(f"{n}-{i}" for i in range(20)) for n in ("d", "e", "f", "g")]
+        later: list[dict[str, Any]] = [{} for _ in later_texts]
+        later_threads = [
+            threading.Thread(target=stream_chat, args=(server, text, result))
+            for text, result in zip(later_texts, later, strict=True)
+        ]
+        for thread in later_threads:
+            thread.start()
+        assert not any("status" in result for result in not_started), "no header before the first token"
+
+        doomed.kill9()
+        killed_at = time.monotonic()
+        rest = [e for _, e in events]
+        noticed_after = time.monotonic() - killed_at
+        for thread in threads + later_threads:
+            thread.join(timeout=60)
+
+    # The request that was already streaming ends with the error event.
+    errors = [e["error"] for e in rest if isinstance(e, dict) and "error" in e]
+    assert errors and errors[0]["code"] == "worker_lost", rest[-3:]
+    # The others just took longer: every one has its whole answer.
+    for text, result in zip(texts + later_texts, not_started + later, strict=True):
+        assert result["status"] == 200 and "error" not in result, result
+        assert result["text"] == text
+    print(
+        "requeue: kill -> answers complete in "
+        + ", ".join(f"{r['ended'] - killed_at:.2f}s" for r in not_started)
+        + f"; the streaming one got worker_lost after {noticed_after:.2f}s (worker_lost_seconds={LOST_AFTER:g})"
+    )
+
+    # RQ's registries say what happened: one failure, nothing left started.
+    queue = f"{namespace}:model:echo"
+    failed = FailedJobRegistry(queue, connection=connection, serializer=JSONSerializer).get_job_ids()
+    assert failed == [streaming["id"]]
+    assert StartedJobRegistry(queue, connection=connection, serializer=JSONSerializer).get_job_ids() == []
+    assert len(FinishedJobRegistry(queue, connection=connection, serializer=JSONSerializer).get_job_ids()) == 7
+    connection.close()

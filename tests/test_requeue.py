@@ -1,0 +1,59 @@
+"""The requeue of a job whose worker died before its first token, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+import redis.asyncio
+from rq import Queue
+from rq.executions import prepare_execution
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from ollm.contract import GENERATE_JOB
+from server.requeue import Requeuer
+from tests.integration.harness import new_namespace
+from workers.redis_server import RedisServer
+
+
+def started_by_a_worker(connection: redis.Redis, queue: Queue, worker_name: str) -> Job:
+    """A job as RQ leaves it when the named worker has started it (and then died)."""
+    job = queue.enqueue(GENERATE_JOB, {"id": "x"}, ttl=120)
+    assert queue.pop_job_id() == job.id  # what the worker's dequeue did
+    worker = SimpleWorker([queue], connection=connection, name=worker_name, serializer=JSONSerializer)
+    prepare_execution(worker, job)
+    worker.prepare_job_execution(job)
+    return job
+
+
+def test_a_dead_workers_job_goes_back_to_the_front_of_its_queue_once(redis_server: RedisServer) -> None:
+    connection = redis.Redis.from_url(redis_server.url)
+    queue = Queue(f"{new_namespace()}:model:echo", connection=connection, serializer=JSONSerializer)
+    job = started_by_a_worker(connection, queue, "dead-worker")
+    waiting = queue.enqueue(GENERATE_JOB, {"id": "y"})
+    started = StartedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and started.get_job_ids() == [job.id]
+
+    async def requeue(worker: str) -> bool:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            return await Requeuer(client).requeue(job.id, worker)
+        finally:
+            await client.aclose()
+
+    # Not the worker that started it: left alone.
+    assert not asyncio.run(requeue("another-worker"))
+    assert asyncio.run(requeue("dead-worker"))
+    # A second server replica's check finds it queued and does nothing.
+    assert not asyncio.run(requeue("dead-worker"))
+
+    assert queue.get_job_ids() == [job.id, waiting.id]
+    job.refresh()
+    assert job.get_status() == JobStatus.QUEUED and job.worker_name is None
+    assert started.get_job_ids() == [] and job.get_executions() == []
+    assert connection.smembers("rq:worker:dead-worker:executions") == set()
+    assert 0 < connection.ttl(job.key) <= 120
+    connection.close()
