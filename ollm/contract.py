@@ -196,6 +196,11 @@ class WorkerInfo(BaseModel):
     max_loaded_models: int = Field(0, description="Models it holds at once at most (0: no limit).")
     loads: int = Field(0, description="Models loaded since start (start-up loads included).")
     dtype: str = Field("", description="The dtype it runs models in on its device: what a model's size depends on.")
+    # Optional, so the records of workers that do not report them still parse (None: not reported).
+    running: int | None = Field(
+        None, description="Sequences its engines hold now: decoding, prefilling or waiting to join a batch."
+    )
+    batch_size: int | None = Field(None, description="Sequences in its engines' decode batches now.")
 
 
 def ttl_ms_for(heartbeat_seconds: float) -> int:
@@ -267,4 +272,10 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         max_loaded_models=int(fields.get("max_loaded_models", 0)),
         loads=int(fields.get("loads", 0)),
         dtype=fields.get("dtype", ""),
+        running=_optional_int(fields.get("running")),
+        batch_size=_optional_int(fields.get("batch_size")),
     )
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value is None else int(value)

@@ -19,6 +19,8 @@ from ollm.settings import Settings, load_settings
 from server.anthropic.api_router import router as anthropic_router
 from server.docs import install_docs
 from server.errors import install_error_handlers
+from server.metrics.api_router import router as metrics_router
+from server.metrics.requests import RequestMetrics, endpoints
 from server.middleware import ApiKeyAuth, BodyLimit
 from server.native.api_router import router as native_router
 from server.ollama.api_router import router as ollama_router
@@ -38,6 +40,7 @@ ROUTERS: list[APIRouter] = [
     responses_router,
     anthropic_router,
     ollama_router,
+    metrics_router,
 ]
 
 # `ollm serve --reload` and uvicorn's worker processes import the app by name, so the resolved
@@ -71,6 +74,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     if settings.server.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.server.api_key)
     app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes)
+    # Outermost: requests refused by the limit or the key are counted too.
+    app.add_middleware(RequestMetrics, metrics=services.metrics, routes=endpoints(app, ROUTERS))
     return app
 
 

@@ -52,6 +52,7 @@ from ollm.generation import (
 )
 from ollm.settings import Settings
 from server.errors import error_from_event
+from server.metrics.instruments import Metrics, StreamObserver
 from server.requeue import Requeuer
 from server.scheduler import Scheduler
 
@@ -83,8 +84,11 @@ class Completed:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, sync: redis.Redis, connection: redis.asyncio.Redis) -> None:
+    def __init__(
+        self, settings: Settings, sync: redis.Redis, connection: redis.asyncio.Redis, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.keys = Keys(settings.redis.namespace)
         self.sync = sync
         self.connection = connection
@@ -205,6 +209,7 @@ class Dispatcher:
         raise error_from_event(ErrorEvent.model_validate(message))
 
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
+        started = time.monotonic()
         await self.route(model)
         queue = await self._queue(model)
         channel = self.keys.events(job_id)
@@ -218,7 +223,8 @@ class Dispatcher:
         except BaseException:
             await self.subscriptions.release(pubsub, channel)
             raise
-        return JobStream(self, pubsub, channel, job_id, model)
+        observer = self.metrics.stream(model, "embed" if function == EMBED_JOB else "generate", started)
+        return JobStream(self, pubsub, channel, job_id, model, observer)
 
     def _job_writes(
         self, queue: Queue, model: str, job_id: str, function: str, payload: dict[str, Any]
@@ -404,8 +410,18 @@ async def _close(pubsub: PubSub) -> None:
 class JobStream:
     """The events of one enqueued job, read from its pub/sub channel; ``close`` when done."""
 
-    def __init__(self, dispatcher: Dispatcher, pubsub: PubSub, channel: str, job_id: str, model: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        pubsub: PubSub,
+        channel: str,
+        job_id: str,
+        model: str,
+        observer: StreamObserver | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
+        # Every family's events pass here: the one place they are timed and counted (metrics).
+        self.observer = observer
         self.pubsub = pubsub
         self.channel = channel
         self.id = job_id
@@ -442,13 +458,18 @@ class JobStream:
                 kind = data.get("type")
                 self.finished = kind in ("final", "error", "embedding")
                 self.streaming = self.streaming or kind == "token"
-                return data
+                return self._observed(data)
             if time.monotonic() - quiet_since >= dispatcher.tick:
                 ending = await dispatcher.check_job(self.id, self.model, requeue=not self.streaming)
                 if ending is not None:
                     self.finished = True
-                    return ending
+                    return self._observed(ending)
                 quiet_since = time.monotonic()
+
+    def _observed(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.observer is not None:
+            self.observer.message(data)
+        return data
 
     async def next_event(self, disconnected: Disconnected | None = None) -> Event:
         return _EVENT.validate_python(await self.next_message(disconnected))
@@ -462,6 +483,8 @@ class JobStream:
         if self._closed:
             return
         self._closed = True
+        if self.observer is not None:
+            self.observer.closed()
         if not self.finished:
             await self._cancel_quietly()
         await self.dispatcher.subscriptions.release(self.pubsub, self.channel)

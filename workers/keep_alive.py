@@ -184,6 +184,9 @@ class ResidentEngine:
         engine = self.resident.model
         return engine.active() if engine is not None else 0
 
+    def batch_size(self) -> int:
+        return engine_batch_size(self.resident.model)
+
     def close(self) -> None:
         engine, self.resident.model = self.resident.model, None
         if engine is not None:
@@ -265,7 +268,16 @@ class Residency:
                 "memory_used": self.used(),
                 "max_loaded_models": self.max_loaded,
                 "loads": self.loads,
+                **self._sequences(),
             }
+
+    def _sequences(self) -> dict[str, int]:
+        """Sequences the loaded engines run now, for the metrics (``ollm_worker_running_sequences``)."""
+        engines = {id(engine): engine for engine in self.engines.values()}.values()
+        return {
+            "running": sum(engine.active() for engine in engines),
+            "batch_size": sum(engine_batch_size(engine) for engine in engines),
+        }
 
     def make_room(self, size: int, name: str, deadline: float, keep: Resident[Any] | None = None) -> None:
         """Evict idle on-demand models, least recently used first, until ``size`` more bytes and
@@ -535,6 +547,12 @@ class Residency:
                 pipe.hset(self.loaded_key, mapping=entries)  # type: ignore[arg-type]
                 pipe.pexpire(self.loaded_key, _LOADED_TTL_MS)
             pipe.execute()
+
+
+def engine_batch_size(engine: object) -> int:
+    """Sequences in an engine's decode batch; engines that do not say (test doubles) count none."""
+    size = getattr(engine, "batch_size", None)
+    return int(size()) if callable(size) else 0
 
 
 def _size_of(reference: str, settings: Settings) -> int:

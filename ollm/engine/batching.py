@@ -138,6 +138,11 @@ class BatchingEngine:
         running = len(self._batch.seqs) if self._batch else 0
         return running + len(self._waiting) + (1 if self._chunked else 0) + self._inbox.qsize()
 
+    def batch_size(self) -> int:
+        """Sequences in the running decode batch (the worker reports it; see ollm.contract.WorkerInfo)."""
+        batch = self._batch
+        return len(batch.seqs) if batch else 0
+
     def close(self) -> None:
         self._closed.set()
         self._wake.set()

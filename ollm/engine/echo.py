@@ -110,6 +110,10 @@ class EchoEngine:
         with self._wake:
             return len(self._sequences)
 
+    def batch_size(self) -> int:
+        # Every sequence advances one word per step, like one decode batch.
+        return self.active()
+
     def close(self) -> None:
         with self._wake:
             self._closed = True

@@ -103,6 +103,9 @@ class SingleEngine:
     def active(self) -> int:
         return self._inbox.qsize() + (1 if self._current else 0)
 
+    def batch_size(self) -> int:
+        return 1 if self._current else 0
+
     def close(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=10)
