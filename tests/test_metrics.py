@@ -218,13 +218,17 @@ def test_requests_are_counted_by_route_template_and_status(clean_settings_env: P
         assert client.get("/v1/sessions/d").status_code == 401  # refused before routing: still its template
         assert client.get("/metrics").status_code == 401  # as guarded as every other route
         assert client.get("/v1/health").status_code == 200
+        # What Prometheus asks for by default; the text format otherwise.
+        openmetrics = client.get("/metrics", headers={**key, "accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n") and "ollm_http_requests_total{" in openmetrics.text
         after = scrape(client, **key)
     template = "/v1/sessions/{session_id}"
     assert requests_seen(after, template, "404") - requests_seen(before, template, "404") == 3
     assert requests_seen(after, template, "401") == 1
     assert requests_seen(after, "unmatched", "404") == 1
     assert requests_seen(after, "/metrics", "401") == 1
-    assert requests_seen(after, "/metrics", "200") == 1  # the scrape before; this one is counted after it
+    assert requests_seen(after, "/metrics", "200") == 2  # the scrapes before; this one is counted after it
     assert requests_seen(after, "/v1/health", "200") == 1
     assert not any("/v1/sessions/a" in s.labels.get("route", "") for s in after["ollm_http_requests"])
     durations = [s for s in after["ollm_http_request_duration_seconds"] if s.name.endswith("_count")]
