@@ -18,7 +18,7 @@ from server.services import Services, services
 router = APIRouter(route_class=ClientInputRoute, include_in_schema=False)
 
 
-class _Scrape:
+class Scrape:
     """What one scrape exposes: the app's own instruments and the cluster read just now."""
 
     def __init__(self, registry: CollectorRegistry, cluster: list[Metric]) -> None:
@@ -44,5 +44,5 @@ async def metrics(request: Request, svc: Services = Depends(services)) -> Respon
         redis_up.add_metric([], 1.0)
         cluster = cluster_families(state)
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    body = encode(_Scrape(svc.metrics.registry, [redis_up, *cluster]))
+    body = encode(Scrape(svc.metrics.registry, [redis_up, *cluster]))
     return Response(body, media_type=None, headers={"content-type": content_type})

@@ -100,6 +100,8 @@ class StreamObserver:
         self.first_message: float | None = None
         self.last_token: float | None = None
         self.ended = False
+        # Looked up once per job, not per token: the label lookup costs more than the observation.
+        self._inter_token = metrics.inter_token_latency.labels(model)
 
     def message(self, data: dict[str, Any], now: float | None = None) -> None:
         """One message of the job's stream (a token, final, error or embedding event as JSON)."""
@@ -128,7 +130,7 @@ class StreamObserver:
             if self.last_token is None:
                 metrics.time_to_first_token.labels(model).observe(now - self.started)
             else:
-                metrics.inter_token_latency.labels(model).observe(now - self.last_token)
+                self._inter_token.observe(now - self.last_token)
             self.last_token = now
             return
         if kind not in _LAST:
