@@ -2,6 +2,7 @@
 
 * per job, in the server: the observer's work for each token event and for the final event
   (``server.metrics.instruments``), in microseconds;
+* per HTTP request: the request-counting middleware around an app that answers at once;
 * per scrape: reading the workers and queues from a real Redis (loopback) and encoding the
   exposition, with 1, 16 and 64 registered workers each holding two models, and the body size.
 
@@ -26,6 +27,7 @@ from ollm.contract import Keys, LoadedModel
 from server.metrics.api_router import Scrape
 from server.metrics.cluster import cluster_families, read_cluster
 from server.metrics.instruments import Metrics
+from server.metrics.requests import RequestMetrics
 from workers.heartbeat import Heartbeat
 from workers.redis_server import RedisServer
 
@@ -47,6 +49,36 @@ def observer_costs(tokens: int = 200, jobs: int = 2000) -> tuple[float, float]:
         observer.message(final)
     per_final = (time.perf_counter() - started) / jobs
     return per_token * 1e6, per_final * 1e6
+
+
+def middleware_cost(requests: int = 20_000) -> float:
+    """Microseconds the request-counting middleware adds to one request (template already matched)."""
+    from starlette.routing import Route
+    from starlette.types import Receive, Scope, Send
+
+    route = Route("/v1/sessions/{session_id}", lambda request: None)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: object) -> None:
+        return None
+
+    async def run(target: object) -> float:
+        started = time.perf_counter()
+        for _ in range(requests):
+            scope = {"type": "http", "method": "GET", "path": "/v1/sessions/x", "headers": []}
+            await target(scope, receive, send)  # type: ignore[operator]
+        return time.perf_counter() - started
+
+    bare = asyncio.run(run(app))
+    counted = asyncio.run(run(RequestMetrics(app, Metrics(), [route])))
+    return (counted - bare) / requests * 1e6
 
 
 def register(connection: redis.Redis, keys: Keys, count: int) -> None:
@@ -89,6 +121,7 @@ def main() -> None:
 
     per_token, per_final = observer_costs()
     print(f"observer: {per_token:.2f} us per token event, {per_final:.2f} us per final event")
+    print(f"request middleware: {middleware_cost():.2f} us per request")
     from bench.stack import free_port
 
     server = RedisServer(port=free_port()).start()
