@@ -187,6 +187,11 @@ class WorkerInfo(BaseModel):
     models: list[str]
     in_flight: int = 0
     max_batch: int = 1
+    # Optional, so the records of workers that do not report them still parse (None: not reported).
+    running: int | None = Field(
+        None, description="Sequences its engines hold now: decoding, prefilling or waiting to join a batch."
+    )
+    batch_size: int | None = Field(None, description="Sequences in its engines' decode batches now.")
     started_at: float = 0.0
     age_seconds: float = Field(0.0, description="Seconds since the last heartbeat.")
     on_demand: bool = Field(False, description="Loads models it is asked for, besides its pinned ones.")
@@ -196,11 +201,6 @@ class WorkerInfo(BaseModel):
     max_loaded_models: int = Field(0, description="Models it holds at once at most (0: no limit).")
     loads: int = Field(0, description="Models loaded since start (start-up loads included).")
     dtype: str = Field("", description="The dtype it runs models in on its device: what a model's size depends on.")
-    # Optional, so the records of workers that do not report them still parse (None: not reported).
-    running: int | None = Field(
-        None, description="Sequences its engines hold now: decoding, prefilling or waiting to join a batch."
-    )
-    batch_size: int | None = Field(None, description="Sequences in its engines' decode batches now.")
 
 
 def ttl_ms_for(heartbeat_seconds: float) -> int:
@@ -263,6 +263,8 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         models=json.loads(fields.get("models", "[]")),
         in_flight=int(fields.get("in_flight", 0)),
         max_batch=int(fields.get("max_batch", 1)),
+        running=_optional_int(fields.get("running")),
+        batch_size=_optional_int(fields.get("batch_size")),
         started_at=float(fields.get("started_at", 0)),
         age_seconds=max(0.0, (int(fields.get("ttl_ms", pttl)) - pttl) / 1000),
         on_demand=fields.get("on_demand") == "1",
@@ -272,8 +274,6 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         max_loaded_models=int(fields.get("max_loaded_models", 0)),
         loads=int(fields.get("loads", 0)),
         dtype=fields.get("dtype", ""),
-        running=_optional_int(fields.get("running")),
-        batch_size=_optional_int(fields.get("batch_size")),
     )
 
 

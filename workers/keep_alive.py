@@ -205,6 +205,12 @@ class ResidentEmbedder:
             self.resident.release()
 
 
+def engine_batch_size(engine: object) -> int:
+    """Sequences in an engine's decode batch; engines that do not say (test doubles) count none."""
+    size = getattr(engine, "batch_size", None)
+    return int(size()) if callable(size) else 0
+
+
 class Residency:
     """The residents of one worker process, its memory budget, the sweeper thread and the
     residency listener.
@@ -262,13 +268,13 @@ class Residency:
         """The registration fields that change as models come and go (see ``WorkerInfo``)."""
         with self._memory:
             return {
+                **self._sequences(),
                 "models": json.dumps(sorted({name for r in self.residents for name in r.names})),
                 "pinned": json.dumps(sorted({name for r in self.residents if r.pinned for name in r.names})),
                 "memory_budget": self.budget,
                 "memory_used": self.used(),
                 "max_loaded_models": self.max_loaded,
                 "loads": self.loads,
-                **self._sequences(),
             }
 
     def _sequences(self) -> dict[str, int]:
@@ -547,12 +553,6 @@ class Residency:
                 pipe.hset(self.loaded_key, mapping=entries)  # type: ignore[arg-type]
                 pipe.pexpire(self.loaded_key, _LOADED_TTL_MS)
             pipe.execute()
-
-
-def engine_batch_size(engine: object) -> int:
-    """Sequences in an engine's decode batch; engines that do not say (test doubles) count none."""
-    size = getattr(engine, "batch_size", None)
-    return int(size()) if callable(size) else 0
 
 
 def _size_of(reference: str, settings: Settings) -> int:
