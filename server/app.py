@@ -75,7 +75,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         app.add_middleware(ApiKeyAuth, api_key=settings.server.api_key)
     app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes)
     # Outermost: requests refused by the limit or the key are counted too.
-    app.add_middleware(RequestMetrics, metrics=services.metrics, routes=endpoints(app, ROUTERS))
+    app.add_middleware(RequestMetrics, metrics=services.dispatcher.metrics, routes=endpoints(app, ROUTERS))
     return app
 
 

@@ -12,7 +12,6 @@ from ollm.contract import Keys
 from ollm.errors import SettingsError
 from ollm.settings import Settings
 from server.dispatch import Dispatcher
-from server.metrics.instruments import Metrics
 from server.stores.responses import ResponseStore, response_store
 from server.stores.sessions import SessionStore, session_store
 
@@ -57,11 +56,6 @@ class Services:
             responses=response_store(settings.server, connection, keys),
             sessions=session_store(settings.server, connection, keys),
         )
-
-    @property
-    def metrics(self) -> Metrics:
-        """The app's Prometheus instruments (GET /metrics), which the dispatcher feeds."""
-        return self.dispatcher.metrics
 
     async def close(self) -> None:
         await self.connection.aclose()

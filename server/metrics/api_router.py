@@ -44,5 +44,5 @@ async def metrics(request: Request, svc: Services = Depends(services)) -> Respon
         redis_up.add_metric([], 1.0)
         cluster = cluster_families(state)
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    body = encode(Scrape(svc.metrics.registry, [redis_up, *cluster]))
+    body = encode(Scrape(svc.dispatcher.metrics.registry, [redis_up, *cluster]))
     return Response(body, media_type=None, headers={"content-type": content_type})
