@@ -88,6 +88,7 @@ class Dispatcher:
         self, settings: Settings, sync: redis.Redis, connection: redis.asyncio.Redis, metrics: Metrics | None = None
     ) -> None:
         self.settings = settings
+        # The app's Prometheus instruments (GET /metrics), fed by every JobStream.
         self.metrics = metrics or Metrics()
         self.keys = Keys(settings.redis.namespace)
         self.sync = sync
