@@ -39,20 +39,31 @@ class RequestMetrics:
             return
         started = time.monotonic()
         status = 500  # what Starlette answers for an exception that escapes the app
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            counted = True
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            route = self.template(scope)
+            self.metrics.http_requests.labels(method, route, str(status)).inc()
+            self.metrics.http_duration.labels(method, route).observe(time.monotonic() - started)
 
         async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Before the last byte leaves: a client that has its whole answer and scrapes at
+                # once finds its request counted.
+                count()
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            route = self.template(scope)
-            self.metrics.http_requests.labels(method, route, str(status)).inc()
-            self.metrics.http_duration.labels(method, route).observe(time.monotonic() - started)
+            if not counted:  # no complete response: an exception, or the client left mid-stream
+                count()
 
     def template(self, scope: Scope) -> str:
         # The router records the route it matched in the scope it shares with us.

@@ -150,14 +150,17 @@ def test_worker_gauges_name_the_worker_and_follow_its_sequences(echo_stack: Stac
         lines = streaming.iter_lines()  # kept: a discarded iterator would close the response
         next(lines)
 
-        def busy() -> Samples | None:
+        # The heartbeat (1 s) and the loaded-models report (0.5 s) each catch up in their own time.
+        def busy() -> bool:
             samples = scrape(server)
-            running = total(samples, "ollm_worker_running_sequences", worker=name)
-            return samples if running == 1 and total(samples, "ollm_worker_batch_size", worker=name) == 1 else None
+            return (
+                total(samples, "ollm_worker_running_sequences", worker=name) == 1
+                and total(samples, "ollm_worker_batch_size", worker=name) == 1
+                and total(samples, "ollm_worker_in_flight_requests", worker=name) == 1
+                and total(samples, "ollm_worker_model_in_flight_requests", worker=name, model="echo") == 1
+            )
 
-        during = wait_until(busy, timeout=15, what="the worker to report its running sequence", interval=0.2)
-        assert total(during, "ollm_worker_in_flight_requests", worker=name) == 1
-        assert total(during, "ollm_worker_model_in_flight_requests", worker=name, model="echo") == 1
+        wait_until(busy, timeout=15, what="the worker to report its running sequence", interval=0.2)
     # The client left mid-stream: counted as abandoned once the server has closed the stream.
     wait_until(
         lambda: total(scrape(server), "ollm_model_requests_total", model="echo", outcome="abandoned")
