@@ -30,7 +30,9 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from ollm.contract import EMBED_JOB, GENERATE_JOB, LOAD_JOB
+from ollm.errors import ServiceUnavailableError
 from ollm.generation import ErrorEvent
+from ollm.redis_tls import tls_problem
 from workers.heartbeat import Heartbeat
 from workers.job import JobContext, refusal
 
@@ -282,7 +284,11 @@ def _wait_for_redis(connection: redis.Redis, timeout: float = 60.0) -> None:
         try:
             connection.ping()
             return
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = tls_problem(exc)
+            if problem is not None:
+                # A certificate that is not trusted today will not be trusted in a minute.
+                raise ServiceUnavailableError(f"cannot connect to Redis ({exc}); {problem}") from None
             if time.monotonic() > deadline:
                 raise
             log.info("waiting for Redis: %s", exc)
