@@ -16,7 +16,6 @@ import ollama
 import pytest
 import redis
 
-from ollm import catalogue
 from ollm.contract import Keys, LoadRequest
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings
@@ -32,9 +31,11 @@ HELLO = [{"role": "user", "content": "Name a colour."}]
 
 
 def estimate(model: str, runtime: RuntimeSettings) -> int:
-    """The server's own estimate of what a loaded copy takes (files and plan, before loading)."""
-    plan = plan_model(model, runtime)
-    return catalogue.estimated_memory(plan.path, plan.dtype)
+    """What a loaded copy counts on a worker, and what the scheduler sizes it by before loading:
+    the expected peak of the worker's plan (the test's workers run the default batch and step)."""
+    peak = plan_model(model, runtime).expected_peak_bytes()
+    assert peak is not None
+    return peak
 
 
 def workers(server: Server) -> list[dict[str, Any]]:
