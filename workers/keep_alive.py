@@ -434,9 +434,6 @@ class Residency:
         return residency
 
     def start(self) -> None:
-        # Before the worker registers, so the scheduler never sizes a model here by its weights
-        # while this worker's plans exist.
-        self.refresh_peaks()
         self._thread.start()
 
     def stop(self) -> None:
@@ -483,8 +480,12 @@ class Residency:
             pubsub.close()
 
     def refresh_peaks(self) -> None:
-        """Plan the models under models_dir again if they changed since the last time."""
-        if self.settings is None:
+        """Plan the models under models_dir again if they changed since the last time.
+
+        On the sweeper thread, first thing: planning imports transformers (a second or two), which
+        must not delay the worker's registration. Until then the scheduler counts weights here."""
+        if self.settings is None or not self.settings.worker.on_demand:
+            # Only a worker that loads on demand is ever sized by the scheduler.
             return
         models = _models_signature(self.settings.runtime.resolved_models_dir())
         if models == self._peaks_of:

@@ -216,8 +216,10 @@ class GenerationWorker(SimpleWorker):
         # Jobs run in the pool, so the main loop can always stop taking new ones; teardown waits
         # for the jobs in flight (a second signal makes it a cold shutdown). Never raised from
         # here: the dequeue loop sees the flag within _POLL_SECONDS, and a job it has just popped
-        # is still handed to execute_job (and finished by the drain).
+        # is still handed to execute_job (and finished by the drain). The server stops routing
+        # here at once: the registration advertises no models from the next (immediate) beat.
         self._stop_requested = True
+        self._registration.announce_drain()
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         self.context.cancel_all()

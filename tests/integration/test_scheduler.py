@@ -213,6 +213,8 @@ def test_a_pinned_model_is_never_evicted_and_a_model_too_large_fails_at_once(
     # A worker whose whole budget is smaller than the model: no load is even tried.
     tiny = start_worker(ns=new_namespace(), OLLM_WORKER__MEMORY_BUDGET="10MB")
     other = start_server(ns=tiny.namespace)
+    # Its plans of the models here (made just after it registers) are what the server sizes by.
+    wait_until(lambda: workers(other)[0]["peaks"], 60, "the worker to publish its planned peaks")
     with httpx.Client(base_url=other.url, timeout=60) as client:
         too_large = client.post("/v1/chat/completions", json={"model": DEFAULT_CHAT_MODEL, "messages": HELLO})
         assert too_large.status_code == 503
