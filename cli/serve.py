@@ -206,6 +206,8 @@ def worker(
             served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
             status=status, served=attach, drain_seconds=settings.worker.drain_seconds,
         )  # fmt: skip
+    except OllmError as exc:
+        fail(str(exc))
     finally:
         install(None)
         context.close()

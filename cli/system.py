@@ -154,10 +154,12 @@ def _redis_status(settings: Settings) -> dict[str, Any]:
         return {"url": None, "reachable": None, "detail": "embedded mode: ollm serve starts a private Redis"}
     import redis
 
+    from ollm.redis_tls import explain
+
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
     except (redis.RedisError, OSError, ValueError) as exc:
-        return {"url": redacted_url(url), "reachable": False, "detail": f"{type(exc).__name__}: {exc}"}
+        return {"url": redacted_url(url), "reachable": False, "detail": f"{type(exc).__name__}: {explain(exc)}"}
     return {"url": redacted_url(url), "reachable": True, "detail": "ping ok"}
 
 

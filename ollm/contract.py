@@ -201,6 +201,11 @@ class WorkerInfo(BaseModel):
     max_loaded_models: int = Field(0, description="Models it holds at once at most (0: no limit).")
     loads: int = Field(0, description="Models loaded since start (start-up loads included).")
     dtype: str = Field("", description="The dtype it runs models in on its device: what a model's size depends on.")
+    peaks: dict[str, int] = Field(
+        default_factory=dict,
+        description="Planned peak bytes (weights held, KV cache, activations) of each model under its models "
+        "directory, by directory name, as this worker would run it: what the scheduler sizes a model by.",
+    )
 
 
 def ttl_ms_for(heartbeat_seconds: float) -> int:
@@ -274,6 +279,7 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         max_loaded_models=int(fields.get("max_loaded_models", 0)),
         loads=int(fields.get("loads", 0)),
         dtype=fields.get("dtype", ""),
+        peaks=json.loads(fields.get("peaks", "{}")),
     )
 
 

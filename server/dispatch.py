@@ -279,13 +279,19 @@ class Dispatcher:
         if job is not None and status == JobStatus.QUEUED:
             job.cancel()
 
-    async def check_job(self, job_id: str, model: str, requeue: bool = False) -> dict[str, Any] | None:
+    async def check_job(
+        self, job_id: str, model: str, requeue: bool = False, watch: QueueWatch | None = None
+    ) -> dict[str, Any] | None:
         """The message that ends a quiet stream whose job can no longer produce one, else None.
 
         With ``requeue`` (nothing of the answer has reached the client yet) a job whose worker
-        died is put back on its queue instead: another worker serves it from the start.
+        died is put back on its queue instead: another worker serves it from the start. With
+        ``watch`` (the stream's memory of earlier checks) a queued job that has been missing from
+        its queue at two checks in a row goes back on it (a worker died while dequeuing it).
         """
         job, status = await asyncio.to_thread(self._job_status, job_id)
+        if watch is not None and status != JobStatus.QUEUED:
+            watch.missing = 0
         if job is None:
             return _error("the job vanished from Redis before it finished", 500, "job_lost")
         if status == JobStatus.FINISHED:
@@ -316,6 +322,8 @@ class Dispatcher:
                 return _error(message, 503, "worker_lost")
             return None
         if status == JobStatus.QUEUED:
+            if watch is not None and await self._requeued_unqueued(job_id, model, watch):
+                return None
             workers = await self.workers()
             if any(model in worker.models for worker in workers):
                 # Waiting for a busy model: its queue may be deep enough for a replica.
@@ -328,6 +336,25 @@ class Dispatcher:
                 await asyncio.to_thread(job.cancel)
             return ending
         return None
+
+    async def _requeued_unqueued(self, job_id: str, model: str, watch: QueueWatch) -> bool:
+        """Whether a queued job that is in no queue was put back on its own.
+
+        RQ's dequeue pops the id first and marks the job started a few round trips later; a
+        worker that dies in between strands it. A live worker crosses that gap in milliseconds,
+        so only a job missing at two checks (a tick apart) is requeued."""
+        queue_key = self.keys.rq_queue_key(model)
+        if not await self.requeuer.missing(job_id, queue_key):
+            watch.missing = 0
+            return False
+        watch.missing += 1
+        if watch.missing < 2:
+            return False
+        watch.missing = 0
+        if await self.requeuer.requeue_unqueued(job_id, queue_key):
+            log.warning("job %s was taken off its queue by a worker that never started it; requeued", job_id)
+            return True
+        return False
 
     def _job_status(self, job_id: str) -> tuple[Job | None, JobStatus | None]:
         try:
@@ -408,6 +435,14 @@ async def _close(pubsub: PubSub) -> None:
         log.debug("closing pub/sub connection: %s", exc)
 
 
+@dataclass
+class QueueWatch:
+    """What the checks of one stream remember: at how many checks in a row its queued job was in
+    no queue."""
+
+    missing: int = 0
+
+
 class JobStream:
     """The events of one enqueued job, read from its pub/sub channel; ``close`` when done."""
 
@@ -433,6 +468,7 @@ class JobStream:
         self.streaming = False
         self._closed = False
         self._client_checked = time.monotonic()
+        self._watch = QueueWatch()
 
     async def next_message(self, disconnected: Disconnected | None = None) -> dict[str, Any]:
         dispatcher = self.dispatcher
@@ -461,7 +497,7 @@ class JobStream:
                 self.streaming = self.streaming or kind == "token"
                 return self._observed(data)
             if time.monotonic() - quiet_since >= dispatcher.tick:
-                ending = await dispatcher.check_job(self.id, self.model, requeue=not self.streaming)
+                ending = await dispatcher.check_job(self.id, self.model, requeue=not self.streaming, watch=self._watch)
                 if ending is not None:
                     self.finished = True
                     return self._observed(ending)

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ollm.errors import OllmError
 from ollm.generation import ErrorEvent
+from ollm.redis_tls import tls_problem
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ def event_from_error(exc: BaseException) -> ErrorEvent:
 
 
 def redis_unavailable_message(exc: BaseException) -> str:
+    problem = tls_problem(exc)
+    if problem is not None:
+        # Waiting does not fix a misconfiguration: say what to change instead.
+        return f"Redis is unavailable ({exc}); {problem}"
     return f"Redis is unavailable ({exc}); requests cannot be queued until it is back"
 
 

@@ -1,5 +1,14 @@
 """Put a job whose worker died before its first token back at the front of its model's queue.
 
+Two ways a job is stranded, each undone by one Lua script (atomic, so two server replicas or two
+checks never requeue it twice):
+
+* ``requeue``: its worker started it and died (or was stopped) before publishing a token;
+* ``requeue_unqueued``: a worker took it off the queue and died before marking it started. RQ's
+  dequeue is a pop followed by several round trips; a worker killed in between (``kill -9``, a
+  second SIGTERM) leaves a job whose record still says ``queued`` but that is in no queue and no
+  registry, which no RQ clean-up ever finds.
+
 Nothing of the answer has reached the client, so another live worker can run it from the start
 and the client only sees a slower answer. One Lua script does it, so it is atomic: the job is
 requeued only while it is still the run the dead worker started (status ``started``, that
@@ -47,10 +56,38 @@ redis.call('SADD', KEYS[3], queue)
 return 1
 """
 
+# KEYS: the job hash, its queue (the list), the set of queues. ARGV: job id.
+# Only while the job is still ``queued`` and in neither the queue nor RQ's intermediate list.
+_REQUEUE_UNQUEUED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+if redis.call('LPOS', KEYS[2] .. ':intermediate', ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], KEYS[2])
+return 1
+"""
+
 
 class Requeuer:
     def __init__(self, connection: redis.asyncio.Redis) -> None:
+        self.connection = connection
         self._script = connection.register_script(_REQUEUE)
+        self._unqueued = connection.register_script(_REQUEUE_UNQUEUED)
+
+    async def missing(self, job_id: str, queue_key: str) -> bool:
+        """Whether a job is in neither its queue nor RQ's intermediate list (one round trip)."""
+        async with self.connection.pipeline(transaction=False) as pipe:
+            pipe.lpos(queue_key, job_id)
+            pipe.lpos(f"{queue_key}:intermediate", job_id)
+            found = await pipe.execute()
+        return all(position is None for position in found)
+
+    async def requeue_unqueued(self, job_id: str, queue_key: str) -> bool:
+        """Put a ``queued`` job that is in no queue back at the front of ``queue_key`` (the Redis
+        list). A worker may be about to start a job it has just popped, so call this only when
+        ``missing`` said so at a check at least a moment earlier too."""
+        moved = await self._unqueued(keys=[f"rq:job:{job_id}", queue_key, "rq:queues"], args=[job_id])
+        return bool(moved)
 
     async def requeue(self, job_id: str, dead_worker: str) -> bool:
         """Whether this call moved the job back to its queue (False: someone else did, or it

@@ -3,9 +3,11 @@
 A request for a model nobody serves is not refused. Its job is enqueued on the model's queue as
 usual, where it waits, and the scheduler places one load:
 
-1. it checks the name (400/404 for what is no servable model) and estimates the model's memory
-   from its weight files and the dtype each worker runs models in, before anything loads (the
-   worker plans it; the server never imports torch);
+1. it checks the name (400/404 for what is no servable model) and sizes the model on each
+   worker by the expected peak of that worker's own plan of it (weights held, KV cache,
+   activations), which every worker publishes in its registration for the models under its
+   models directory; only without one, by its weight files in the worker's dtype plus 10% (the
+   server never plans: that would import torch);
 2. a model larger than every live worker could ever hold fails at once (503, sizes named);
 3. it picks a worker (``choose``): room now first, else the one that frees most by evicting idle
    models; then claims the load with ``SET NX`` on ``Keys.load_claim(model)``, so concurrent first
@@ -56,13 +58,24 @@ _ESTIMATE_TTL = 300.0
 
 @dataclass(frozen=True)
 class Weights:
-    """What the server knows of a model's size without planning it: its weight files."""
+    """What the server knows of a model's size without planning it: its weight files, and the
+    directory under models_dir whose planned peak each worker publishes."""
 
     bytes: int
     stored_dtype: str
+    directory: str | None = None
+
+    def planned(self, worker: WorkerInfo) -> int | None:
+        """The model's expected peak as ``worker`` would run it, from its own plan; None when it
+        published none (its plan cannot estimate the model, or has not run since the pull)."""
+        return worker.peaks.get(self.directory) if self.directory is not None else None
 
     def on(self, worker: WorkerInfo) -> int:
-        """Bytes a loaded copy takes on ``worker`` (in the dtype it runs models in)."""
+        """Bytes a loaded copy takes on ``worker``: the planned peak; without one, the weights in
+        the dtype the worker runs models in, plus 10%."""
+        planned = self.planned(worker)
+        if planned is not None:
+            return planned
         return catalogue.scaled_memory(self.bytes, self.stored_dtype, worker.dtype or self.stored_dtype)
 
 
@@ -183,7 +196,9 @@ class Scheduler:
                 param="model",
             )
         size, stored = catalogue.weight_bytes(found)
-        return Weights(size, stored)
+        # Workers publish planned peaks for the directories right under their models_dir.
+        directory = found.name if found.resolve().parent == runtime.resolved_models_dir().resolve() else None
+        return Weights(size, stored, directory)
 
     async def place(self, model: str, workers: list[WorkerInfo], replica: bool = False) -> None:
         """Have a worker load ``model`` unless a load of it is already under way. Raises
@@ -198,6 +213,14 @@ class Scheduler:
                 f"no live worker serves model {model!r} or loads models on demand; start one with "
                 f"`ollm worker` (it loads what is asked for) or `ollm worker --model {model}`",
                 param="model",
+            )
+        unplanned = [c.worker.name for c in found if weights.planned(c.worker) is None]
+        if unplanned and weights.bytes:
+            log.info(
+                "no planned peak of %s from worker(s) %s (their plan cannot estimate it, or has not run since it "
+                "was pulled); counting its weights plus 10%%",
+                model,
+                ", ".join(unplanned),
             )
         chosen = choose(found, replica)
         if chosen is None:

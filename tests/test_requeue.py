@@ -57,3 +57,42 @@ def test_a_dead_workers_job_goes_back_to_the_front_of_its_queue_once(redis_serve
     assert connection.smembers("rq:worker:dead-worker:executions") == set()
     assert 0 < connection.ttl(job.key) <= 120
     connection.close()
+
+
+def test_a_queued_job_in_no_queue_goes_back_to_the_front_once(redis_server: RedisServer) -> None:
+    """A worker popped the job and died before starting it: the record still says queued."""
+    connection = redis.Redis.from_url(redis_server.url)
+    queue = Queue(f"{new_namespace()}:model:echo", connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue(GENERATE_JOB, {"id": "x"}, ttl=120)
+    waiting = queue.enqueue(GENERATE_JOB, {"id": "y"})
+
+    async def attempt() -> tuple[bool, bool]:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            requeuer = Requeuer(client)
+            return await requeuer.missing(job.id, queue.key), await requeuer.requeue_unqueued(job.id, queue.key)
+        finally:
+            await client.aclose()
+
+    # Still in its queue: nothing to do.
+    assert asyncio.run(attempt()) == (False, False)
+    assert queue.pop_job_id() == job.id  # the dying worker's pop
+    assert asyncio.run(attempt()) == (True, True)
+    assert queue.get_job_ids() == [job.id, waiting.id]
+    # A second replica's check finds it queued again.
+    assert asyncio.run(attempt()) == (False, False)
+
+    # Started by a live worker meanwhile: never requeued, missing or not.
+    connection.delete(queue.key)
+    started = started_by_a_worker(connection, queue, "live-worker")
+    assert asyncio.run(_requeue_unqueued(redis_server.url, started.id, queue.key)) is False
+    assert started.id not in queue.get_job_ids()
+    connection.close()
+
+
+async def _requeue_unqueued(url: str, job_id: str, queue_key: str) -> bool:
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        return await Requeuer(client).requeue_unqueued(job_id, queue_key)
+    finally:
+        await client.aclose()

@@ -62,6 +62,7 @@ class Heartbeat:
         }
         self._draining = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ollm-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -88,9 +89,16 @@ class Heartbeat:
         except redis.RedisError as exc:
             log.warning("could not announce draining: %s", exc)
 
+    def announce_drain(self) -> None:
+        """``drain`` from a signal handler: it only sets flags (Redis I/O there could deadlock on a
+        connection the interrupted code holds); the heartbeat thread beats at once."""
+        self._draining = True
+        self._wake.set()
+
     def stop(self) -> None:
         """Stop beating and deregister."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval + 1)
         try:
@@ -102,7 +110,11 @@ class Heartbeat:
             log.warning("could not deregister worker %s: %s", self.name, exc)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.beat()
             except redis.RedisError as exc:

@@ -43,7 +43,7 @@ from ollm.errors import OllmError, ServiceUnavailableError
 from ollm.generation import EmbeddingRequest, EmbeddingResult, ErrorEvent, Event, FinalEvent, GenerationRequest
 from ollm.settings import Settings
 from workers.job import Embedder
-from workers.memory import resident_bytes
+from workers.memory import counted_bytes, plan_for, planned_bytes, planned_peaks, resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,10 @@ class Residency:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ollm-keep-alive", daemon=True)
         self._dirty = threading.Event()
+        # The planned peak of each model under models_dir (see ``planned_peaks``), re-planned when
+        # the directory changes (a pull, a removal).
+        self.peaks: dict[str, int] = {}
+        self._peaks_of: tuple[tuple[str, int, int], ...] | None = None
         for resident in residents:
             self.add(resident)
 
@@ -275,6 +279,7 @@ class Residency:
                 "memory_used": self.used(),
                 "max_loaded_models": self.max_loaded,
                 "loads": self.loads,
+                "peaks": json.dumps(self.peaks, sort_keys=True),
             }
 
     def _sequences(self) -> dict[str, int]:
@@ -342,8 +347,6 @@ class Residency:
     def load(self, model: str, deadline: float) -> tuple[Resident[Any], bool]:
         """Have ``model`` loaded here: (its resident, whether this call loaded it). Never a second
         copy: a model already held (under any of its names) is only reloaded if it was unloaded."""
-        from ollm import catalogue
-        from ollm.plan import plan_model
         from workers.engines import load_models
 
         assert self.settings is not None, "loading on demand needs the worker's settings"
@@ -355,7 +358,7 @@ class Residency:
                     held.acquire()
                     held.release()
                 return held, False
-            plan = plan_model(model, settings.runtime)
+            plan = plan_for(model, settings)
             held = self.holding(plan.resolved_reference) or self._holding_files(plan.path)
             if held is not None:
                 # The same model under another name (an alias and its directory): serve that name too.
@@ -365,7 +368,7 @@ class Residency:
             self.publish_now()
             return held, False
         with self._memory:
-            estimate = catalogue.estimated_memory(plan.path, plan.dtype)
+            estimate = planned_bytes(plan)
             self.make_room(estimate, model, deadline)
             started = time.perf_counter()
             log.info("loading %s on demand (about %s)", model, _gib(estimate))
@@ -378,8 +381,8 @@ class Residency:
                 loaded_engines, loaded_embedders = load_models([first], self.settings)  # type: ignore[arg-type]
                 return (loaded_engines if kind == "engine" else loaded_embedders)[first]
 
-            size = resident_bytes(loaded)
-            resident: Resident[Any] = Resident(names, reload, loaded, estimate if size is None else size, pinned=False)
+            size = counted_bytes(plan, resident_bytes(loaded))
+            resident: Resident[Any] = Resident(names, reload, loaded, size, pinned=False)
             self.add(resident)
             self._serve(resident, kind)
             self.loads += 1
@@ -442,9 +445,7 @@ class Residency:
                     loaded_engines, loaded_embedders = load_models([first], settings)
                     return (loaded_engines if kind == "engine" else loaded_embedders)[first]
 
-                measured = resident_bytes(models[first])
-                size = _size_of(first, settings) if measured is None else measured
-                resident: Resident[Any] = Resident(names, load, models[first], size)
+                resident: Resident[Any] = Resident(names, load, models[first], _size_of(first, models[first], settings))
                 residency.add(resident)
                 residency.loads += 1
                 residency._serve(resident, kind)
@@ -469,6 +470,7 @@ class Residency:
         next_sweep = 0.0
         while not self._stop.is_set():
             try:
+                self.refresh_peaks()
                 if pubsub is None:
                     pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.keys.residency_channel)
@@ -494,6 +496,20 @@ class Residency:
                 self._stop.wait(TICK)
         if pubsub is not None:
             pubsub.close()
+
+    def refresh_peaks(self) -> None:
+        """Plan the models under models_dir again if they changed since the last time.
+
+        On the sweeper thread, first thing: planning imports transformers (a second or two), which
+        must not delay the worker's registration. Until then the scheduler counts weights here."""
+        if self.settings is None or not self.settings.worker.on_demand:
+            # Only a worker that loads on demand is ever sized by the scheduler.
+            return
+        models = _models_signature(self.settings.runtime.resolved_models_dir())
+        if models == self._peaks_of:
+            return
+        self._peaks_of = models
+        self.peaks = planned_peaks(self.settings)
 
     def sweep(self, requests: list[tuple[str, str]] = []) -> None:  # noqa: B006 (never mutated)
         """Serve load requests, unload expired idle models, then publish what is loaded."""
@@ -555,17 +571,30 @@ class Residency:
             pipe.execute()
 
 
-def _size_of(reference: str, settings: Settings) -> int:
-    """Bytes of the model's directory (the manifest's count): what a loaded copy roughly takes."""
-    from ollm import catalogue
-
+def _size_of(reference: str, model: Any, settings: Settings) -> int:
+    """What a model loaded at start counts against the budget (see ``counted_bytes``)."""
+    measured = resident_bytes(model)
     try:
-        path = catalogue.materialized_path(reference, settings.runtime)
-    except Exception:  # echo, local paths that moved: size unknown is not an error
-        return 0
-    if path is None:
-        return 0
-    return catalogue.model_size(path, catalogue.read_manifest(path))
+        plan = plan_for(reference, settings)
+    except OllmError as exc:  # a local path that moved since: what it holds is all there is to count
+        log.info("cannot plan %s (%s); counting what it holds", reference, exc)
+        return measured or 0
+    return counted_bytes(plan, measured)
+
+
+def _models_signature(models_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """Which model directories there are, and which copy of each (a re-pull replaces its files)."""
+    found = []
+    try:
+        for path in models_dir.iterdir():
+            try:
+                config = (path / "config.json").stat()
+            except OSError:
+                continue
+            found.append((path.name, config.st_ino, config.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(sorted(found))
 
 
 def _free_memory() -> None:

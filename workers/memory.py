@@ -1,11 +1,21 @@
-"""A worker's memory: its budget for models, and what a loaded model really takes."""
+"""A worker's memory: its budget for models, and what a model counts against it.
+
+A model counts as its plan's expected peak (``RuntimePlan.expected_peak_bytes()``: the weights it
+holds, its KV cache, one forward's activations), not as its weights: a model that fits by its
+weights can still run out of memory once its cache fills.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from ollm.settings import Settings
+
+if TYPE_CHECKING:
+    from ollm.plan import RuntimePlan
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +68,63 @@ def _attributes(model: Any, depth: int = 2) -> list[Any]:
         for value in vars(model).values():
             found += _attributes(value, depth - 1)
     return found
+
+
+def plan_for(reference: str, settings: Settings) -> RuntimePlan:
+    """The model's plan as this worker would run it: its batch size and prefill step."""
+    from ollm.plan import plan_model
+
+    return plan_model(
+        reference,
+        settings.runtime,
+        prefill_tokens=settings.worker.max_tokens_per_step,
+        max_batch=settings.worker.max_batch,
+    )
+
+
+def planned_bytes(plan: RuntimePlan) -> int:
+    """What the worker counts a model as taking before it loads: the plan's expected peak (the
+    weights it holds, its KV cache, one forward's activations). Only when the plan cannot estimate
+    it, the weights' size plus 10%, and the log says so."""
+    peak = plan.expected_peak_bytes()
+    if peak is not None:
+        return peak
+    from ollm import catalogue
+
+    weights = catalogue.estimated_memory(plan.path, plan.dtype)
+    if plan.path is not None:  # echo has nothing to estimate
+        reason = plan.memory.reason or "the plan has no memory estimate"
+        log.info("%s: %s; counting its weights instead (%d bytes)", plan.reference, reason, weights)
+    return weights
+
+
+def counted_bytes(plan: RuntimePlan, measured: int | None) -> int:
+    """What a loaded model counts against the budget: its planned peak, or what its parameters and
+    buffers really take if that is more; without a plan estimate, what they take."""
+    peak = plan.expected_peak_bytes()
+    if peak is not None:
+        return max(peak, measured or 0)
+    return measured if measured is not None else planned_bytes(plan)
+
+
+def planned_peaks(settings: Settings) -> dict[str, int]:
+    """The planned peak of every model under ``runtime.models_dir``, by directory name: what the
+    server's scheduler sizes a model by on this worker (it cannot plan: that needs torch). Models
+    the plan cannot estimate are left out (the scheduler then counts their weights)."""
+    models_dir = settings.runtime.resolved_models_dir()
+    peaks: dict[str, int] = {}
+    if not models_dir.is_dir():
+        return peaks
+    for path in sorted(models_dir.iterdir()):
+        if path.name.startswith(".") or not (path / "config.json").is_file():
+            continue
+        try:
+            peak = plan_for(str(path), settings).expected_peak_bytes()
+        except Exception as exc:  # a broken directory is the scheduler's 404 to give, not a crash here
+            log.debug("cannot plan %s: %s", path, exc)
+            continue
+        if peak is None:
+            log.info("%s: the plan cannot estimate its memory; the scheduler will count its weights", path.name)
+        else:
+            peaks[path.name] = peak
+    return peaks

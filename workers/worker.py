@@ -30,13 +30,17 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from ollm.contract import EMBED_JOB, GENERATE_JOB, LOAD_JOB
+from ollm.errors import ServiceUnavailableError
 from ollm.generation import ErrorEvent
+from ollm.redis_tls import tls_problem
 from workers.heartbeat import Heartbeat
 from workers.job import JobContext, refusal
 
 log = logging.getLogger(__name__)
 
 _BEAT_EVERY = 1.0
+# How long one blocking pop waits for a job: also how soon a stop request is honoured while idle.
+_POLL_SECONDS = 1
 
 
 class GenerationWorker(SimpleWorker):
@@ -78,7 +82,6 @@ class GenerationWorker(SimpleWorker):
             in_flight=context.in_flight,
             status=status,
         )
-        self._dequeuing = False
         self._last_beat = -_BEAT_EVERY
         self._cancel_pubsub: PubSub | None = None
         self._cancel_thread: PubSubWorkerThread | None = None
@@ -102,24 +105,27 @@ class GenerationWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        self._dequeuing = True
+        # A stop request only sets a flag, seen here between short blocking pops. Were it raised
+        # from the signal handler instead, it could land after RQ's pop took a job off its queue
+        # and before the job was started: a job in no queue and no registry, lost to everyone.
+        # Only take a job off the queue when there is a slot for it, so a busy worker leaves
+        # queued jobs to idle workers.
+        while not self._slots.acquire(timeout=_POLL_SECONDS):
+            self._raise_if_stopping()
         try:
-            # Only take a job off the queue when there is a slot for it, so a busy worker leaves
-            # queued jobs to idle workers.
-            while not self._slots.acquire(timeout=1.0):
-                pass
-            try:
-                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            except BaseException:
-                self._slots.release()
-                raise
-        except _Stop:
-            raise StopRequested() from None
-        finally:
-            self._dequeuing = False
-        if result is None:
+            while True:
+                self._raise_if_stopping()
+                # RQ returns None once it has blocked for max_idle_time without a job.
+                result = super().dequeue_job_and_maintain_ttl(_POLL_SECONDS, max_idle_time=_POLL_SECONDS)
+                if result is not None:
+                    return result
+        except BaseException:
             self._slots.release()
-        return result
+            raise
+
+    def _raise_if_stopping(self) -> None:
+        if self._stop_requested:
+            raise StopRequested()
 
     # ---- models arriving and leaving -----------------------------------------------------------
 
@@ -208,11 +214,12 @@ class GenerationWorker(SimpleWorker):
 
     def _shutdown(self) -> None:
         # Jobs run in the pool, so the main loop can always stop taking new ones; teardown waits
-        # for the jobs in flight (a second signal makes it a cold shutdown). A main thread blocked
-        # dequeueing is interrupted; anywhere else the loop sees the flag at its next turn.
+        # for the jobs in flight (a second signal makes it a cold shutdown). Never raised from
+        # here: the dequeue loop sees the flag within _POLL_SECONDS, and a job it has just popped
+        # is still handed to execute_job (and finished by the drain). The server stops routing
+        # here at once: the registration advertises no models from the next (immediate) beat.
         self._stop_requested = True
-        if self._dequeuing:
-            raise _Stop()
+        self._registration.announce_drain()
 
     def request_force_stop(self, signum: int, frame: Any) -> None:
         self.context.cancel_all()
@@ -265,11 +272,6 @@ class GenerationWorker(SimpleWorker):
         self.context.cancel(request_id)
 
 
-class _Stop(BaseException):
-    """Raised by the stop signal handler while dequeueing. A BaseException, because redis-py turns
-    any Exception raised inside a blocking socket read into a ConnectionError, which RQ retries."""
-
-
 def _log_pubsub_error(exc: BaseException, pubsub: PubSub, thread: PubSubWorkerThread) -> None:
     # The pubsub reconnects and resubscribes on the next read; a Redis blip must not kill cancels.
     log.warning("cancel listener: %s", exc)
@@ -284,7 +286,11 @@ def _wait_for_redis(connection: redis.Redis, timeout: float = 60.0) -> None:
         try:
             connection.ping()
             return
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = tls_problem(exc)
+            if problem is not None:
+                # A certificate that is not trusted today will not be trusted in a minute.
+                raise ServiceUnavailableError(f"cannot connect to Redis ({exc}); {problem}") from None
             if time.monotonic() > deadline:
                 raise
             log.info("waiting for Redis: %s", exc)

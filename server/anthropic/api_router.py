@@ -34,8 +34,23 @@ async def count_tokens(
     return await serving.count_tokens(svc, http, body)
 
 
-@router.api_route("/messages", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+# What the two routes below answer instead of the app-level handlers, whose errors are OpenAI's:
+# Anthropic clients (the SDK, Claude Code) read only Anthropic's shape.
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_ROUTES = {"/v1/messages", "/v1/messages/count_tokens"}
+
+
+@router.api_route("/messages", methods=[m for m in _ANY_METHOD if m != "POST"], include_in_schema=False)
 async def wrong_method(http: Request) -> Response:
-    # Declared so that this mistake, too, is answered in Anthropic's shape (through AnthropicRoute)
-    # rather than by the app-level handler in OpenAI's.
     raise HTTPException(405, f"{http.method} /v1/messages is not supported; send POST", headers={"Allow": "POST"})
+
+
+@router.api_route("/messages/{path:path}", methods=_ANY_METHOD, include_in_schema=False)
+async def unknown(path: str, http: Request) -> Response:
+    # Registered last: only what no route above takes lands here, including a known path with
+    # the wrong method (Starlette would otherwise answer that 405 through the app's handler).
+    target = f"/v1/messages/{path}"
+    if target in _ROUTES:
+        raise HTTPException(405, f"{http.method} {target} is not supported; send POST", headers={"Allow": "POST"})
+    served = " and ".join(f"POST {route}" for route in sorted(_ROUTES))
+    raise HTTPException(404, f"no route {http.method} {target}: ollm serves {served}")

@@ -14,6 +14,7 @@ from ollm import catalogue
 from ollm.contract import WorkerInfo
 from ollm.errors import ModelNotFoundError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
+from ollm.redis_tls import explain
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings, RuntimeSettings
 from server.errors import error_body
@@ -100,7 +101,7 @@ async def health(services: Services) -> JSONResponse:
         workers = await services.dispatcher.workers()
     except redis.RedisError as exc:
         body = HealthResponse(
-            status="degraded", redis=RedisStatus(status="unavailable", error=str(exc)), models={}, workers=[]
+            status="degraded", redis=RedisStatus(status="unavailable", error=explain(exc)), models={}, workers=[]
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     body = HealthResponse(status="ok", redis=RedisStatus(status="ok"), models=model_serving(workers), workers=workers)

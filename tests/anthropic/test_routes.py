@@ -116,3 +116,35 @@ def test_a_claude_code_shaped_request_is_served(client: TestClient) -> None:
         events = [(name, json.loads(data)) for name, data in sse_events(response.iter_lines())]
     text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
     assert text == "hello there" and events[-1][0] == "message_stop"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "kind"),
+    [
+        ("POST", "/v1/messages/batches", 404, "not_found_error"),
+        ("GET", "/v1/messages/batches/msgbatch_1/results", 404, "not_found_error"),
+        ("DELETE", "/v1/messages/anything", 404, "not_found_error"),
+        ("POST", "/v1/messages/", 404, "not_found_error"),
+        ("GET", "/v1/messages/count_tokens", 405, "invalid_request_error"),
+        ("PUT", "/v1/messages", 405, "invalid_request_error"),
+    ],
+)
+def test_unknown_paths_and_methods_under_messages_answer_in_anthropic_shape(
+    client: TestClient, method: str, path: str, status: int, kind: str
+) -> None:
+    answer = client.request(method, path, json=HELLO)
+    message = anthropic_error(answer, status, kind)
+    assert path.rstrip("/") in message
+    if status == 405:
+        assert answer.headers["allow"] == "POST"
+
+
+def test_the_sdk_raises_its_typed_error_for_an_unknown_messages_path(client: TestClient) -> None:
+    import anthropic
+
+    sdk = anthropic.Anthropic(api_key="k", base_url=str(client.base_url), http_client=client, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        sdk.messages.batches.retrieve("msgbatch_1")
+    body = raised.value.body
+    assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    assert "ollm serves POST /v1/messages" in body["error"]["message"]

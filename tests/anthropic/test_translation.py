@@ -299,6 +299,24 @@ def test_tool_call_stream_has_a_tool_use_block_with_its_input() -> None:
     ]
 
 
+def test_the_sdk_stream_helpers_accumulate_the_tool_input_from_its_one_delta() -> None:
+    # The whole input arrives as one input_json_delta (the grammar-checked call is parsed once it
+    # is complete). What SDK users of messages.stream() read must still be whole: the helper's own
+    # input_json event with its parsed snapshot, and the running message snapshot.
+    request = translate(tools=[WEATHER])
+    events: list[Event] = [TokenEvent(text=CALL_TEXT[:20]), TokenEvent(text=CALL_TEXT[20:]), final(CALL_TEXT)]
+    stream = sdk_stream(request, events)
+    seen = list(stream)
+    inputs = [event for event in seen if event.type == "input_json"]
+    assert len(inputs) == 1 and inputs[0].snapshot == {"city": "Paris"}
+    assert json.loads(inputs[0].partial_json) == {"city": "Paris"}
+    (stopped,) = [event for event in seen if event.type == "content_block_stop"]
+    assert stopped.content_block.type == "tool_use" and stopped.content_block.input == {"city": "Paris"}
+    snapshot = stream.current_message_snapshot
+    assert snapshot.stop_reason == "tool_use" and snapshot.content[0].input == {"city": "Paris"}  # type: ignore[union-attr]
+    assert stream.get_final_message().content == snapshot.content
+
+
 def test_text_then_a_call_are_two_blocks() -> None:
     request = translate(tools=[WEATHER])
     events: list[Event] = [TokenEvent(text="Checking. "), TokenEvent(text=CALL_TEXT), final("Checking. " + CALL_TEXT)]

@@ -16,7 +16,6 @@ import ollama
 import pytest
 import redis
 
-from ollm import catalogue
 from ollm.contract import Keys, LoadRequest
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings
@@ -32,9 +31,11 @@ HELLO = [{"role": "user", "content": "Name a colour."}]
 
 
 def estimate(model: str, runtime: RuntimeSettings) -> int:
-    """The server's own estimate of what a loaded copy takes (files and plan, before loading)."""
-    plan = plan_model(model, runtime)
-    return catalogue.estimated_memory(plan.path, plan.dtype)
+    """What a loaded copy counts on a worker, and what the scheduler sizes it by before loading:
+    the expected peak of the worker's plan (the test's workers run the default batch and step)."""
+    peak = plan_model(model, runtime).expected_peak_bytes()
+    assert peak is not None
+    return peak
 
 
 def workers(server: Server) -> list[dict[str, Any]]:
@@ -212,6 +213,8 @@ def test_a_pinned_model_is_never_evicted_and_a_model_too_large_fails_at_once(
     # A worker whose whole budget is smaller than the model: no load is even tried.
     tiny = start_worker(ns=new_namespace(), OLLM_WORKER__MEMORY_BUDGET="10MB")
     other = start_server(ns=tiny.namespace)
+    # Its plans of the models here (made just after it registers) are what the server sizes by.
+    wait_until(lambda: workers(other)[0]["peaks"], 60, "the worker to publish its planned peaks")
     with httpx.Client(base_url=other.url, timeout=60) as client:
         too_large = client.post("/v1/chat/completions", json={"model": DEFAULT_CHAT_MODEL, "messages": HELLO})
         assert too_large.status_code == 503

@@ -117,3 +117,40 @@ def test_requests_a_killed_worker_had_not_started_streaming_are_served_by_anothe
     assert StartedJobRegistry(queue, connection=connection, serializer=JSONSerializer).get_job_ids() == []
     assert len(FinishedJobRegistry(queue, connection=connection, serializer=JSONSerializer).get_job_ids()) == 7
     connection.close()
+
+
+def test_a_job_popped_by_a_worker_that_died_before_starting_it_is_served(
+    start_worker: WorkerFactory, start_server: ServerFactory, redis_server: RedisServer, namespace: str
+) -> None:
+    # One slot, held by a long answer: the live worker is not dequeuing while the test plays a
+    # worker that pops the next job off the queue and dies before starting it (kill -9, a cold
+    # stop). Nothing about the job then says it ever left the queue: its record is "queued".
+    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.05", OLLM_WORKER__MAX_BATCH="1")
+    server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=str(LOST_AFTER))
+    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    queue_key = f"rq:queue:{namespace}:model:echo"
+
+    long_answer: dict[str, Any] = {}
+    holder = threading.Thread(target=chat, args=(server, " ".join(f"w{i}" for i in range(80)), long_answer))
+    holder.start()
+    started = f"rq:wip:{namespace}:model:echo"
+    wait_until(lambda: connection.llen(queue_key) == 0 and connection.zcard(started), 30, "the slot to be taken")
+
+    stranded: dict[str, Any] = {}
+    client = threading.Thread(target=chat, args=(server, "stranded no more", stranded))
+    client.start()
+    popped = connection.blpop([queue_key], timeout=30)  # the dying worker's pop
+    assert popped is not None
+    job_id = str(popped[1])
+    popped_at = time.monotonic()
+    wait_until(lambda: connection.lpos(queue_key, job_id) is not None, 30, "the job to be requeued")
+    requeued_after = time.monotonic() - popped_at
+    client.join(timeout=60)
+    holder.join(timeout=60)
+
+    assert stranded["status"] == 200 and stranded["text"] == "stranded no more"
+    assert long_answer["status"] == 200
+    print(
+        f"job popped by a dead worker back in its queue after {requeued_after:.2f}s (worker_lost_seconds={LOST_AFTER})"
+    )
+    connection.close()
