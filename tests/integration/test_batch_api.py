@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types import Batch
 
-from tests.integration.conftest import ServerFactory, Stack, WorkerFactory
+from tests.integration.conftest import ServerFactory, WorkerFactory
 from tests.integration.harness import Server, wait_until
 
 
@@ -44,11 +44,13 @@ def finished(client: openai.OpenAI, batch_id: str, timeout: float = 120) -> Batc
 
 
 @pytest.fixture
-def batch_server(echo_stack: Stack, start_server: ServerFactory, tmp_path: Path) -> Callable[..., Server]:
-    """A server of its own (its files under tmp_path) on the shared echo worker."""
+def batch_server(start_worker: WorkerFactory, start_server: ServerFactory, tmp_path: Path) -> Callable[..., Server]:
+    """Servers of a namespace of their own, with one echo worker (20 ms a word) and one files dir:
+    every server that may resume a batch must see its files."""
+    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.02")
 
     def start(**env: str) -> Server:
-        return start_server(ns=echo_stack.namespace, OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), **env)
+        return start_server(OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), **env)
 
     return start
 
@@ -243,12 +245,12 @@ def test_interactive_requests_go_before_waiting_batch_lines(
     server = start_server(OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), OLLM_SERVER__BATCH_CONCURRENCY="8")
     client = server.openai_client()
     words = " ".join(f"w{i}" for i in range(20))  # ~1 s a line
-    content = jsonl([chat_line(f"b{i}", words) for i in range(10)])
+    content = jsonl([chat_line(f"b{i}", words) for i in range(6)])
     upload = client.files.create(file=("q.jsonl", content), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_until(lambda: client.batches.retrieve(batch.id).status == "in_progress", 30, "the batch to start", 0.05)
 
-    # Eight lines wait in the batch queue, one runs; an interactive request overtakes them all.
+    # Five lines wait (in the batch queue or the runner), one runs; an interactive request overtakes them all.
     answer = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "me first"}])
     counts = client.batches.retrieve(batch.id).request_counts
     assert answer.choices[0].message.content == "me first"
