@@ -211,7 +211,7 @@ class Dispatcher:
 
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
         await self.route(model)
-        queue = await self._queue(self.keys.batch_queue(model) if batch_priority.get() else self.keys.queue(model))
+        queue = await self._queue(model, batch=batch_priority.get())
         channel = self.keys.events(job_id)
         pubsub = await self.subscriptions.subscribe(channel)
         try:
@@ -255,7 +255,8 @@ class Dispatcher:
                 pipe.pipeline_execute_command(*args, **options)
             await pipe.execute()
 
-    async def _queue(self, name: str) -> Queue:
+    async def _queue(self, model: str, batch: bool = False) -> Queue:
+        name = self.keys.batch_queue(model) if batch else self.keys.queue(model)
         queue = self._queues.get(name)
         if queue is None:
             queue = Queue(name, connection=self.sync, serializer=JSONSerializer)
