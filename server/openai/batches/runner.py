@@ -246,7 +246,11 @@ class BatchRun:
         """Stop taking lines once the batch is cancelled or its window has passed."""
         while not stop.is_set():
             await asyncio.sleep(_SCAN_SECONDS)
-            record = await self.store.get(self.id)
+            try:
+                record = await self.store.get(self.id)
+            except redis.RedisError as exc:
+                log.warning("batch %s: cannot read its status (%s); checking again", self.id, exc)
+                continue
             if record is None or record.status != "in_progress" or _expired(record):
                 stop.set()
 
