@@ -2,10 +2,11 @@
 
 One embedded stack (`ollm serve --ephemeral`, one worker, the default chat model). The same
 interactive load (``--clients`` streaming clients, ``--requests`` each, ``--max-tokens`` fixed
-with ignore_eos) runs twice: on an idle worker, then while a batch of ``--lines`` chat requests
-runs on it. Printed: time to first token, whole-request latency and inter-token latency (p50,
-p95) of both runs, their ratios, and how far the batch got meanwhile (it must still be running
-when the loaded run ends, or that run did not overlap it).
+with ignore_eos) runs three times: on an idle worker, while a batch of ``--lines`` chat requests
+runs on it, and idle again once the batch is cancelled (the two idle runs together are the
+baseline; apart, they show how much the machine itself drifted). Printed: time to first token,
+whole-request latency and inter-token latency (p50, p95), their ratios, and how far the batch got
+meanwhile (it must still be running when the loaded run ends, or that run did not overlap it).
 
     python -m bench.batch_priority                      # 200 lines, default settings
     python -m bench.batch_priority --batch-slots 16     # no slots kept for interactive requests
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with embedded_stack(model, args.max_batch, args.log_dir / "batch_priority.log", env) as base_url:
         load = (model, args.clients, args.requests, args.max_tokens)
         asyncio.run(interactive(base_url, model, 1, 1, 4))  # warm-up
-        report["idle"] = summary(asyncio.run(interactive(base_url, *load)))
+        idle_before = asyncio.run(interactive(base_url, *load))
 
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
         upload = client.files.create(
@@ -108,13 +109,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         after = counts(client, batch.id)
         report["batch_during_loaded_run"] = {"status_after": after[0], "completed_before": before[1],
                                              "completed_after": after[1], "total": after[2]}  # fmt: skip
-        if args.wait_batch:
-            while counts(client, batch.id)[0] not in ("completed", "failed", "cancelled", "expired"):
-                time.sleep(1.0)
-            final = counts(client, batch.id)
-            report["batch"] = {"status": final[0], "completed": final[1], "seconds": time.monotonic() - started}
-        else:
+        if not args.wait_batch:
             client.batches.cancel(batch.id)
+        while counts(client, batch.id)[0] not in ("completed", "failed", "cancelled", "expired"):
+            time.sleep(1.0)
+        final = counts(client, batch.id)
+        report["batch"] = {"status": final[0], "completed": final[1], "seconds": time.monotonic() - started}
+        idle_after = asyncio.run(interactive(base_url, *load))
+    report["idle"] = summary(idle_before + idle_after)
+    report["idle_before"], report["idle_after"] = summary(idle_before), summary(idle_after)
     return report
 
 
@@ -137,20 +140,23 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-slots", type=int, help="worker.batch_slots (default: the setting's default)")
     parser.add_argument("--batch-concurrency", type=int, default=8)
-    parser.add_argument("--wait-batch", action="store_true", help="also time the whole batch")
+    parser.add_argument("--wait-batch", action="store_true", help="let the batch finish (else it is cancelled)")
     parser.add_argument("--log-dir", type=Path, default=Path("bench-logs"))
     parser.add_argument("--json", type=Path, help="write the report here too")
     args = parser.parse_args()
     report = run(args)
     idle, loaded = report["idle"], report["with_batch"]
     print(f"model {report['model']}, {args.clients} clients x {args.requests} requests, {args.max_tokens} tokens each")
-    print(f"{'ms':<12}{'idle':>10}{'w/ batch':>10}{'ratio':>8}")
+    before, after = report["idle_before"], report["idle_after"]
+    print(f"{'ms':<12}{'idle':>10}{'w/ batch':>10}{'ratio':>8}{'idle 1st':>10}{'idle 2nd':>10}")
     for key in ("ttft_p50", "ttft_p95", "latency_p50", "latency_p95", "itl_p50", "itl_p95"):
-        print(f"{key:<12}{ms(idle[key]):>10}{ms(loaded[key]):>10}{ratio(loaded[key], idle[key]):>8}")
+        print(
+            f"{key:<12}{ms(idle[key]):>10}{ms(loaded[key]):>10}{ratio(loaded[key], idle[key]):>8}"
+            f"{ms(before[key]):>10}{ms(after[key]):>10}"
+        )
     print(f"errors: idle {idle['errors']}, with batch {loaded['errors']}")
     print(f"batch during the loaded run: {json.dumps(report['batch_during_loaded_run'])}")
-    if "batch" in report:
-        print(f"whole batch: {json.dumps(report['batch'])}")
+    print(f"batch at the end: {json.dumps(report['batch'])}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -186,8 +186,9 @@ class WorkerSettings(Section):
     batch_slots: int = Field(
         2,
         ge=1,
-        description="Batch API lines one worker runs at once at most; they are dequeued only after the "
-        "interactive requests waiting, and the other slots of max_batch stay free for interactive ones.",
+        description="Batch API lines one worker runs at once at most, when no interactive request runs there; "
+        "alongside interactive requests only one (so a batch always progresses). They are dequeued only after "
+        "every interactive request waiting.",
     )
     heartbeat_seconds: float = Field(1.0, gt=0)
     drain_seconds: float = Field(

@@ -70,3 +70,21 @@ def test_with_its_batch_slots_taken_a_worker_leaves_batch_lines_queued(worker: G
     interactive.enqueue(GENERATE_JOB, {"model": "a"}, job_id="chat")
     dequeuing.join(timeout=10)
     assert taken == ["chat"] and batch.job_ids == ["line-2"]
+
+
+def test_more_than_one_batch_line_runs_only_while_no_interactive_request_does() -> None:
+    connection = fakeredis.FakeRedis()
+    context = JobContext(connection, KEYS, {})
+    worker = GenerationWorker([KEYS.queue("a"), KEYS.batch_queue("a")], connection, context, 8, 1.0, batch_slots=3)
+    try:
+        assert worker._batch_open()  # idle
+        worker._running = worker._batch_running = 2  # two batch lines, nothing else
+        assert worker._batch_open()
+        worker._running = 3  # and an interactive request: no third line now
+        assert not worker._batch_open()
+        worker._running = worker._batch_running = 3  # all batch slots taken
+        assert not worker._batch_open()
+        worker._running, worker._batch_running = 5, 0  # interactive work never keeps out the first line
+        assert worker._batch_open()
+    finally:
+        context.close()

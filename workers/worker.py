@@ -128,18 +128,27 @@ class GenerationWorker(SimpleWorker):
 
     def _dequeue(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
         """RQ's dequeue over the interactive queues first (BLPOP takes the first key that has a
-        job), then the batch queues, which are left out while every batch slot is taken. Left out,
-        the dequeue gives up after a second, so a batch slot that frees up is used soon."""
+        job), then the batch queues, which are left out while they may not start a line
+        (``_batch_open``). Left out, the dequeue gives up after a second, so a batch slot that
+        frees up is used soon."""
         while True:
             with self._queue_lock:
                 every = self.queues
-                open_to_batch = self._batch_running < self._batch_slots
+                open_to_batch = self._batch_open()
                 self._ordered_queues = every if open_to_batch else [q for q in every if not self._is_batch(q)]
             if open_to_batch or len(self._ordered_queues) == len(every):
                 return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             result = super().dequeue_job_and_maintain_ttl(1, 1)
             if result is not None or self._stop_requested:
                 return result
+
+    def _batch_open(self) -> bool:
+        """Whether a batch line may start: one always may (a batch never starves), more only
+        while no interactive request runs here (they fill idle capacity, up to the batch slots).
+        Every extra sequence in the engine's batch slows each decode step a little."""
+        with self._running_lock:
+            batch, interactive = self._batch_running, self._running - self._batch_running
+        return batch == 0 or (batch < self._batch_slots and interactive == 0)
 
     def _is_batch(self, queue: Queue) -> bool:
         return queue.name.startswith(self._batch_prefix)
