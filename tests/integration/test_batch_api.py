@@ -256,3 +256,30 @@ def test_interactive_requests_go_before_waiting_batch_lines(
     assert answer.choices[0].message.content == "me first"
     assert counts is not None and counts.completed <= 2
     assert finished(client, batch.id).status == "completed"
+
+
+def test_a_batch_survives_the_loss_of_a_worker(
+    start_worker: WorkerFactory, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    first = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.05")
+    server = start_server(
+        OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), OLLM_SERVER__WORKER_LOST_SECONDS="2",
+        OLLM_SERVER__BATCH_CONCURRENCY="2",
+    )  # fmt: skip
+    client = server.openai_client()
+    words = " ".join(f"w{i}" for i in range(20))  # ~1 s a line
+    ids = [f"l{i}" for i in range(40)]
+    upload = client.files.create(file=("w.jsonl", jsonl([chat_line(i, words) for i in ids])), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_until(
+        lambda: (c := client.batches.retrieve(batch.id).request_counts) is not None and c.completed >= 1,
+        60, "the first line", 0.05,
+    )  # fmt: skip
+    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.05")  # the replacement, then the loss mid-answer
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    first.kill9()
+    done = finished(client, batch.id)
+
+    assert done.status == "completed", done
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (40, 0)
+    assert sorted(line["custom_id"] for line in lines_of(client, done.output_file_id)) == sorted(ids)

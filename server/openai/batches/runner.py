@@ -52,6 +52,8 @@ from server.stores.files import FileStore, NoSuchFileError, derived_file_id
 log = logging.getLogger(__name__)
 
 _SCAN_SECONDS = 1.0
+_ATTEMPTS = 3
+_RETRY_SECONDS = 2.0
 
 
 class BatchRunner:
@@ -227,7 +229,7 @@ class BatchRun:
 
         async def run(line: BatchLine) -> None:
             try:
-                await self._record(line.number, await self.runner.send(record.endpoint, line))
+                await self._record(line.number, await self._attempts(record.endpoint, line))
             finally:
                 slots.release()
 
@@ -241,6 +243,19 @@ class BatchRun:
                     group.create_task(run(line))
         finally:
             watcher.cancel()
+
+    async def _attempts(self, endpoint: str, line: BatchLine) -> dict[str, Any]:
+        """A 503 is the service's state, not the line's fault (its worker died or was stopped
+        mid-answer, Redis blinked, a model is still being placed): the line runs again, a few
+        times, before its 503 is its result."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            result = await self.runner.send(endpoint, line)
+            response = result.get("response")
+            if attempt == _ATTEMPTS or not (isinstance(response, dict) and response.get("status_code") == 503):
+                return result
+            log.info("batch %s line %d: 503, running it again (attempt %d)", self.id, line.number, attempt + 1)
+            await asyncio.sleep(_RETRY_SECONDS * attempt)
+        raise AssertionError("unreachable")
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Stop taking lines once the batch is cancelled or its window has passed."""
