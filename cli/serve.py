@@ -205,6 +205,7 @@ def worker(
         run_worker(
             served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
             status=status, served=attach, drain_seconds=settings.worker.drain_seconds,
+            batch_slots=settings.worker.batch_slots,
         )  # fmt: skip
     except OllmError as exc:
         fail(str(exc))

@@ -64,6 +64,11 @@ class Keys:
         """The Redis list behind ``queue(model)``: its length is how many jobs wait for the model."""
         return f"rq:queue:{self.queue(model)}"
 
+    def batch_queue(self, model: str) -> str:
+        """The RQ queue of ``model``'s Batch API lines: workers dequeue it only after ``queue(model)``
+        and every other interactive queue, and only while they have a batch slot free."""
+        return f"{self.namespace}:model-batch:{model}"
+
     def worker_queue(self, name: str) -> str:
         """The RQ queue only the named worker listens on: the load requests placed on it."""
         return f"{self.namespace}:to-worker:{name}"
@@ -103,6 +108,37 @@ class Keys:
 
     def session(self, session_id: str) -> str:
         return f"{self.namespace}:session:{client_id(session_id, 'session')}"
+
+    def file(self, file_id: str) -> str:
+        """A /v1/files record (JSON); the content is on disk under ``server.files_dir``."""
+        return f"{self.namespace}:file:{client_id(file_id, 'file')}"
+
+    @property
+    def files(self) -> str:
+        """Sorted set of file ids by creation time (listing, pagination)."""
+        return f"{self.namespace}:files"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash of one /v1/batches batch: its record, status, timestamps and request counts."""
+        return f"{self.namespace}:batch:{client_id(batch_id, 'batch')}"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash of a running batch's finished lines: line number -> output or error line (JSON)."""
+        return f"{self.namespace}:batch-results:{client_id(batch_id, 'batch')}"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Who drives the batch now (SET NX PX, renewed): two servers never run the same batch."""
+        return f"{self.namespace}:batch-lease:{client_id(batch_id, 'batch')}"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of batch ids by creation time (listing, pagination)."""
+        return f"{self.namespace}:batches"
+
+    @property
+    def active_batches(self) -> str:
+        """Set of the batches not yet in a final state: what a (re)started server resumes."""
+        return f"{self.namespace}:batches-active"
 
     def keep_alive(self, model: str) -> str:
         """The keep-alive a client last asked for on ``model`` (JSON: seconds, or null for forever)."""

@@ -129,6 +129,24 @@ class ServerSettings(Section):
         description="When this many requests wait in one model's queue, another worker with room loads a "
         "replica of it (0: never).",
     )
+    files_dir: Path = Field(
+        Path("~/.ollm/files"), description="Where files uploaded to /v1/files (and batch outputs) are kept."
+    )
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest file /v1/files accepts (413 above it)."
+    )
+    batch_concurrency: int = Field(
+        8, ge=1, description="Lines of one batch (/v1/batches) a server has queued or running at once."
+    )
+    batch_lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a server's claim on driving a batch lasts unrenewed: after a crash, another "
+        "server (or the restarted one) resumes the batch within this time.",
+    )
+
+    def resolved_files_dir(self) -> Path:
+        return self.files_dir.expanduser()
 
 
 class RedisSettings(Section):
@@ -164,6 +182,13 @@ class WorkerSettings(Section):
     )
     kv_cache_max_tokens: int = Field(
         262144, ge=256, description="KV cache budget (tokens across sequences) before requests wait."
+    )
+    batch_slots: int = Field(
+        2,
+        ge=1,
+        description="Batch API lines one worker runs at once at most, when no interactive request runs there; "
+        "alongside interactive requests only one (so a batch always progresses). They are dequeued only after "
+        "every interactive request waiting.",
     )
     heartbeat_seconds: float = Field(1.0, gt=0)
     drain_seconds: float = Field(

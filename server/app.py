@@ -24,9 +24,12 @@ from server.metrics.requests import RequestMetrics, endpoints
 from server.middleware import ApiKeyAuth, BodyLimit
 from server.native.api_router import router as native_router
 from server.ollama.api_router import router as ollama_router
+from server.openai.batches.api_router import router as batches_router
+from server.openai.batches.runner import BatchRunner
 from server.openai.chat_completion.api_router import router as chat_completion_router
 from server.openai.completion.api_router import router as completion_router
 from server.openai.embeddings.api_router import router as embeddings_router
+from server.openai.files.api_router import router as files_router
 from server.openai.models.api_router import router as models_router
 from server.openai.responses.api_router import router as responses_router
 from server.services import Services
@@ -38,6 +41,8 @@ ROUTERS: list[APIRouter] = [
     embeddings_router,
     models_router,
     responses_router,
+    files_router,
+    batches_router,
     anthropic_router,
     ollama_router,
     metrics_router,
@@ -54,8 +59,19 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await services.close()
+        # Batches run on the server: this one resumes any batch no other server is driving.
+        runner = BatchRunner(
+            app, services.connection, services.keys, services.batches, services.files,
+            concurrency=settings.server.batch_concurrency, lease_seconds=settings.server.batch_lease_seconds,
+            api_key=settings.server.api_key,
+        )  # fmt: skip
+        app.state.batch_runner = runner
+        runner.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+            await services.close()
 
     app = FastAPI(
         title="ollm",
@@ -73,7 +89,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     # Added last = outermost: a too-large or unauthenticated request is refused before parsing.
     if settings.server.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.server.api_key)
-    app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes)
+    # Uploads for the Batch API are bounded by their own setting (multipart framing aside).
+    uploads = {"/v1/files": (settings.server.max_file_bytes + 64 * 1024, "server.max_file_bytes")}
+    app.add_middleware(BodyLimit, max_bytes=settings.server.max_request_bytes, larger=uploads)
     # Outermost: requests refused by the limit or the key are counted too.
     app.add_middleware(RequestMetrics, metrics=services.dispatcher.metrics, routes=endpoints(app, ROUTERS))
     return app

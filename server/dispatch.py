@@ -22,6 +22,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,10 @@ _EVENT = TypeAdapter[Event](Event)
 _RESULT_TTL = 600
 _FAILURE_TTL = 7 * 24 * 3600
 Disconnected = Callable[[], Awaitable[bool]]
+
+# Set by the Batch API runner around each line it runs through the app: that line's jobs go to
+# the model's batch queue, which workers serve only after their interactive queues.
+batch_priority: ContextVar[bool] = ContextVar("batch_priority", default=False)
 
 
 class ClientDisconnected(OllmError):
@@ -212,7 +217,7 @@ class Dispatcher:
     async def _submit(self, model: str, job_id: str, function: str, payload: dict[str, Any]) -> JobStream:
         started = time.monotonic()
         await self.route(model)
-        queue = await self._queue(model)
+        queue = await self._queue(model, batch=batch_priority.get())
         channel = self.keys.events(job_id)
         pubsub = await self.subscriptions.subscribe(channel)
         try:
@@ -257,13 +262,14 @@ class Dispatcher:
                 pipe.pipeline_execute_command(*args, **options)
             await pipe.execute()
 
-    async def _queue(self, model: str) -> Queue:
-        queue = self._queues.get(model)
+    async def _queue(self, model: str, batch: bool = False) -> Queue:
+        name = self.keys.batch_queue(model) if batch else self.keys.queue(model)
+        queue = self._queues.get(name)
         if queue is None:
-            queue = Queue(self.keys.queue(model), connection=self.sync, serializer=JSONSerializer)
+            queue = Queue(name, connection=self.sync, serializer=JSONSerializer)
             # Asked once per queue (it shapes how RQ writes a job); the only blocking call here.
             await asyncio.to_thread(queue.get_redis_server_version)
-            self._queues[model] = queue
+            self._queues[name] = queue
         return queue
 
     async def cancel(self, job_id: str) -> None:

@@ -41,19 +41,22 @@ class _TooLarge(BaseException):  # noqa: N818  (BaseException: body parsers catc
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """``max_bytes`` for every body, except the paths in ``larger`` (path -> limit, setting name):
+    uploads to /v1/files are bounded by server.max_file_bytes instead."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = (
-            f"the request body is larger than {self.max_bytes} bytes (server.max_request_bytes)"
-        )
+        max_bytes, setting = self.larger.get(scope["path"], (self.max_bytes, "server.max_request_bytes"))
+        message = f"the request body is larger than {max_bytes} bytes ({setting})"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > max_bytes:
             await _send_error(scope, send, 413, message, "request_too_large", [])
             return
         seen = 0
@@ -64,7 +67,7 @@ class BodyLimit:
             received = await receive()
             if received["type"] == "http.request":
                 seen += len(received.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise _TooLarge()
             return received
 

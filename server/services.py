@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio
@@ -12,6 +12,8 @@ from ollm.contract import Keys
 from ollm.errors import SettingsError
 from ollm.settings import Settings
 from server.dispatch import Dispatcher
+from server.stores.batches import BatchStore
+from server.stores.files import FileStore
 from server.stores.responses import ResponseStore, response_store
 from server.stores.sessions import SessionStore, session_store
 
@@ -33,6 +35,14 @@ class Services:
     dispatcher: Dispatcher
     responses: ResponseStore
     sessions: SessionStore
+    # The Batch API's files and batches: always Redis (they must outlive the server process).
+    files: FileStore = field(init=False)
+    batches: BatchStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        server = self.settings.server
+        self.files = FileStore(self.connection, self.keys, server.resolved_files_dir(), server.max_file_bytes)
+        self.batches = BatchStore(self.connection, self.keys)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

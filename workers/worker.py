@@ -60,8 +60,13 @@ class GenerationWorker(SimpleWorker):
         name: str | None = None,
         status: Callable[[], dict[str, str | int]] | None = None,
         drain_seconds: float = 60.0,
+        batch_slots: int = 2,
     ) -> None:
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
+        # Batch API lines run in at most this many slots; the rest stay free for interactive work.
+        self._batch_slots = min(batch_slots, max_concurrency)
+        self._batch_prefix = context.keys.batch_queue("")
+        self._batch_running = 0
         # First, its own queue: the loads the server's scheduler places on this worker.
         own = Queue(context.keys.worker_queue(self.name), connection=connection, serializer=JSONSerializer)
         self._queue_lock = threading.Lock()
@@ -116,7 +121,7 @@ class GenerationWorker(SimpleWorker):
             while True:
                 self._raise_if_stopping()
                 # RQ returns None once it has blocked for max_idle_time without a job.
-                result = super().dequeue_job_and_maintain_ttl(_POLL_SECONDS, max_idle_time=_POLL_SECONDS)
+                result = self._dequeue()
                 if result is not None:
                     return result
         except BaseException:
@@ -127,22 +132,47 @@ class GenerationWorker(SimpleWorker):
         if self._stop_requested:
             raise StopRequested()
 
+    def _dequeue(self) -> tuple[Job, Queue] | None:
+        """One short blocking pop over the interactive queues first (BLPOP takes the first key that
+        has a job), then the batch queues, which are left out while they may not start a line
+        (``_batch_open``); the next poll looks again, so a batch slot that frees up is used soon."""
+        with self._queue_lock:
+            every = self.queues
+            self._ordered_queues = every if self._batch_open() else [q for q in every if not self._is_batch(q)]
+        return super().dequeue_job_and_maintain_ttl(_POLL_SECONDS, max_idle_time=_POLL_SECONDS)
+
+    def _batch_open(self) -> bool:
+        """Whether a batch line may start: one always may (a batch never starves), more only
+        while no interactive request runs here (they fill idle capacity, up to the batch slots).
+        Every extra sequence in the engine's batch slows each decode step a little."""
+        with self._running_lock:
+            batch, interactive = self._batch_running, self._running - self._batch_running
+        return batch == 0 or (batch < self._batch_slots and interactive == 0)
+
+    def _is_batch(self, queue: Queue) -> bool:
+        return queue.name.startswith(self._batch_prefix)
+
     # ---- models arriving and leaving -----------------------------------------------------------
 
     def _set_queues(self, queues: list[Queue]) -> None:
         # New lists, never mutated in place: RQ's dequeue loop reads them from another thread.
-        self.queues = list(queues)
-        self._ordered_queues = list(queues)
+        # Every batch queue after every interactive one (sorted is stable: the own queue stays first).
+        ordered = sorted(queues, key=self._is_batch)
+        self.queues = ordered
+        self._ordered_queues = list(ordered)
 
     def served(self, names: list[str], served: bool) -> None:
         """A model arrived (its queues are listened on from the next dequeue) or left; either way
         the registration says so at once."""
+        keys = self.context.keys
         with self._queue_lock:
-            keep = [q for q in self.queues if q.name not in {self.context.keys.queue(n) for n in names}]
+            leaving = {keys.queue(n) for n in names} | {keys.batch_queue(n) for n in names}
+            keep = [q for q in self.queues if q.name not in leaving]
             if served:
                 keep += [
-                    Queue(self.context.keys.queue(n), connection=self.connection, serializer=JSONSerializer)
+                    Queue(name, connection=self.connection, serializer=JSONSerializer)
                     for n in names
+                    for name in (keys.queue(n), keys.batch_queue(n))
                 ]
             self._set_queues(keep)
         try:
@@ -194,6 +224,8 @@ class GenerationWorker(SimpleWorker):
         self.context.prestart(job)
         with self._running_lock:
             self._running += 1
+            if self._is_batch(queue):
+                self._batch_running += 1
         self._pool.submit(self._perform, job, queue)
 
     def _perform(self, job: Job, queue: Queue) -> None:
@@ -206,6 +238,8 @@ class GenerationWorker(SimpleWorker):
             self.context.discard(job.id)
             with self._running_lock:
                 self._running -= 1
+                if self._is_batch(queue):
+                    self._batch_running -= 1
                 idle = self._running == 0
             if idle:
                 with contextlib.suppress(redis.RedisError):
@@ -307,16 +341,18 @@ def run_worker(
     status: Callable[[], dict[str, str | int]] | None = None,
     served: Callable[[GenerationWorker], None] | None = None,
     drain_seconds: float = 60.0,
+    batch_slots: int = 2,
 ) -> None:
     """Serve the given model references (and, with a loader in ``context``, any model the
     scheduler places here) until SIGINT/SIGTERM, then drain: take no new jobs and let the running
     ones finish (at most ``drain_seconds``). ``served`` is called with the worker before it
     starts, to be told of models that arrive and leave."""
     _wait_for_redis(connection)
-    queues = [context.keys.queue(model) for model in models]
+    queues = [name for model in models for name in (context.keys.queue(model), context.keys.batch_queue(model))]
     worker = GenerationWorker(
-        queues, connection, context, max_concurrency, heartbeat_seconds, status=status, drain_seconds=drain_seconds
-    )
+        queues, connection, context, max_concurrency, heartbeat_seconds, status=status, drain_seconds=drain_seconds,
+        batch_slots=batch_slots,
+    )  # fmt: skip
     if served is not None:
         served(worker)
     log.info("worker %s serving %s", worker.name, json.dumps(models))

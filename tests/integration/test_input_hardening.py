@@ -48,7 +48,7 @@ def live_url(
     # ("materialized here, but no worker serves it") cannot be the service's normal state.
     server = Server(
         redis_server.url, ns, logs / "server.log", OLLM_SERVER__REQUEST_TIMEOUT_SECONDS="60",
-        OLLM_RUNTIME__MODELS_DIR=str(logs / "models"), **defaults,
+        OLLM_RUNTIME__MODELS_DIR=str(logs / "models"), OLLM_SERVER__FILES_DIR=str(logs / "files"), **defaults,
     )  # fmt: skip
     try:
         worker.wait_ready()

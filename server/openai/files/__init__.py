@@ -1,0 +1,1 @@
+"""OpenAI Files API (/v1/files): the Batch API's input and output files."""
