@@ -25,6 +25,7 @@ from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.prompting import render_ids, render_text
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
@@ -175,7 +176,10 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.memory.refuses_load():
         raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+        if plan.memory.layer_streaming:
+            model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
         if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
             chunk_mlps(model, plan.dense_projection_chunk_rows)
         tokenizer = AutoTokenizer.from_pretrained(plan.path)
