@@ -130,8 +130,8 @@ def write_llama_checkpoint(
         del shard
         weight_map.update(dict.fromkeys(group, name))
     total = shape.parameters() * torch_dtype.itemsize
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    shard_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(shard_index, indent=1))
     (path / "config.json").write_text(json.dumps(shape.config(dtype), indent=1))
     generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     (path / "generation_config.json").write_text(json.dumps(generation))
