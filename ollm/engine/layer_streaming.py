@@ -164,15 +164,19 @@ class LayerStreamer:
         self._holds[slot] = layer
         self.fills += 1
 
+    def _slot_free(self) -> Any:
+        """On CUDA, an event after the compute queued so far: a fill's copies wait for it."""
+        if self.filler.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.filler.device))
+        return event
+
     def _start(self, layer: int) -> None:
         # Called on the compute thread after the previous fill was awaited: no fill is running.
         if layer in self._pending or self._holds[self._slot_of(layer)] == layer:
             return
-        slot_free = None
-        if self.filler.device.type == "cuda":
-            slot_free = torch.cuda.Event()
-            slot_free.record(torch.cuda.current_stream(self.filler.device))
-        self._pending[layer] = self._executor.submit(self._fill, layer, slot_free)
+        self._pending[layer] = self._executor.submit(self._fill, layer, self._slot_free())
 
     def _make_pre_hook(self, number: int) -> Any:
         following = (number + 1) % len(self.layers)
@@ -185,7 +189,7 @@ class LayerStreamer:
                 # Nothing prefetched it (first forward, or one that failed half-way): fill it now,
                 # once no background fill can still be writing a slot.
                 self._drain()
-                self._fill(number, None)
+                self._fill(number, self._slot_free())
             if following == number:
                 return
             if self._slot_of(following) == self._slot_of(number):
