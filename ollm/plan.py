@@ -292,7 +292,7 @@ def _plan_memory(
     )
     if held + activations > budget:
         if memory.layer_streaming:
-            memory.reason += "Even with the layers streamed, the weights held and one forward do not fit. "
+            memory.reason += f"Even streamed ({layer_pass}), the weights held and one forward exceed it. "
         elif isinstance(layout, str):
             memory.reason += f"{layer_pass} would stream the layers, but cannot here: {layout}. "
     else:

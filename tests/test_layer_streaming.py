@@ -142,7 +142,7 @@ def test_budget_below_the_streaming_floor_refuses_with_numbers(synthetic: Path) 
     )  # fmt: skip
     assert plan.memory.refuses_load()
     with pytest.raises(MemoryBudgetError, match=r"resident 12\.0 MiB \+ 2 layer slots x 432\.5 KiB \+ staging "
-                       r"64\.0 KiB.*Even with the layers streamed.*Loading refuses"):  # fmt: skip
+                       r"64\.0 KiB.*Even streamed \(llama\.layer-offload\).*Loading refuses"):  # fmt: skip
         load_engine(plan, settings)
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -144,9 +142,6 @@ class LayerStreamer:
             offset += _aligned(sizes[name])
         return views
 
-    def slot_bytes(self) -> int:
-        return sum(_aligned(t.numel() * t.element_size()) for t in self._slots[0].values()) * self.slot_count
-
     # -- filling -------------------------------------------------------------------------------
 
     def _slot_of(self, layer: int) -> int:
@@ -220,13 +215,6 @@ class LayerStreamer:
 
 
 
-@contextmanager
-def _quiet_init() -> Iterator[None]:
-    # Parameters built on the meta device allocate nothing and run no initializer.
-    with torch.device("meta"):
-        yield
-
-
 def load_streamed(path: Path, dtype: torch.dtype, device: str, slots: int = 2) -> PreTrainedModel:
     """A llama causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
@@ -238,7 +226,7 @@ def load_streamed(path: Path, dtype: torch.dtype, device: str, slots: int = 2) -
     layout = llama_layout(index_tensors(path), config_dict)
     if isinstance(layout, str):
         raise UnsupportedModelError(f"cannot stream the layers of {path}: {layout}")
-    with _quiet_init():
+    with torch.device("meta"):  # parameters on the meta device: nothing allocated, no initializer run
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target = torch.device(device)
     decoder = model.model
