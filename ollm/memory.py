@@ -7,9 +7,7 @@ explains the formulas and how to choose a budget.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from math import prod
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from ollm.errors import SettingsError
+from ollm.tensor_index import RUN_BYTES, read_header
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = RUN_BYTES
 # safetensors dtype -> bytes per element; floating tensors are cast to the run dtype on load.
 _SAFETENSORS_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -111,20 +110,13 @@ def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
     run_bytes = DTYPE_BYTES[dtype]
     total = 0
     for file in files:
-        for name, entry in _header(file).items():
+        for name, entry in read_header(file)[0].items():
             if name == "__metadata__":
                 continue
             kind = entry["dtype"]
             size = run_bytes if kind in _FLOATING else _SAFETENSORS_BYTES.get(kind, 4)
             total += prod(entry["shape"]) * size
     return total
-
-
-def _header(file: Path) -> dict[str, Any]:
-    with file.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header: dict[str, Any] = json.loads(handle.read(length))
-    return header
 
 
 class TextShape(BaseModel):
