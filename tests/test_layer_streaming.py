@@ -7,6 +7,7 @@ greedy tokens are equal; in bfloat16 the documented tolerance holds (docs/memory
 from __future__ import annotations
 
 import json
+import os
 import queue
 from math import prod
 from pathlib import Path
@@ -23,7 +24,7 @@ from ollm.engine.base import Engine
 from ollm.engine.layer_streaming import load_streamed, streamer_of
 from ollm.engine.loader import load_engine
 from ollm.errors import MemoryBudgetError, UnsupportedModelError
-from ollm.generation import ChatMessage, Event, FinalEvent, GenerationRequest, SamplingParams
+from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import RuntimePlan, plan_model
 from ollm.settings import Settings, load_settings
 from server.app import create_app
@@ -218,6 +219,40 @@ def test_prompt_command_streams_the_layers(synthetic: Path, cli: Any) -> None:
     assert streamed["execution"]["applied_passes"] == ["llama.layer-offload"]
     assert resident["execution"]["applied_passes"] == []
     assert streamed["text"] == resident["text"] and streamed["usage"] == resident["usage"]
+
+
+def test_layers_are_read_with_positioned_reads_not_mapped(tmp_path: Path) -> None:
+    path = write_llama_checkpoint(tmp_path / "unmapped", SHAPE, "bfloat16", shard_bytes=2**20)
+    model = load_streamed(path, torch.float32, "cpu")
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    # Mapped pages would count against the process: no file of the checkpoint may be mapped.
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    streamer = streamer_of(model)
+    assert streamer is not None and streamer.fills >= SHAPE.layers
+
+
+def test_a_checkpoint_truncated_under_a_running_engine_fails_requests_clearly(tmp_path: Path) -> None:
+    path = write_llama_checkpoint(tmp_path / "truncated", SHAPE, "bfloat16", shard_bytes=2**20)
+    settings = _settings(path, layer_streaming="on")
+    engine = load_engine(plan_model(str(path), settings.runtime), settings)
+    try:
+        assert isinstance(_run_together(engine, [_request(str(path), "Hello")])[0], FinalEvent)
+        last = sorted(path.glob("*.safetensors"))[-1]
+        whole = last.read_bytes()
+        os.truncate(last, len(whole) // 2)
+        events: queue.Queue[Event] = queue.Queue()
+        engine.submit(_request(str(path), "Hello again"), events.put)
+        while (event := events.get(timeout=120)).type == "token":
+            pass
+        assert isinstance(event, ErrorEvent), event
+        assert "the checkpoint is truncated" in event.message and last.name in event.message
+        # The engine survives: once the file is whole again (the same file: it stays open), requests run.
+        with last.open("r+b") as handle:
+            handle.write(whole)
+        assert isinstance(_run_together(engine, [_request(str(path), "Hello")])[0], FinalEvent)
+    finally:
+        engine.close()
 
 
 # -- the tokens ----------------------------------------------------------------------------------
