@@ -15,6 +15,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    LayerStreamingOption,
     MemoryBudgetOption,
     ModelsDirOption,
     NoSpecializationOption,
@@ -76,6 +77,7 @@ def info_command(
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
+    layer_streaming: LayerStreamingOption = None,
 ) -> None:
     """What a model is and how it would run, read from its config files without loading weights."""
     overrides = runtime_overrides(
@@ -85,6 +87,7 @@ def info_command(
         dtype=dtype,
         models_dir=models_dir,
         memory_budget=memory_budget,
+        layer_streaming=layer_streaming,
     )
     settings = settings_or_exit({"runtime": overrides})
     try:
@@ -135,7 +138,7 @@ def _print_info(info: dict[str, Any]) -> None:
             table.add_row(
                 "plan: memory",
                 f"peak {_human_bytes(memory['expected_peak_bytes'])} of a {_human_bytes(memory['budget_bytes'])} "
-                f"budget (weights {_human_bytes(memory['weights_bytes'])}, KV cache "
+                f"budget (weights {_human_bytes(memory['weights_bytes'])}{_streamed(memory)}, KV cache "
                 f"{_human_bytes(memory['kv_cache_bytes'])} for {memory['kv_cache_tokens']} tokens, activations "
                 f"{_human_bytes(memory['activations_bytes'])}): {memory['strategy']}",
             )
@@ -245,3 +248,14 @@ def _human_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+def _streamed(memory: dict[str, Any]) -> str:
+    """What layer streaming holds of the weights at once, for the memory line."""
+    if not memory.get("layer_streaming"):
+        return ""
+    return (
+        f" streamed: {_human_bytes(memory['weights_in_memory_bytes'])} held, resident "
+        f"{_human_bytes(memory['resident_weights_bytes'])} + {memory['stream_slots']} layer slots of "
+        f"{_human_bytes(memory['layer_bytes'])} + staging {_human_bytes(memory['staging_bytes'])}"
+    )

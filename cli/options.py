@@ -29,6 +29,13 @@ MemoryBudgetOption = Annotated[
         "--memory-budget", help="Memory the model may use: bytes, 512MiB, 8GiB... or auto (free memory less a margin)."
     ),
 ]
+LayerStreamingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--layer-streaming",
+        help="Stream decoder layers from disk: auto (when the weights exceed the memory budget), on or off.",
+    ),
+]
 
 
 def runtime_overrides(
@@ -39,6 +46,7 @@ def runtime_overrides(
     dtype: str | None = None,
     models_dir: str | None = None,
     memory_budget: str | None = None,
+    layer_streaming: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -48,6 +56,7 @@ def runtime_overrides(
         "dtype": dtype,
         "models_dir": models_dir,
         "memory_budget": memory_budget,
+        "layer_streaming": layer_streaming,
     }
 
 

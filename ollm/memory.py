@@ -7,9 +7,7 @@ explains the formulas and how to choose a budget.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from math import prod
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from ollm.errors import SettingsError
+from ollm.tensor_index import RUN_BYTES, read_header
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = RUN_BYTES
 # safetensors dtype -> bytes per element; floating tensors are cast to the run dtype on load.
 _SAFETENSORS_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -36,11 +35,13 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 AUTO_MARGIN_MIN = 256 * 2**20
 
 # resident: everything fits. resident-capped-kv: the weights fit under an explicit budget, the full
-# context's KV cache does not, so the engine admits only as many KV tokens as fit. needs-streaming:
-# only layer streaming / KV offload would fit (planned passes): loading refuses under an explicit
-# budget and runs resident (reported) under auto.
-MemoryStrategy = Literal["resident", "resident-capped-kv", "needs-streaming", "unknown"]
-
+# context's KV cache does not, so the engine admits only as many KV tokens as fit. streamed-layers:
+# the decoder layers stream from disk (llama.layer-offload) and the rest fits; streamed-layers-capped-kv:
+# streamed, and the KV cache capped as above. over-budget: nothing implemented brings the estimate
+# under the budget: loading refuses under an explicit budget and runs anyway (reported) under auto.
+MemoryStrategy = Literal[
+    "resident", "resident-capped-kv", "streamed-layers", "streamed-layers-capped-kv", "over-budget", "unknown"
+]
 
 def parse_size(value: int | str, setting: str = "runtime.memory_budget") -> int | Literal["auto"]:
     """``"auto"``, a byte count, or a size such as ``512MiB``, ``8GiB``, ``1.5GB`` -> bytes."""
@@ -109,20 +110,13 @@ def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
     run_bytes = DTYPE_BYTES[dtype]
     total = 0
     for file in files:
-        for name, entry in _header(file).items():
+        for name, entry in read_header(file)[0].items():
             if name == "__metadata__":
                 continue
             kind = entry["dtype"]
             size = run_bytes if kind in _FLOATING else _SAFETENSORS_BYTES.get(kind, 4)
             total += prod(entry["shape"]) * size
     return total
-
-
-def _header(file: Path) -> dict[str, Any]:
-    with file.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header: dict[str, Any] = json.loads(handle.read(length))
-    return header
 
 
 class TextShape(BaseModel):
@@ -187,10 +181,27 @@ class MemoryPlan(BaseModel):
     kv_cache_tokens: int | None = Field(None, description="Tokens of KV cache the estimate covers.")
     kv_cache_bytes: int | None = None
     activations_bytes: int | None = Field(None, description="The largest transient set of one forward.")
-    expected_peak_bytes: int | None = Field(None, description="weights + KV cache + activations.")
+    expected_peak_bytes: int | None = Field(
+        None, description="Weights held at once + KV cache (capped when capped) + activations."
+    )
     strategy: MemoryStrategy = "unknown"
     required_passes: list[str] = Field(
         default_factory=list, description="Passes that would keep the peak under the budget."
+    )
+    layer_streaming: bool = Field(False, description="Decoder layers stream from disk (llama.layer-offload).")
+    resident_weights_bytes: int | None = Field(
+        None, description="Streaming: what stays loaded (embeddings, final norm, an untied head)."
+    )
+    layer_bytes: int | None = Field(None, description="Streaming: one decoder layer in the run dtype (one slot).")
+    stream_slots: int | None = Field(None, description="Streaming: layer buffers (one computes, one fills).")
+    staging_bytes: int | None = Field(None, description="Streaming: the reused read buffer for casting reads.")
+    weights_in_memory_bytes: int | None = Field(
+        None, description="Weights held at once: all of them, or resident + slots x layer + staging when streaming."
+    )
+    kv_offload: bool = Field(
+        False,
+        description="The context's KV cache exceeds what the budget leaves beside the weights and one forward, "
+        "so llama.kv-offload would be needed (capped or reported while it is not implemented).",
     )
     kv_cache_token_limit: int | None = Field(
         None, description="KV tokens the budget leaves room for beside the weights, when fewer than the context."

@@ -14,10 +14,11 @@ from ollm import catalogue
 from ollm.catalogue import ModelKind
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.errors import ModelNotFoundError, UnsupportedModelError
-from ollm.memory import MemoryPlan, TextShape, human, resolve_budget, safetensors_weight_bytes
+from ollm.memory import MemoryPlan, MemoryStrategy, TextShape, human, resolve_budget, safetensors_weight_bytes
 from ollm.references import ModelReference, parse_reference
 from ollm.settings import RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
+from ollm.tensor_index import LayerLayout, index_tensors, llama_layout
 
 __all__ = ["ModelKind", "RuntimePlan", "SupportLevel", "plan_model"]
 
@@ -47,7 +48,9 @@ class RuntimePlan(BaseModel):
     fallback_reason: str | None = None
 
     def expected_peak_bytes(self) -> int | None:
-        """What the model is expected to hold at its peak (weights + KV + activations); None if unknown.
+        """What the model is expected to hold at its peak (weights held at once + KV + activations; with
+        layer streaming the weights held are the resident parts, the layer slots and the staging
+        buffer); None if unknown.
 
         Memory accounting (the worker's, a scheduler's) should count this, not the weights' size."""
         return self.memory.expected_peak_bytes
@@ -223,6 +226,13 @@ def _plan_memory(
     memory = plan.memory
     memory.budget_bytes, memory.budget_source = resolve_budget(runtime.memory_budget, plan.device)
     memory.enforced = runtime.memory_budget != "auto"
+    layout = _streaming_layout(plan, provider, facts, runtime)
+    forced = runtime.layer_streaming == "on"
+    if forced and isinstance(layout, str):
+        raise UnsupportedModelError(
+            f"runtime.layer_streaming=on, but {plan.reference!r} cannot stream its layers: {layout}; "
+            "set it to auto or off"
+        )
     if facts.path is not None:
         memory.weights_bytes = safetensors_weight_bytes(facts.path, plan.dtype)
     # An encoder (embedding model) keeps no KV cache between forwards.
@@ -246,39 +256,108 @@ def _plan_memory(
         memory.reason = f"cannot estimate memory: {missing}"
         return
     budget = memory.budget_bytes
-    memory.expected_peak_bytes = weights + kv + activations
+    assert budget is not None
+    held = weights
+    if isinstance(layout, LayerLayout) and (forced or weights + activations > budget):
+        assert provider is not None and provider.layer_streaming_pass is not None
+        held = _plan_streaming(memory, layout, plan.dtype, plan.device)
+        plan.applied_passes.append(provider.layer_streaming_pass)
+    memory.weights_in_memory_bytes = held
+    memory.expected_peak_bytes = held + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget
+    # The one place the KV-offload decision is made: the context's cache does not fit beside the
+    # weights held and one forward. llama.kv-offload is planned; until it exists the cache is capped
+    # (explicit budget) or the overrun reported (auto).
+    memory.kv_offload = not memory.fits
+    weights_text = _weights_text(memory, weights)
     if memory.fits:
-        memory.strategy = "resident"
+        memory.strategy = "streamed-layers" if memory.layer_streaming else "resident"
+        if memory.layer_streaming:
+            memory.reason = (
+                f"decoder layers stream from disk: {weights_text}; expected peak "
+                f"{human(memory.expected_peak_bytes)} with KV cache for {tokens} tokens {human(kv)} and "
+                f"activations {human(activations)}, within the budget of {human(budget)} ({memory.budget_source})"
+            )
         return
-    memory.strategy = "needs-streaming"
+    memory.strategy = "over-budget"
     per_token = max(shape.kv_bytes(1, plan.dtype), 1)
-    memory.kv_cache_token_limit = max(budget - weights - activations, 0) // per_token
+    memory.kv_cache_token_limit = max(budget - held - activations, 0) // per_token
     layer_pass = (provider and provider.layer_streaming_pass) or "layer streaming (no pass for this family)"
     kv_pass = (provider and provider.kv_offload_pass) or "KV offload (no pass for this family)"
-    memory.required_passes = [kv_pass] if weights + activations <= budget else [layer_pass, kv_pass]
-    how = ", ".join(memory.required_passes)
+    memory.required_passes = ([] if weights + activations <= budget else [layer_pass]) + [kv_pass]
     memory.reason = (
-        f"expected peak {human(memory.expected_peak_bytes)} (weights {human(weights)} + KV cache for "
-        f"{tokens} tokens {human(kv)} + activations {human(activations)}) exceeds the budget of "
-        f"{human(budget)} ({memory.budget_source}); {how} would keep it under, but "
-        + ("they are" if len(memory.required_passes) > 1 else "it is")
-        + " planned, not implemented. "
+        f"expected peak {human(memory.expected_peak_bytes)} ({weights_text} + KV cache for {tokens} tokens "
+        f"{human(kv)} + activations {human(activations)}) exceeds the budget of {human(budget)} "
+        f"({memory.budget_source}). "
     )
+    if held + activations > budget:
+        if memory.layer_streaming:
+            memory.reason += f"Even streamed ({layer_pass}), the weights held and one forward exceed it. "
+        elif isinstance(layout, str):
+            memory.reason += f"{layer_pass} would stream the layers, but cannot here: {layout}. "
+    else:
+        memory.reason += f"{kv_pass} would keep the whole context under it, but it is planned, not implemented. "
+    capped: MemoryStrategy = "streamed-layers-capped-kv" if memory.layer_streaming else "resident-capped-kv"
+    running = "Running with the layers streamed" if memory.layer_streaming else "Running resident"
     if memory.kv_cache_token_limit > 0 and memory.enforced:
-        memory.strategy = "resident-capped-kv"
-        memory.reason += (
-            f"Running resident with the KV cache capped at {memory.kv_cache_token_limit} tokens across requests."
-        )
-        memory.expected_peak_bytes = weights + activations + memory.kv_cache_token_limit * per_token
+        memory.strategy = capped
+        memory.reason += f"{running}, with the KV cache capped at {memory.kv_cache_token_limit} tokens across requests."
+        memory.expected_peak_bytes = held + activations + memory.kv_cache_token_limit * per_token
         memory.fits = True
     elif memory.enforced:
         memory.reason += (
             "Loading refuses: raise runtime.memory_budget (--memory-budget) or use a smaller model or dtype."
         )
     else:
-        memory.reason += "Running resident anyway: the system may swap or run out of memory."
+        memory.reason += f"{running} anyway: the system may swap or run out of memory."
     plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, memory.reason]))
+
+
+STREAM_SLOTS = 2  # one layer computes while the next one fills
+
+
+def _streaming_layout(
+    plan: RuntimePlan, provider: SpecializationProvider | None, facts: _ModelFacts, runtime: RuntimeSettings
+) -> LayerLayout | str:
+    """Where each streamed layer's tensors are, or why the layers cannot stream (for the plan)."""
+    if runtime.layer_streaming == "off":
+        return "runtime.layer_streaming=off"
+    streaming = provider.layer_streaming_pass if provider else None
+    if provider is None or streaming is None or streaming not in provider.implemented_passes:
+        return f"no layer-streaming pass is implemented for model_type {plan.model_type!r}"
+    if not runtime.use_specialization:
+        return "specialization is disabled (use_specialization=false, --no-specialization)"
+    if runtime.backend == "transformers-generic":
+        return "the backend is forced to transformers-generic"
+    if plan.kind != "causal-lm":
+        return f"layer streaming runs causal LMs, not {plan.kind} models"
+    if plan.device.split(":")[0] not in ("cpu", "cuda"):
+        return f"layer streaming runs on cpu or cuda, not {plan.device}"
+    if facts.path is None:
+        return "the model is not materialized"
+    config = catalogue.read_json(facts.path / "config.json") or {}
+    return llama_layout(index_tensors(facts.path), config)
+
+
+def _plan_streaming(memory: MemoryPlan, layout: LayerLayout, dtype: str, device: str) -> int:
+    """Fill in the streamed parts; returns the weights held at once."""
+    memory.layer_streaming = True
+    memory.resident_weights_bytes = layout.resident_bytes(dtype)
+    memory.layer_bytes = layout.layer_bytes(dtype)
+    memory.stream_slots = min(STREAM_SLOTS, len(layout.layers))
+    memory.staging_bytes = layout.staging_bytes(dtype, device.split(":")[0])
+    return memory.resident_weights_bytes + memory.stream_slots * memory.layer_bytes + memory.staging_bytes
+
+
+def _weights_text(memory: MemoryPlan, weights: int) -> str:
+    if not memory.layer_streaming:
+        return f"weights {human(weights)}"
+    assert memory.weights_in_memory_bytes is not None and memory.layer_bytes is not None
+    return (
+        f"weights {human(weights)} streamed, {human(memory.weights_in_memory_bytes)} held: resident "
+        f"{human(memory.resident_weights_bytes or 0)} + {memory.stream_slots} layer slots x "
+        f"{human(memory.layer_bytes)} + staging {human(memory.staging_bytes or 0)}"
+    )
 
 
 def _echo_plan(reference: str, runtime: RuntimeSettings) -> RuntimePlan:

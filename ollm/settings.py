@@ -32,6 +32,7 @@ Backend = Literal["auto", "optimized-native", "transformers-generic"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 StoreBackend = Literal["redis", "memory", "none"]
 SessionBackend = Literal["memory", "redis"]
+LayerStreaming = Literal["auto", "on", "off"]
 
 
 def _size(value: Any, setting: str) -> int | str:
@@ -74,6 +75,12 @@ class RuntimeSettings(Section):
         "auto",
         description="Memory the model may use on the compute device: bytes or a size such as 512MiB or 8GiB; "
         "auto = what the device has free less a margin. The plan holds its estimate against it (docs/memory.md).",
+    )
+    layer_streaming: LayerStreaming = Field(
+        "auto",
+        description="Stream decoder layers from the safetensors files at each forward (llama.layer-offload): "
+        "auto = when the weights do not fit runtime.memory_budget beside one forward; on = always (an error "
+        "for a model that cannot stream); off = never. See docs/memory.md.",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
 

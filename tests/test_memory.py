@@ -154,17 +154,20 @@ def test_budget_below_the_weights_refuses_with_numbers(llama_dir: Path, tmp_runt
                                           "memory_budget": "100KiB"}})  # fmt: skip
     plan = plan_model(str(llama_dir), settings.runtime)
     memory = plan.memory
-    assert (memory.strategy, memory.fits, memory.kv_cache_token_limit) == ("needs-streaming", False, 0)
+    assert (memory.strategy, memory.fits, memory.kv_cache_token_limit) == ("over-budget", False, 0)
     assert memory.required_passes == ["llama.layer-offload", "llama.kv-offload"]
-    assert memory.refuses_load()
+    assert memory.refuses_load() and not memory.layer_streaming
+    # These files lack the final norm, so the layers cannot stream, and the plan says why.
+    assert "llama.layer-offload would stream the layers, but cannot here: not the llama layout" in (memory.reason or "")
     # The refusal comes before any weight is read (the test files hold zeros, not a model).
-    with pytest.raises(MemoryBudgetError, match=r"weights .*exceeds the budget of 100.0 KiB.*planned, not implemented"):
+    with pytest.raises(MemoryBudgetError, match=r"weights .*exceeds the budget of 100.0 KiB.*Loading refuses"):
         load_engine(plan, settings)
 
 
 def test_auto_budget_too_small_reports_but_does_not_refuse(llama_dir: Path, tmp_runtime: RuntimeSettings) -> None:
     plan = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32"), context_tokens=10**9)
-    assert plan.memory.strategy == "needs-streaming" and not plan.memory.refuses_load()
+    assert plan.memory.strategy == "over-budget" and not plan.memory.refuses_load()
+    assert plan.memory.kv_offload
     assert plan.fallback_reason is not None and "Running resident anyway" in plan.fallback_reason
 
 

@@ -114,6 +114,8 @@ class BatchingEngine:
         self._cancel_lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
         self._chunked: _ChunkedPrefill | None = None
+        # Admitted, in a prefill forward, in no other list: a forward that fails must still fail them.
+        self._prefilling: list[Sequence] = []
         self._batch: _Batch | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -270,6 +272,7 @@ class BatchingEngine:
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
+        self._prefilling = group
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -278,6 +281,7 @@ class BatchingEngine:
             use_cache=True,
             logits_to_keep=1,
         )
+        self._prefilling = []
         self._join(group, cache, mask, out.logits[:, -1, :])
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
@@ -372,9 +376,10 @@ class BatchingEngine:
         return load_ms
 
     def _fail_everything(self, message: str) -> None:
-        seqs = list(self._waiting) + (self._batch.seqs if self._batch else [])
+        seqs = list(self._waiting) + (self._batch.seqs if self._batch else []) + self._prefilling
         if self._chunked:
             seqs.append(self._chunked.seq)
+        self._prefilling = []
         self._waiting.clear()
         self._batch = None
         self._chunked = None

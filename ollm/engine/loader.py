@@ -25,6 +25,7 @@ from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.prompting import render_ids, render_text
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
@@ -160,6 +161,27 @@ def _decode_image(data: str) -> Any:
         raise InvalidRequestError(f"an image could not be decoded: {exc}", param="messages") from exc
 
 
+def _contiguous_head_input(model: Any) -> None:
+    """Give the LM head an input with plain row-major strides.
+
+    With ``logits_to_keep=1`` Transformers hands the head a strided view of each row's last
+    position. In bfloat16 on CPU, ``F.linear`` then copies the head's weight (for one row whose
+    view keeps the prompt's stride: 72 MiB for a 49152 x 768 head) or broadcasts it once per batch
+    row (16 rows: 1.1 GiB), on every prefill. ``.contiguous()`` is not enough: a ``[1, 1, hidden]``
+    view already counts as contiguous. A fresh copy of ``[batch, 1, hidden]`` costs nothing beside
+    that and keeps the head one plain matrix multiplication.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+
+    def plain_strides(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device).copy_(hidden), *args[1:])
+
+    head.register_forward_pre_hook(plain_strides)
+
+
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.kind == "echo":
         from ollm.engine.echo import EchoEngine
@@ -175,7 +197,11 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.memory.refuses_load():
         raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+        if plan.memory.layer_streaming:
+            model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+        _contiguous_head_input(model)
         if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
             chunk_mlps(model, plan.dense_projection_chunk_rows)
         tokenizer = AutoTokenizer.from_pretrained(plan.path)

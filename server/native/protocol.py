@@ -91,6 +91,9 @@ class PlanRequest(_Body):
     use_specialization: bool | None = None
     memory_budget: int | str | None = Field(None, description="Bytes, a size such as 8GiB, or auto.")
     dense_projection_chunk_rows: int | None = Field(None, ge=0)
+    layer_streaming: Literal["auto", "on", "off"] | None = Field(
+        None, description="Stream decoder layers from disk: auto (when the weights exceed the budget), on or off."
+    )
     context_tokens: int | None = Field(
         None, ge=1, description="Tokens of KV cache the memory estimate covers (default: the model's context)."
     )

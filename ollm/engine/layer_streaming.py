@@ -1,0 +1,273 @@
+"""Layer streaming (the ``llama.layer-offload`` pass): decoder layers read from disk as they run.
+
+The model is built with its decoder layers' parameters not materialized; the resident parts
+(embeddings, final norm, an untied head, the rotary frequencies) are read once. Every decoder
+layer's parameters are then bound, permanently, to views of one of ``slots`` reusable buffers
+shaped like one layer (layer i -> slot i % slots), so loading layer i means filling its slot in
+place: nothing is allocated per forward and the module tree is the generic one, so batching,
+chunked MLPs and batch-invariant mode work unchanged.
+
+A forward pre-hook on layer i waits for layer i's fill and starts the fill of the next layer
+(wrapping to layer 0 for the next forward) on a background thread while layer i computes. When
+the next layer shares layer i's slot (an odd layer count with two slots wraps onto slot 0), its
+fill starts after layer i instead.
+
+Reads are plain positioned reads (``os.preadv``) at the offsets of the safetensors headers, not
+``mmap``: mapped pages would count against the process. A tensor already in the run dtype is read
+straight into its slot on the host; others go through one reused staging buffer a piece at a time
+and are cast into the slot. On CUDA the staging buffer is pinned, the copies are non-blocking on
+a copy stream that first waits for the compute that last used the slot, and the fill completes
+only when its copies have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from ollm.errors import UnsupportedModelError
+from ollm.tensor_index import LayerLayout, TensorEntry, index_tensors, llama_layout
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_RUN_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_ALIGN = 64  # bytes: every view in a slot starts on a cache line
+
+
+def _aligned(size: int) -> int:
+    return (size + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class _Reader:
+    """Positioned reads from the checkpoint's files into caller-owned memory."""
+
+    def __init__(self, files: set[Path]) -> None:
+        self._fds = {file: os.open(file, os.O_RDONLY) for file in sorted(files)}
+
+    def read(self, entry: TensorEntry, target: memoryview, start: int = 0) -> None:
+        """Bytes ``start .. start + len(target)`` of ``entry`` into ``target``."""
+        fd, offset, done = self._fds[entry.file], entry.offset + start, 0
+        while done < len(target):
+            got = os.preadv(fd, [target[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{entry.file} ended inside {entry.name}: the checkpoint is truncated")
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class _Filler:
+    """Copies tensors from the files into run-dtype tensors on the device, through one staging buffer."""
+
+    def __init__(self, reader: _Reader, device: torch.device, staging_bytes: int) -> None:
+        self.reader = reader
+        self.device = device
+        cuda = device.type == "cuda"
+        self.staging = torch.empty(max(staging_bytes, 1), dtype=torch.uint8, pin_memory=cuda)
+        self._staging_bytes = self.staging.numpy().data
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def fill(self, entry: TensorEntry, target: torch.Tensor) -> None:
+        """``target`` (contiguous, the entry's shape) := the entry's tensor, cast to target's dtype."""
+        source_dtype = _TORCH_DTYPES[entry.dtype]
+        if target.device.type == "cpu" and source_dtype == target.dtype:
+            # Straight into the destination: no staging, no second copy.
+            self.reader.read(entry, target.view(-1).view(torch.uint8).numpy().data)
+            return
+        flat = target.view(-1)
+        item = torch.empty((), dtype=source_dtype).element_size()
+        per_piece = max(len(self._staging_bytes) // item, 1)
+        for first in range(0, flat.numel(), per_piece):
+            count = min(per_piece, flat.numel() - first)
+            self.reader.read(entry, self._staging_bytes[: count * item], first * item)
+            piece = self.staging[: count * item].view(source_dtype)
+            if self.copy_stream is None:
+                flat[first : first + count].copy_(piece)
+                continue
+            with torch.cuda.stream(self.copy_stream):
+                flat[first : first + count].copy_(piece, non_blocking=True)
+            # The next piece reuses the pinned buffer: wait until this copy has read it.
+            self.copy_stream.synchronize()
+
+
+class LayerStreamer:
+    """Binds each decoder layer to a slot and keeps the next layer's slot filling in the background."""
+
+    def __init__(
+        self, layers: nn.ModuleList, layout: LayerLayout, filler: _Filler, dtype: torch.dtype, slots: int
+    ) -> None:
+        self.layers = layers
+        self.layout = layout
+        self.filler = filler
+        self.slot_count = max(1, min(slots, len(layers)))
+        names = list(layout.layers[0])
+        self._slots = [self._slot(layout.layers[0], dtype, filler.device) for _ in range(self.slot_count)]
+        for number, layer in enumerate(layers):
+            views = self._slots[number % self.slot_count]
+            for name in names:
+                module_name, _, attribute = name.rpartition(".")
+                owner = layer.get_submodule(module_name)
+                setattr(owner, attribute, nn.Parameter(views[name], requires_grad=False))
+        self._holds = [-1] * self.slot_count  # which layer each slot holds now (-1: none, or being filled)
+        self._pending: dict[int, Future[None]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollm-layer-fill")
+        self._after: dict[int, int] = {}  # layer -> the layer whose fill starts once it has run
+        self.fills = 0  # layers read so far (tests and benchmarks look at it)
+        for number, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._make_pre_hook(number))
+            layer.register_forward_hook(self._make_post_hook(number))
+
+    @staticmethod
+    def _slot(shapes: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """One layer's parameters as views of one flat buffer."""
+        item = torch.empty((), dtype=dtype).element_size()
+        sizes = {name: prod(entry.shape) * item for name, entry in shapes.items()}
+        flat = torch.empty(sum(_aligned(size) for size in sizes.values()), dtype=torch.uint8, device=device)
+        views, offset = {}, 0
+        for name, entry in shapes.items():
+            views[name] = flat[offset : offset + sizes[name]].view(dtype).view(entry.shape)
+            offset += _aligned(sizes[name])
+        return views
+
+    # -- filling -------------------------------------------------------------------------------
+
+    def _slot_of(self, layer: int) -> int:
+        return layer % self.slot_count
+
+    def _fill(self, layer: int, slot_free: Any) -> None:
+        slot = self._slot_of(layer)
+        self._holds[slot] = -1
+        if slot_free is not None and self.filler.copy_stream is not None:
+            # The slot's previous layer may still be computing on the GPU: copies wait for it.
+            self.filler.copy_stream.wait_event(slot_free)
+        views = self._slots[slot]
+        for name, entry in sorted(self.layout.layers[layer].items(), key=lambda item: item[1].offset):
+            self.filler.fill(entry, views[name])
+        self._holds[slot] = layer
+        self.fills += 1
+
+    def _slot_free(self) -> Any:
+        """On CUDA, an event after the compute queued so far: a fill's copies wait for it."""
+        if self.filler.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.filler.device))
+        return event
+
+    def _start(self, layer: int) -> None:
+        # Called on the compute thread after the previous fill was awaited: no fill is running.
+        if layer in self._pending or self._holds[self._slot_of(layer)] == layer:
+            return
+        self._pending[layer] = self._executor.submit(self._fill, layer, self._slot_free())
+
+    def _make_pre_hook(self, number: int) -> Any:
+        following = (number + 1) % len(self.layers)
+
+        def pre_hook(_module: nn.Module, _args: Any) -> None:
+            pending = self._pending.pop(number, None)
+            if pending is not None:
+                pending.result()  # a failed read fails this forward, with the reader's message
+            if self._holds[self._slot_of(number)] != number:
+                # Nothing prefetched it (first forward, or one that failed half-way): fill it now,
+                # once no background fill can still be writing a slot.
+                self._drain()
+                self._fill(number, self._slot_free())
+            if following == number:
+                return
+            if self._slot_of(following) == self._slot_of(number):
+                self._after[number] = following
+            else:
+                self._start(following)
+
+        return pre_hook
+
+    def _drain(self) -> None:
+        pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            future.exception()  # waits; a failed fill left its slot marked empty
+
+    def _make_post_hook(self, number: int) -> Any:
+        def post_hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+            following = self._after.pop(number, None)
+            if following is not None:
+                self._start(following)
+
+        return post_hook
+
+    def close(self) -> None:
+        for pending in self._pending.values():
+            pending.cancel()
+        self._executor.shutdown(wait=True)
+        self.filler.reader.close()
+
+
+
+def load_streamed(path: Path, dtype: torch.dtype, device: str, slots: int = 2) -> PreTrainedModel:
+    """A llama causal LM from ``path`` whose decoder layers stream from the files at each forward.
+
+    Raises UnsupportedModelError (with the reason) when the checkpoint is not a llama layout that can
+    stream; the planner checks the same layout first, so this is a second line of defence.
+    """
+    config = AutoConfig.from_pretrained(path)
+    config_dict = config.to_dict()
+    layout = llama_layout(index_tensors(path), config_dict)
+    if isinstance(layout, str):
+        raise UnsupportedModelError(f"cannot stream the layers of {path}: {layout}")
+    with torch.device("meta"):  # parameters on the meta device: nothing allocated, no initializer run
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    target = torch.device(device)
+    decoder = model.model
+    expected = set(layout.layers[0])
+    built = {name for name, _ in decoder.layers[0].named_parameters()}
+    if built != expected:
+        raise UnsupportedModelError(
+            f"cannot stream the layers of {path}: the files' layer tensors {sorted(expected)} are not the "
+            f"model's {sorted(built)}"
+        )
+    files = {entry.file for entry in layout.resident.values()} | {
+        entry.file for layer in layout.layers for entry in layer.values()
+    }
+    run_name = _RUN_NAMES[dtype]
+    filler = _Filler(_Reader(files), target, layout.staging_bytes(run_name, target.type))
+    tied = model.lm_head.weight is decoder.embed_tokens.weight
+    for name, entry in layout.resident.items():
+        module_name, _, attribute = name.rpartition(".")
+        tensor = torch.empty(entry.shape, dtype=dtype, device=target)
+        filler.fill(entry, tensor)  # in pieces when it is larger than the staging buffer
+        setattr(model.get_submodule(module_name), attribute, nn.Parameter(tensor, requires_grad=False))
+    if tied:
+        model.lm_head.weight = decoder.embed_tokens.weight
+    with torch.device(target):
+        # Non-persistent buffers (the rotary frequencies) are computed, not read: rebuild them here.
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=model.config)
+    streamer = LayerStreamer(decoder.layers, layout, filler, dtype, slots)
+    leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        streamer.close()
+        raise UnsupportedModelError(f"cannot stream the layers of {path}: {leftovers} were not loaded")
+    generation = path / "generation_config.json"
+    if generation.exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    model.layer_streamer = streamer
+    weakref.finalize(model, streamer.close)
+    return model
+
+
+def streamer_of(model: nn.Module) -> LayerStreamer | None:
+    streamer = getattr(model, "layer_streamer", None)
+    return streamer if isinstance(streamer, LayerStreamer) else None
+
