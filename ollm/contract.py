@@ -69,6 +69,10 @@ class Keys:
         and every other interactive queue, and only while they have a batch slot free."""
         return f"{self.namespace}:model-batch:{model}"
 
+    def rq_batch_queue_key(self, model: str) -> str:
+        """The Redis list behind ``batch_queue(model)``: the Batch API lines waiting for the model."""
+        return f"rq:queue:{self.batch_queue(model)}"
+
     def worker_queue(self, name: str) -> str:
         """The RQ queue only the named worker listens on: the load requests placed on it."""
         return f"{self.namespace}:to-worker:{name}"

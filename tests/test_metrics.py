@@ -112,6 +112,9 @@ def test_what_a_worker_publishes_reaches_the_gauges(clean_settings_env: Path) ->
         residency.engines["echo"].submit(request, lambda event: None)
         queue.enqueue("workers.job.generate", {"waiting": 1})
         queue.enqueue("workers.job.generate", {"waiting": 2})
+        batch = Queue(KEYS.batch_queue("echo"), connection=sync, serializer=JSONSerializer)
+        for line in range(3):
+            batch.enqueue("workers.job.generate", {"line": line})
         residency.sweep()  # publishes the loaded models
         beat.beat()
         state = asyncio.run(read_cluster(fakeredis.FakeAsyncRedis(server=server), KEYS, lost_after=5.0))
@@ -128,6 +131,7 @@ def test_what_a_worker_publishes_reaches_the_gauges(clean_settings_env: Path) ->
     assert value(samples["ollm_worker_model_in_flight_requests"], worker="w1", model="echo") == 1
     assert value(samples["ollm_worker_model_memory_bytes"], worker="w1", model="echo", pinned="true") == 0
     assert value(samples["ollm_queue_depth"], model="echo") == 2
+    assert value(samples["ollm_batch_queue_depth"], model="echo") == 3
 
 
 def test_an_old_workers_record_still_parses() -> None:

@@ -36,6 +36,8 @@ class ClusterState:
     workers: list[WorkerState] = field(default_factory=list)
     # Model -> jobs waiting in its queue.
     queue_depths: dict[str, int] = field(default_factory=dict)
+    # Model -> Batch API lines waiting in its batch queue.
+    batch_queue_depths: dict[str, int] = field(default_factory=dict)
 
 
 async def read_cluster(connection: redis.asyncio.Redis, keys: Keys, lost_after: float) -> ClusterState:
@@ -44,12 +46,13 @@ async def read_cluster(connection: redis.asyncio.Redis, keys: Keys, lost_after: 
     Three round trips whatever the number of workers. Read only: pruning expired names is left
     to the dispatcher's own reads."""
     model_queues = keys.rq_queue_key("")
+    batch_queues = keys.rq_batch_queue_key("")
     async with connection.pipeline(transaction=False) as pipe:
         pipe.smembers(keys.workers)
         pipe.smembers(Queue.redis_queues_keys)
         names_raw, queues_raw = await pipe.execute()
     names = sorted(_text(name) for name in names_raw)
-    queue_keys = sorted(key for key in map(_text, queues_raw) if key.startswith(model_queues))
+    queue_keys = sorted(key for key in map(_text, queues_raw) if key.startswith((model_queues, batch_queues)))
     async with connection.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.hgetall(keys.worker(name))
@@ -74,8 +77,14 @@ async def read_cluster(connection: redis.asyncio.Redis, keys: Keys, lost_after: 
         WorkerState(info, info.age_seconds <= lost_after, _loaded(entries))
         for info, entries in zip(infos, loaded_raw, strict=True)
     ]
-    depths = {key[len(model_queues) :]: int(length) for key, length in zip(queue_keys, lengths, strict=True)}
-    return ClusterState(workers, depths)
+    depths: dict[str, int] = {}
+    batch_depths: dict[str, int] = {}
+    for key, length in zip(queue_keys, lengths, strict=True):
+        if key.startswith(batch_queues):
+            batch_depths[key[len(batch_queues) :]] = int(length)
+        else:
+            depths[key[len(model_queues) :]] = int(length)
+    return ClusterState(workers, depths, batch_depths)
 
 
 def cluster_families(state: ClusterState) -> list[Metric]:
@@ -110,6 +119,7 @@ def cluster_families(state: ClusterState) -> list[Metric]:
     )
     serving = gauge("ollm_model_workers", "Live workers that serve the model.", ["model"])
     depth = gauge("ollm_queue_depth", "Jobs waiting in the model's queue.", ["model"])
+    batch_depth = gauge("ollm_batch_queue_depth", "Batch API lines waiting in the model's batch queue.", ["model"])
 
     served: dict[str, int] = {}
     for worker in state.workers:
@@ -140,9 +150,11 @@ def cluster_families(state: ClusterState) -> list[Metric]:
     # A served model whose queue RQ never created yet has nothing waiting.
     for model, waiting in sorted({**dict.fromkeys(served, 0), **state.queue_depths}.items()):
         depth.add_metric([model], waiting)
+    for model, waiting in sorted(state.batch_queue_depths.items()):
+        batch_depth.add_metric([model], waiting)
     return [
         up, age, info, start, in_flight, running, batch, max_batch, budget, used, loads, count,
-        model_bytes, model_in_flight, serving, depth,
+        model_bytes, model_in_flight, serving, depth, batch_depth,
     ]  # fmt: skip
 
 
