@@ -14,6 +14,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     MemoryBudgetOption,
     ModelOption,
     ModelsDirOption,
@@ -60,10 +61,13 @@ def _overrides(
     dtype: str | None,
     models_dir: str | None,
     memory_budget: str | None,
+    kv_offload: str | None,
     generation: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
     return {
-        "runtime": runtime_overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget),
+        "runtime": runtime_overrides(
+            model, backend, no_specialization, device, dtype, models_dir, memory_budget, kv_offload
+        ),
         "generation": generation,
     }
 
@@ -127,6 +131,7 @@ def prompt_command(
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Answer one prompt and exit (non-zero on failure)."""
     generation = {
@@ -142,7 +147,9 @@ def prompt_command(
         "stream": stream_output,
     }
     settings = settings_or_exit(
-        _overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget, generation)
+        _overrides(
+            model, backend, no_specialization, device, dtype, models_dir, memory_budget, kv_offload, generation
+        )
     )
     plan = _plan(settings)
     if plan_json:
@@ -202,11 +209,14 @@ def chat_command(
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Interactive chat with history. /clear forgets the conversation, /exit leaves."""
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     settings = settings_or_exit(
-        _overrides(model, backend, no_specialization, device, dtype, models_dir, memory_budget, generation)
+        _overrides(
+            model, backend, no_specialization, device, dtype, models_dir, memory_budget, kv_offload, generation
+        )
     )
     plan = _plan(settings)
     if plan_json:

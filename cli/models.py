@@ -15,6 +15,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     MemoryBudgetOption,
     ModelsDirOption,
     NoSpecializationOption,
@@ -76,6 +77,7 @@ def info_command(
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """What a model is and how it would run, read from its config files without loading weights."""
     overrides = runtime_overrides(
@@ -85,6 +87,7 @@ def info_command(
         dtype=dtype,
         models_dir=models_dir,
         memory_budget=memory_budget,
+        kv_offload=kv_offload,
     )
     settings = settings_or_exit({"runtime": overrides})
     try:

@@ -30,6 +30,15 @@ MemoryBudgetOption = Annotated[
     ),
 ]
 
+KVOffloadOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-offload",
+        help="Keep the KV cache on disk, one layer in memory at a time: auto (when it does not fit the memory "
+        "budget), on or off.",
+    ),
+]
+
 
 def runtime_overrides(
     model: str | None = None,
@@ -39,6 +48,7 @@ def runtime_overrides(
     dtype: str | None = None,
     models_dir: str | None = None,
     memory_budget: str | None = None,
+    kv_offload: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -48,6 +58,7 @@ def runtime_overrides(
         "dtype": dtype,
         "models_dir": models_dir,
         "memory_budget": memory_budget,
+        "kv_offload": kv_offload,
     }
 
 

@@ -20,6 +20,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     MemoryBudgetOption,
     ModelOption,
     ModelsDirOption,
@@ -48,6 +49,7 @@ def doctor_command(
     dtype: DTypeOption = None,
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Environment and runtime diagnostics: devices, memory, disk, models, Redis, settings."""
     overrides = {
@@ -59,6 +61,7 @@ def doctor_command(
             dtype=dtype,
             models_dir=models_dir,
             memory_budget=memory_budget,
+            kv_offload=kv_offload,
         )
     }
     settings = settings_or_exit(overrides)

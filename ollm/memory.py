@@ -36,10 +36,12 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 AUTO_MARGIN_MIN = 256 * 2**20
 
 # resident: everything fits. resident-capped-kv: the weights fit under an explicit budget, the full
-# context's KV cache does not, so the engine admits only as many KV tokens as fit. needs-streaming:
-# only layer streaming / KV offload would fit (planned passes): loading refuses under an explicit
-# budget and runs resident (reported) under auto.
-MemoryStrategy = Literal["resident", "resident-capped-kv", "needs-streaming", "unknown"]
+# context's KV cache does not, so the engine admits only as many KV tokens as fit. kv-offload: the KV
+# cache lives on disk (host memory on an accelerator), one layer in memory at a time
+# (llama.kv-offload), and the rest fits. needs-streaming: only layer streaming (or KV offload where it
+# is off or not implemented) would fit: loading refuses under an explicit budget and runs resident
+# (reported) under auto.
+MemoryStrategy = Literal["resident", "resident-capped-kv", "kv-offload", "needs-streaming", "unknown"]
 
 
 def parse_size(value: int | str, setting: str = "runtime.memory_budget") -> int | Literal["auto"]:
@@ -195,6 +197,11 @@ class MemoryPlan(BaseModel):
     kv_cache_token_limit: int | None = Field(
         None, description="KV tokens the budget leaves room for beside the weights, when fewer than the context."
     )
+    kv_resident_bytes: int | None = Field(
+        None,
+        description="With llama.kv-offload: the KV cache held in memory at once (about two layers' worth); "
+        "kv_cache_bytes then lives on disk (host memory on an accelerator).",
+    )
     fits: bool | None = None
     enforced: bool = Field(False, description="True for an explicit budget: loading refuses to exceed it.")
     reason: str | None = None
@@ -202,3 +209,19 @@ class MemoryPlan(BaseModel):
     def refuses_load(self) -> bool:
         """The weights and one forward alone exceed an explicit budget: running resident would break it."""
         return self.enforced and self.kv_cache_token_limit == 0
+
+
+def kv_offload_wanted(memory: MemoryPlan, setting: Literal["auto", "on", "off"], resident_kv_bytes: int) -> bool:
+    """Whether to keep the KV cache off the compute device's memory (``runtime.kv_offload``).
+
+    ``on``/``off`` decide. ``auto`` offloads when the plan's expected peak (weights + the context's KV
+    cache + activations) exceeds the budget and offloading brings it under: weights + activations +
+    ``resident_kv_bytes`` (the KV that stays in memory with offload) fit. When even that does not fit,
+    the weights are the problem; the plan then says what would keep it under and why.
+    """
+    if setting != "auto":
+        return setting == "on"
+    weights, activations, budget = memory.weights_bytes, memory.activations_bytes, memory.budget_bytes
+    if memory.fits is not False or weights is None or activations is None or budget is None:
+        return False
+    return weights + activations + resident_kv_bytes <= budget

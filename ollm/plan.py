@@ -14,7 +14,7 @@ from ollm import catalogue
 from ollm.catalogue import ModelKind
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.errors import ModelNotFoundError, UnsupportedModelError
-from ollm.memory import MemoryPlan, TextShape, human, resolve_budget, safetensors_weight_bytes
+from ollm.memory import MemoryPlan, TextShape, human, kv_offload_wanted, resolve_budget, safetensors_weight_bytes
 from ollm.references import ModelReference, parse_reference
 from ollm.settings import RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
@@ -248,6 +248,13 @@ def _plan_memory(
     budget = memory.budget_bytes
     memory.expected_peak_bytes = weights + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget
+    kv_pass = _kv_offload_pass(plan, provider, runtime)
+    # With KV offload, about two layers' worth stays in memory: the layer read back for attention and
+    # the keys/values handed to it.
+    resident_kv = 2 * kv // max(shape.layers, 1)
+    if kv_pass is not None and kv_offload_wanted(memory, runtime.kv_offload, resident_kv):
+        _plan_kv_offload(plan, kv_pass, provider, resident_kv)
+        return
     if memory.fits:
         memory.strategy = "resident"
         return
@@ -278,6 +285,59 @@ def _plan_memory(
         )
     else:
         memory.reason += "Running resident anyway: the system may swap or run out of memory."
+    plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, memory.reason]))
+
+
+def _kv_offload_pass(
+    plan: RuntimePlan, provider: SpecializationProvider | None, runtime: RuntimeSettings
+) -> str | None:
+    """The family's KV offload pass when it can apply to this plan; with kv_offload=on, says why not."""
+    kv_pass = provider.kv_offload_pass if provider else None
+    why_not = None
+    if kv_pass is None or provider is None or kv_pass not in provider.implemented_passes:
+        why_not = f"no KV offload pass is implemented for model_type {plan.model_type!r}"
+    elif not runtime.use_specialization or runtime.backend == "transformers-generic":
+        why_not = "specialization is disabled"
+    elif plan.kind != "causal-lm":
+        why_not = f"it applies to causal LMs, not {plan.kind}"
+    if why_not is None:
+        return kv_pass
+    if runtime.kv_offload == "on":
+        note = f"runtime.kv_offload=on ignored: {why_not}; the KV cache stays in memory"
+        plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, note]))
+    return None
+
+
+def _plan_kv_offload(
+    plan: RuntimePlan, kv_pass: str, provider: SpecializationProvider | None, resident_kv: int
+) -> None:
+    """The KV cache goes to disk (host memory on an accelerator); ``resident_kv`` of it stays in memory."""
+    memory = plan.memory
+    weights, activations, budget = memory.weights_bytes, memory.activations_bytes, memory.budget_bytes
+    assert weights is not None and activations is not None and budget is not None
+    plan.applied_passes.append(kv_pass)
+    memory.kv_resident_bytes = resident_kv
+    memory.expected_peak_bytes = weights + activations + memory.kv_resident_bytes
+    memory.fits = memory.expected_peak_bytes <= budget
+    memory.strategy = "kv-offload"
+    if memory.fits:
+        return
+    memory.strategy = "needs-streaming"
+    layer_pass = (provider and provider.layer_streaming_pass) or "layer streaming (no pass for this family)"
+    memory.required_passes = [layer_pass, kv_pass]
+    memory.reason = (
+        f"with the KV cache offloaded ({kv_pass}), the expected peak {human(memory.expected_peak_bytes)} (weights "
+        f"{human(weights)} + activations {human(activations)} + {human(memory.kv_resident_bytes)} of KV for the "
+        f"running layer) still exceeds the budget of {human(budget)} ({memory.budget_source}); {layer_pass} "
+        "would keep it under, but it is planned, not implemented. "
+    )
+    if memory.enforced:
+        memory.kv_cache_token_limit = 0  # nothing to cap: the weights alone break the budget
+        memory.reason += (
+            "Loading refuses: raise runtime.memory_budget (--memory-budget) or use a smaller model or dtype."
+        )
+    else:
+        memory.reason += "Running with the KV cache offloaded anyway: the system may swap or run out of memory."
     plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, memory.reason]))
 
 
