@@ -199,8 +199,9 @@ class MemoryPlan(BaseModel):
     )
     kv_resident_bytes: int | None = Field(
         None,
-        description="With llama.kv-offload: the KV cache held in memory at once (about two layers' worth); "
-        "kv_cache_bytes then lives on disk (host memory on an accelerator).",
+        description="With llama.kv-offload: the KV cache held in memory at once, the running layer's (read back, "
+        "handed to attention, expanded to every query head); kv_cache_bytes then lives on disk "
+        "(host memory on an accelerator).",
     )
     fits: bool | None = None
     enforced: bool = Field(False, description="True for an explicit budget: loading refuses to exceed it.")

@@ -249,9 +249,10 @@ def _plan_memory(
     memory.expected_peak_bytes = weights + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget
     kv_pass = _kv_offload_pass(plan, provider, runtime)
-    # With KV offload, about two layers' worth stays in memory: the layer read back for attention and
-    # the keys/values handed to it.
-    resident_kv = 2 * kv // max(shape.layers, 1)
+    # With KV offload, one layer's cache is in memory several times over while it runs: read back
+    # from its file, the keys/values handed to attention, and their copy expanded to every query head
+    # (grouped-query attention with a mask repeats the KV heads).
+    resident_kv = (2 + shape.heads // max(shape.kv_heads, 1)) * kv // max(shape.layers, 1)
     if kv_pass is not None and kv_offload_wanted(memory, runtime.kv_offload, resident_kv):
         _plan_kv_offload(plan, kv_pass, provider, resident_kv)
         return
