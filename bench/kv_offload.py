@@ -36,7 +36,7 @@ import psutil
 
 from ollm.memory import human, parse_size
 
-MODEL = Path("~/.ollm/models/smollm2-135m-instruct").expanduser()
+MODEL = Path(os.environ.get("OLLM_RUNTIME__MODELS_DIR", "~/.ollm/models")).expanduser() / "smollm2-135m-instruct"
 CONTEXT = 16384
 ROPE_FACTOR = 2.0
 SAMPLE_SECONDS = 0.02
@@ -78,23 +78,23 @@ print("done " + json.dumps({"usage": final.usage.model_dump(), "timings": final.
 """
 
 
-def extended_model(directory: Path) -> Path:
-    """A copy of SmolLM2's directory whose config allows CONTEXT positions through linear RoPE scaling."""
-    target = directory / f"{MODEL.name}-{CONTEXT // 1024}k-linear-rope"
+def extended_model(directory: Path, model: Path = MODEL) -> Path:
+    """A copy of ``model``'s directory whose config allows CONTEXT positions through linear RoPE scaling."""
+    target = directory / f"{model.name}-{CONTEXT // 1024}k-linear-rope"
     target.mkdir(parents=True)
-    for source in MODEL.iterdir():
+    for source in model.iterdir():
         if source.name == "config.json":
             continue
         try:
             os.link(source, target / source.name)
         except OSError:  # another filesystem: a symlink, still no second copy
             (target / source.name).symlink_to(source)
-    config = json.loads((MODEL / "config.json").read_text())
+    config = json.loads((model / "config.json").read_text())
     original = config["max_position_embeddings"]
     config["max_position_embeddings"] = CONTEXT
     config["rope_parameters"] = dict(config.get("rope_parameters") or {}, rope_type="linear", factor=ROPE_FACTOR)
     (target / "config.json").write_text(json.dumps(config, indent=2))
-    print(f"model: {target} = {MODEL.name} with max_position_embeddings {original} -> {CONTEXT}, "
+    print(f"model: {target} = {model.name} with max_position_embeddings {original} -> {CONTEXT}, "
           f"rope_parameters {config['rope_parameters']} (memory is measured, not answer quality)")  # fmt: skip
     return target
 
