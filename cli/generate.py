@@ -14,6 +14,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     LayerStreamingOption,
     MemoryBudgetOption,
     ModelOption,
@@ -62,11 +63,12 @@ def _overrides(
     models_dir: str | None,
     memory_budget: str | None,
     layer_streaming: str | None,
+    kv_offload: str | None,
     generation: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
     return {
         "runtime": runtime_overrides(
-            model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming
+            model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
         ),
         "generation": generation,
     }
@@ -132,6 +134,7 @@ def prompt_command(
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Answer one prompt and exit (non-zero on failure)."""
     generation = {
@@ -148,7 +151,16 @@ def prompt_command(
     }
     settings = settings_or_exit(
         _overrides(
-            model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, generation
+            model,
+            backend,
+            no_specialization,
+            device,
+            dtype,
+            models_dir,
+            memory_budget,
+            layer_streaming,
+            kv_offload,
+            generation,
         )
     )
     plan = _plan(settings)
@@ -210,12 +222,22 @@ def chat_command(
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Interactive chat with history. /clear forgets the conversation, /exit leaves."""
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     settings = settings_or_exit(
         _overrides(
-            model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, generation
+            model,
+            backend,
+            no_specialization,
+            device,
+            dtype,
+            models_dir,
+            memory_budget,
+            layer_streaming,
+            kv_offload,
+            generation,
         )
     )
     plan = _plan(settings)

@@ -15,6 +15,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     LayerStreamingOption,
     MemoryBudgetOption,
     ModelsDirOption,
@@ -78,6 +79,7 @@ def info_command(
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """What a model is and how it would run, read from its config files without loading weights."""
     overrides = runtime_overrides(
@@ -88,6 +90,7 @@ def info_command(
         models_dir=models_dir,
         memory_budget=memory_budget,
         layer_streaming=layer_streaming,
+        kv_offload=kv_offload,
     )
     settings = settings_or_exit({"runtime": overrides})
     try:

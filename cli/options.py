@@ -37,6 +37,15 @@ LayerStreamingOption = Annotated[
     ),
 ]
 
+KVOffloadOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-offload",
+        help="Keep the KV cache on disk, one layer in memory at a time: auto (when it does not fit the memory "
+        "budget), on or off.",
+    ),
+]
+
 
 def runtime_overrides(
     model: str | None = None,
@@ -47,6 +56,7 @@ def runtime_overrides(
     models_dir: str | None = None,
     memory_budget: str | None = None,
     layer_streaming: str | None = None,
+    kv_offload: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -57,6 +67,7 @@ def runtime_overrides(
         "models_dir": models_dir,
         "memory_budget": memory_budget,
         "layer_streaming": layer_streaming,
+        "kv_offload": kv_offload,
     }
 
 

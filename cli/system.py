@@ -20,6 +20,7 @@ from cli.options import (
     BackendOption,
     DeviceOption,
     DTypeOption,
+    KVOffloadOption,
     LayerStreamingOption,
     MemoryBudgetOption,
     ModelOption,
@@ -50,6 +51,7 @@ def doctor_command(
     models_dir: ModelsDirOption = None,
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
+    kv_offload: KVOffloadOption = None,
 ) -> None:
     """Environment and runtime diagnostics: devices, memory, disk, models, Redis, settings."""
     overrides = {
@@ -62,6 +64,7 @@ def doctor_command(
             models_dir=models_dir,
             memory_budget=memory_budget,
             layer_streaming=layer_streaming,
+            kv_offload=kv_offload,
         )
     }
     settings = settings_or_exit(overrides)

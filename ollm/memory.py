@@ -37,11 +37,21 @@ AUTO_MARGIN_MIN = 256 * 2**20
 # resident: everything fits. resident-capped-kv: the weights fit under an explicit budget, the full
 # context's KV cache does not, so the engine admits only as many KV tokens as fit. streamed-layers:
 # the decoder layers stream from disk (llama.layer-offload) and the rest fits; streamed-layers-capped-kv:
-# streamed, and the KV cache capped as above. over-budget: nothing implemented brings the estimate
-# under the budget: loading refuses under an explicit budget and runs anyway (reported) under auto.
+# streamed, and the KV cache capped as above. kv-offload: the KV cache lives on disk (host memory on
+# an accelerator), one layer's in memory at a time (llama.kv-offload), and the rest fits;
+# streamed-layers-kv-offload: both. over-budget: nothing applicable brings the estimate under the
+# budget: loading refuses under an explicit budget and runs anyway (reported) under auto.
 MemoryStrategy = Literal[
-    "resident", "resident-capped-kv", "streamed-layers", "streamed-layers-capped-kv", "over-budget", "unknown"
+    "resident",
+    "resident-capped-kv",
+    "streamed-layers",
+    "streamed-layers-capped-kv",
+    "kv-offload",
+    "streamed-layers-kv-offload",
+    "over-budget",
+    "unknown",
 ]
+
 
 def parse_size(value: int | str, setting: str = "runtime.memory_budget") -> int | Literal["auto"]:
     """``"auto"``, a byte count, or a size such as ``512MiB``, ``8GiB``, ``1.5GB`` -> bytes."""
@@ -57,9 +67,7 @@ def parse_size(value: int | str, setting: str = "runtime.memory_budget") -> int 
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
-        raise SettingsError(
-            f"{setting}: {value!r} is not a size; use auto, a byte count, or e.g. 512MiB, 8GiB, 6GB"
-        )
+        raise SettingsError(f"{setting}: {value!r} is not a size; use auto, a byte count, or e.g. 512MiB, 8GiB, 6GB")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
         raise SettingsError(f"{setting}: {value!r} must be positive (or auto)")
@@ -200,11 +208,17 @@ class MemoryPlan(BaseModel):
     )
     kv_offload: bool = Field(
         False,
-        description="The context's KV cache exceeds what the budget leaves beside the weights and one forward, "
-        "so llama.kv-offload would be needed (capped or reported while it is not implemented).",
+        description="The KV cache lives on disk (host memory on an accelerator), one layer's in memory at a "
+        "time (llama.kv-offload); kv_resident_bytes is what stays in memory.",
     )
     kv_cache_token_limit: int | None = Field(
         None, description="KV tokens the budget leaves room for beside the weights, when fewer than the context."
+    )
+    kv_resident_bytes: int | None = Field(
+        None,
+        description="With llama.kv-offload: the KV cache held in memory at once, the running layer's (read back, "
+        "handed to attention, expanded to every query head); kv_cache_bytes then lives on disk "
+        "(host memory on an accelerator).",
     )
     fits: bool | None = None
     enforced: bool = Field(False, description="True for an explicit budget: loading refuses to exceed it.")
@@ -213,3 +227,21 @@ class MemoryPlan(BaseModel):
     def refuses_load(self) -> bool:
         """The weights and one forward alone exceed an explicit budget: running resident would break it."""
         return self.enforced and self.kv_cache_token_limit == 0
+
+
+def kv_offload_wanted(
+    memory: MemoryPlan, setting: Literal["auto", "on", "off"], held_weights: int, resident_kv_bytes: int
+) -> bool:
+    """Whether to keep the KV cache off the compute device's memory (``runtime.kv_offload``).
+
+    ``on``/``off`` decide. ``auto`` offloads when the plan's expected peak (the weights held + the
+    context's KV cache + activations) exceeds the budget and offloading brings it under: the weights
+    held + activations + ``resident_kv_bytes`` (the KV that stays in memory with offload) fit. When
+    even that does not fit, the weights are the problem; the plan then says what would keep it under.
+    """
+    if setting != "auto":
+        return setting == "on"
+    activations, budget = memory.activations_bytes, memory.budget_bytes
+    if memory.fits is not False or activations is None or budget is None:
+        return False
+    return held_weights + activations + resident_kv_bytes <= budget

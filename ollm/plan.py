@@ -14,7 +14,15 @@ from ollm import catalogue
 from ollm.catalogue import ModelKind
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.errors import ModelNotFoundError, UnsupportedModelError
-from ollm.memory import MemoryPlan, MemoryStrategy, TextShape, human, resolve_budget, safetensors_weight_bytes
+from ollm.memory import (
+    MemoryPlan,
+    MemoryStrategy,
+    TextShape,
+    human,
+    kv_offload_wanted,
+    resolve_budget,
+    safetensors_weight_bytes,
+)
 from ollm.references import ModelReference, parse_reference
 from ollm.settings import RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
@@ -103,9 +111,7 @@ def plan_model(
         plan.support_level = "unsupported"
         plan.fallback_reason = unsupported
         if runtime.backend != "auto":
-            raise UnsupportedModelError(
-                f"cannot run {reference!r} with backend {runtime.backend}: {unsupported}"
-            )
+            raise UnsupportedModelError(f"cannot run {reference!r} with backend {runtime.backend}: {unsupported}")
         return plan
     _choose_backend(plan, provider_for(facts.model_type), runtime)
     _plan_memory(plan, provider_for(facts.model_type), facts, runtime, context_tokens, prefill_tokens, max_batch)
@@ -157,9 +163,7 @@ def _unsupported_reason(facts: _ModelFacts) -> str | None:
     return None
 
 
-def _choose_backend(
-    plan: RuntimePlan, provider: SpecializationProvider | None, runtime: RuntimeSettings
-) -> None:
+def _choose_backend(plan: RuntimePlan, provider: SpecializationProvider | None, runtime: RuntimeSettings) -> None:
     if provider is not None:
         plan.specialization_provider = provider.name
         plan.planned_passes = list(provider.pass_ids)
@@ -196,9 +200,7 @@ def _choose_backend(
         plan.dense_projection_chunk_rows = runtime.dense_projection_chunk_rows
     if not runtime.use_specialization:
         plan.specialization_state = "disabled"
-        plan.fallback_reason = (
-            "specialization disabled (use_specialization=false); running transformers-generic"
-        )
+        plan.fallback_reason = "specialization disabled (use_specialization=false); running transformers-generic"
     elif forced == "transformers-generic":
         plan.specialization_state = "disabled"
         plan.fallback_reason = "backend forced to transformers-generic"
@@ -265,38 +267,64 @@ def _plan_memory(
     memory.weights_in_memory_bytes = held
     memory.expected_peak_bytes = held + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget
-    # The one place the KV-offload decision is made: the context's cache does not fit beside the
-    # weights held and one forward. llama.kv-offload is planned; until it exists the cache is capped
-    # (explicit budget) or the overrun reported (auto).
-    memory.kv_offload = not memory.fits
     weights_text = _weights_text(memory, weights)
+    # The one place the KV-offload decision is made. With it, one layer's cache is in memory several
+    # times over while it runs: read back from its file, the keys/values handed to attention, and
+    # their copy expanded to every query head (grouped-query attention with a mask repeats the KV heads).
+    kv_pass = _kv_offload_pass(plan, provider, runtime)
+    resident_kv = (2 + shape.heads // max(shape.kv_heads, 1)) * kv // max(shape.layers, 1)
+    if kv_pass is not None and kv_offload_wanted(memory, runtime.kv_offload, held, resident_kv):
+        plan.applied_passes.append(kv_pass)
+        memory.kv_offload = True
+        memory.kv_resident_bytes = resident_kv
+        memory.expected_peak_bytes = held + activations + resident_kv
+        memory.fits = memory.expected_peak_bytes <= budget
     if memory.fits:
-        memory.strategy = "streamed-layers" if memory.layer_streaming else "resident"
-        if memory.layer_streaming:
+        memory.strategy = _strategy(memory.layer_streaming, memory.kv_offload)
+        if memory.layer_streaming or memory.kv_offload:
+            kv_text = (
+                f"KV cache for {tokens} tokens {human(kv)} on disk, {human(resident_kv)} of it in memory"
+                if memory.kv_offload
+                else f"KV cache for {tokens} tokens {human(kv)}"
+            )
+            how = " and ".join(
+                what
+                for what, on in (
+                    ("decoder layers stream from disk", memory.layer_streaming),
+                    ("the KV cache is offloaded to disk", memory.kv_offload),
+                )
+                if on
+            )
             memory.reason = (
-                f"decoder layers stream from disk: {weights_text}; expected peak "
-                f"{human(memory.expected_peak_bytes)} with KV cache for {tokens} tokens {human(kv)} and "
-                f"activations {human(activations)}, within the budget of {human(budget)} ({memory.budget_source})"
+                f"{how}: {weights_text}; {kv_text}; activations {human(activations)}: expected peak "
+                f"{human(memory.expected_peak_bytes)}, within the budget of {human(budget)} ({memory.budget_source})"
             )
         return
     memory.strategy = "over-budget"
     per_token = max(shape.kv_bytes(1, plan.dtype), 1)
-    memory.kv_cache_token_limit = max(budget - held - activations, 0) // per_token
+    # With the cache offloaded there is nothing left to cap: the weights held and one forward are the overrun.
+    memory.kv_cache_token_limit = 0 if memory.kv_offload else max(budget - held - activations, 0) // per_token
     layer_pass = (provider and provider.layer_streaming_pass) or "layer streaming (no pass for this family)"
-    kv_pass = (provider and provider.kv_offload_pass) or "KV offload (no pass for this family)"
-    memory.required_passes = ([] if weights + activations <= budget else [layer_pass]) + [kv_pass]
+    kv_name = (provider and provider.kv_offload_pass) or "KV offload (no pass for this family)"
+    memory.required_passes = ([] if weights + activations <= budget else [layer_pass]) + [kv_name]
+    kv_part = (
+        f"{human(resident_kv)} of KV cache in memory ({human(kv)} for {tokens} tokens offloaded)"
+        if memory.kv_offload
+        else f"KV cache for {tokens} tokens {human(kv)}"
+    )
     memory.reason = (
-        f"expected peak {human(memory.expected_peak_bytes)} ({weights_text} + KV cache for {tokens} tokens "
-        f"{human(kv)} + activations {human(activations)}) exceeds the budget of {human(budget)} "
-        f"({memory.budget_source}). "
+        f"expected peak {human(memory.expected_peak_bytes)} ({weights_text} + {kv_part} + activations "
+        f"{human(activations)}) exceeds the budget of {human(budget)} ({memory.budget_source}). "
     )
     if held + activations > budget:
         if memory.layer_streaming:
             memory.reason += f"Even streamed ({layer_pass}), the weights held and one forward exceed it. "
         elif isinstance(layout, str):
             memory.reason += f"{layer_pass} would stream the layers, but cannot here: {layout}. "
-    else:
-        memory.reason += f"{kv_pass} would keep the whole context under it, but it is planned, not implemented. "
+    elif kv_pass is None:
+        memory.reason += f"{kv_name} would keep the whole context under it, but cannot apply here. "
+    elif runtime.kv_offload == "off":
+        memory.reason += f"{kv_name} would keep the whole context under it, but runtime.kv_offload=off. "
     capped: MemoryStrategy = "streamed-layers-capped-kv" if memory.layer_streaming else "resident-capped-kv"
     running = "Running with the layers streamed" if memory.layer_streaming else "Running resident"
     if memory.kv_cache_token_limit > 0 and memory.enforced:
@@ -360,6 +388,34 @@ def _weights_text(memory: MemoryPlan, weights: int) -> str:
     )
 
 
+def _kv_offload_pass(
+    plan: RuntimePlan, provider: SpecializationProvider | None, runtime: RuntimeSettings
+) -> str | None:
+    """The family's KV offload pass when it can apply to this plan; with kv_offload=on, says why not."""
+    kv_pass = provider.kv_offload_pass if provider else None
+    why_not = None
+    if kv_pass is None or provider is None or kv_pass not in provider.implemented_passes:
+        why_not = f"no KV offload pass is implemented for model_type {plan.model_type!r}"
+    elif not runtime.use_specialization or runtime.backend == "transformers-generic":
+        why_not = "specialization is disabled"
+    elif plan.kind != "causal-lm":
+        why_not = f"it applies to causal LMs, not {plan.kind}"
+    if why_not is None:
+        return kv_pass
+    if runtime.kv_offload == "on":
+        note = f"runtime.kv_offload=on ignored: {why_not}; the KV cache stays in memory"
+        plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, note]))
+    return None
+
+
+def _strategy(streamed: bool, offloaded: bool) -> MemoryStrategy:
+    if streamed and offloaded:
+        return "streamed-layers-kv-offload"
+    if streamed:
+        return "streamed-layers"
+    return "kv-offload" if offloaded else "resident"
+
+
 def _echo_plan(reference: str, runtime: RuntimeSettings) -> RuntimePlan:
     # echo has no weights: it runs on the host whatever device is configured.
     return RuntimePlan(
@@ -377,8 +433,6 @@ def _echo_plan(reference: str, runtime: RuntimeSettings) -> RuntimePlan:
         dtype="float32",
         context_length=None,
         fallback_reason=(
-            None
-            if runtime.backend == "auto"
-            else f"backend {runtime.backend} does not apply to echo; running echo"
+            None if runtime.backend == "auto" else f"backend {runtime.backend} does not apply to echo; running echo"
         ),
     )

@@ -32,7 +32,8 @@ Backend = Literal["auto", "optimized-native", "transformers-generic"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 StoreBackend = Literal["redis", "memory", "none"]
 SessionBackend = Literal["memory", "redis"]
-LayerStreaming = Literal["auto", "on", "off"]
+# auto: the plan decides from the memory budget; on / off force it.
+PassSwitch = Literal["auto", "on", "off"]
 
 
 def _size(value: Any, setting: str) -> int | str:
@@ -76,11 +77,22 @@ class RuntimeSettings(Section):
         description="Memory the model may use on the compute device: bytes or a size such as 512MiB or 8GiB; "
         "auto = what the device has free less a margin. The plan holds its estimate against it (docs/memory.md).",
     )
-    layer_streaming: LayerStreaming = Field(
+    layer_streaming: PassSwitch = Field(
         "auto",
         description="Stream decoder layers from the safetensors files at each forward (llama.layer-offload): "
         "auto = when the weights do not fit runtime.memory_budget beside one forward; on = always (an error "
         "for a model that cannot stream); off = never. See docs/memory.md.",
+    )
+    kv_offload: PassSwitch = Field(
+        "auto",
+        description="Keep each layer's KV cache on disk (host memory on an accelerator), only the running layer's "
+        "in memory (the llama.kv-offload pass): on, off, or auto = when the plan says the context's KV cache does "
+        "not fit the memory budget beside the weights; see docs/memory.md.",
+    )
+    kv_offload_dir: Path | None = Field(
+        None,
+        description="Where offloaded KV cache files go, one directory per engine, removed on close "
+        "(unset: kv-offload/ beside models_dir, e.g. ~/.ollm/kv-offload). Put it on a fast local SSD.",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
 
@@ -91,6 +103,11 @@ class RuntimeSettings(Section):
 
     def resolved_models_dir(self) -> Path:
         return self.models_dir.expanduser()
+
+    def resolved_kv_offload_dir(self) -> Path:
+        if self.kv_offload_dir is not None:
+            return self.kv_offload_dir.expanduser()
+        return self.resolved_models_dir().parent / "kv-offload"
 
 
 class GenerationSettings(Section):

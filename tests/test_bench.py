@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.client import percentile
 from bench.run import check_targets
 from bench.soak import leaks
@@ -52,3 +54,18 @@ def test_soak_calls_only_what_never_goes_away_a_leak() -> None:
         "1 job event channel(s) still subscribed",
         "pub/sub channels grew from 3 to 4",
     ]
+
+
+def test_kv_offload_bench_model_copy_extends_the_context_without_copying_weights(
+    tmp_path: Path, default_model_dir: Path
+) -> None:
+    from transformers import AutoConfig
+
+    from bench.kv_offload import extended_model
+
+    copy = extended_model(tmp_path, default_model_dir)
+    config = AutoConfig.from_pretrained(copy)
+    assert config.max_position_embeddings == 16384
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 2.0
+    weights = copy / "model.safetensors"
+    assert weights.resolve().samefile(default_model_dir / "model.safetensors")  # a link, not a second copy

@@ -151,10 +151,28 @@ def test_kv_cache_is_capped_beside_streamed_layers(synthetic: Path) -> None:
     streamed = _plan(synthetic, layer_streaming="on").memory
     assert streamed.weights_in_memory_bytes is not None and streamed.activations_bytes is not None
     budget = streamed.weights_in_memory_bytes + streamed.activations_bytes + 100 * KV_PER_TOKEN_F32
-    memory = _plan(synthetic, memory_budget=budget).memory
-    assert (memory.strategy, memory.kv_cache_token_limit, memory.kv_offload) == ("streamed-layers-capped-kv", 100, True)
+    # KV offload off: the cache is capped to what the budget leaves beside the streamed layers.
+    memory = _plan(synthetic, memory_budget=budget, kv_offload="off").memory
+    assert (memory.strategy, memory.kv_cache_token_limit, memory.kv_offload) == (
+        "streamed-layers-capped-kv", 100, False
+    )  # fmt: skip
     assert memory.required_passes == ["llama.layer-offload", "llama.kv-offload"]
     assert memory.expected_peak_bytes == budget
+    # auto, with room for the running layer's cache (its resident part): the whole context's cache
+    # goes to disk instead, both passes apply, and nothing is capped.
+    offloaded = _plan(synthetic, layer_streaming="on", kv_offload="on").memory
+    assert offloaded.kv_resident_bytes is not None
+    budget = streamed.weights_in_memory_bytes + streamed.activations_bytes + offloaded.kv_resident_bytes
+    plan = _plan(synthetic, memory_budget=budget)
+    memory = plan.memory
+    assert (memory.strategy, memory.kv_cache_token_limit, memory.kv_offload) == (
+        "streamed-layers-kv-offload", None, True
+    )  # fmt: skip
+    assert plan.applied_passes == ["llama.layer-offload", "llama.kv-offload"]
+    assert memory.kv_resident_bytes is not None and memory.expected_peak_bytes is not None
+    held = streamed.weights_in_memory_bytes + streamed.activations_bytes
+    assert memory.expected_peak_bytes == held + memory.kv_resident_bytes
+    assert memory.expected_peak_bytes <= budget
 
 
 def test_layers_that_cannot_stream_fall_back_or_refuse(synthetic: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from ollm.engine.base import EventSink, prepared
+from ollm.engine.kv_offload import KVOffloadStore, OffloadedLayer, release
 from ollm.engine.sequence import Sequence
 from ollm.generation import ExecutionInfo, GenerationRequest
 
@@ -62,20 +63,30 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 class _KV:
-    """A cache layer seen as the two tensors it holds (set once a forward has run)."""
+    """A cache layer seen as the two tensors it holds (set once a forward has run).
+
+    An offloaded layer's tensors are read from its store when the view is made and written back by
+    set(); views come one layer at a time from _layers(), so splicing or trimming an offloaded cache
+    holds one layer's KV at a time.
+    """
 
     def __init__(self, layer: DynamicLayer) -> None:
-        assert layer.keys is not None and layer.values is not None
         self.layer = layer
-        self.keys: torch.Tensor = layer.keys
-        self.values: torch.Tensor = layer.values
+        if isinstance(layer, OffloadedLayer):
+            self.keys, self.values = layer.load()
+        else:
+            assert layer.keys is not None and layer.values is not None
+            self.keys, self.values = layer.keys, layer.values
 
     def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.layer.keys, self.layer.values = keys, values
+        if isinstance(self.layer, OffloadedLayer):
+            self.layer.store(keys, values)
+        else:
+            self.layer.keys, self.layer.values = keys, values
 
 
-def _layers(cache: DynamicCache) -> list[_KV]:
-    return [_KV(layer) for layer in cache.layers]  # type: ignore[arg-type]
+def _layers(cache: DynamicCache) -> Iterator[_KV]:
+    return (_KV(layer) for layer in cache.layers)  # type: ignore[arg-type]
 
 
 def supports_batching(model: PreTrainedModel) -> str | None:
@@ -98,8 +109,11 @@ class BatchingEngine:
         kv_cache_max_tokens: int,
         batch_invariant: bool = False,
         load_ms: float = 0.0,
+        kv_store: KVOffloadStore | None = None,
     ) -> None:
         self.info = info
+        # With llama.kv-offload, every cache this engine makes keeps its layers in the store.
+        self._kv_store = kv_store
         self._model = model
         self._build = build_sequence
         self._max_batch = max_batch
@@ -149,6 +163,8 @@ class BatchingEngine:
         self._closed.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._kv_store is not None:
+            self._kv_store.close()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -191,6 +207,7 @@ class BatchingEngine:
         if self._chunked and self._chunked.seq.id in cancelled:
             self._chunked.seq.cancel()
             self._finish(self._chunked.seq)
+            release(self._chunked.cache)
             self._chunked = None
         if self._batch:
             for seq in self._batch.seqs:
@@ -228,7 +245,7 @@ class BatchingEngine:
                 if group:
                     self._waiting.appendleft(seq)
                     break
-                self._chunked = _ChunkedPrefill(seq, DynamicCache(config=self._model.config))
+                self._chunked = _ChunkedPrefill(seq, self._new_cache())
                 self._continue_chunked()
                 return
             group.append(seq)
@@ -239,6 +256,11 @@ class BatchingEngine:
                 self._prefill_group([seq])
         elif group:
             self._prefill_group(group)
+
+    def _new_cache(self) -> DynamicCache:
+        if self._kv_store is not None:
+            return self._kv_store.new_cache(self._model.config)
+        return DynamicCache(config=self._model.config)
 
     def _continue_chunked(self) -> None:
         assert self._chunked is not None
@@ -271,7 +293,7 @@ class BatchingEngine:
             input_ids[row, length - len(ids) :] = torch.tensor(ids, device=self._device)
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
+        cache = self._new_cache()
         self._prefilling = group
         out = self._model(
             input_ids=input_ids,
@@ -302,6 +324,7 @@ class BatchingEngine:
                 torch.cat([_left_pad(a.keys, length, 2), _left_pad(b.keys, length, 2)], dim=0),
                 torch.cat([_left_pad(a.values, length, 2), _left_pad(b.values, length, 2)], dim=0),
             )
+        release(new.cache)
         mask = torch.cat([_left_pad(old.mask, length, 1), _left_pad(new.mask, length, 1)], dim=0)
         tokens = torch.cat([old.next_tokens, new.next_tokens])
         return _Batch(old.seqs + new.seqs, old.cache, mask, tokens)
@@ -350,6 +373,7 @@ class BatchingEngine:
         if len(keep) == len(batch.seqs):
             return
         if not keep:
+            release(batch.cache)
             self._batch = None
             return
         index = torch.tensor(keep, device=self._device)
@@ -381,6 +405,9 @@ class BatchingEngine:
             seqs.append(self._chunked.seq)
         self._prefilling = []
         self._waiting.clear()
+        for cache in (self._batch.cache if self._batch else None, self._chunked.cache if self._chunked else None):
+            if cache is not None:
+                release(cache)
         self._batch = None
         self._chunked = None
         for seq in seqs:

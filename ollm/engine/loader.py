@@ -25,6 +25,7 @@ from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.prompting import render_ids, render_text
 from ollm.engine.sequence import Sequence
@@ -217,6 +218,9 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
         max_batch = 1 if why_not else settings.worker.max_batch
         if plan.batch_invariant:
             make_batch_invariant(model, rows=max_batch)
+        kv_store = None
+        if plan.memory.kv_offload:
+            kv_store = KVOffloadStore(settings.runtime.resolved_kv_offload_dir(), plan.device)
         return BatchingEngine(
             model,
             info,
@@ -226,6 +230,7 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
             kv_cache_max_tokens=factory.kv_budget,
             batch_invariant=plan.batch_invariant,
             load_ms=(time.perf_counter() - started) * 1000,
+            kv_store=kv_store,
         )
     if plan.kind == "seq2seq":
         return _seq2seq_engine(plan, settings, info, dtype, started)

@@ -13,7 +13,7 @@ register(
             "llama.layer-offload",
             "llama.kv-offload",
         ),
-        implemented_passes=frozenset({"llama.chunked-mlp", "llama.layer-offload"}),
+        implemented_passes=frozenset({"llama.chunked-mlp", "llama.layer-offload", "llama.kv-offload"}),
         chunked_projection_pass="llama.chunked-mlp",
         layer_streaming_pass="llama.layer-offload",
         kv_offload_pass="llama.kv-offload",
