@@ -211,9 +211,11 @@ def _choose_backend(plan: RuntimePlan, provider: SpecializationProvider | None, 
             "running transformers-generic"
         )
     else:
-        plan.specialization_state = "planned"
+        plan.specialization_state = "applied"
         plan.support_level = "optimized"
         plan.backend = "optimized-native"
+        if provider.attention_pass is not None:
+            plan.applied_passes.insert(0, provider.attention_pass)
 
 
 def _plan_memory(

@@ -97,7 +97,7 @@ def test_info_counts_parameters_from_safetensors_headers(
     assert info["parameters_source"] == "safetensors headers"
     assert (info["architecture"], info["context_length"], info["kind"]) == ("LlamaForCausalLM", 2048, "causal-lm")
     assert info["capabilities"] == ["chat", "completion", "tools"]
-    assert info["plan"]["backend"] == "transformers-generic"
+    assert info["plan"]["backend"] == "optimized-native"
 
 
 def test_info_of_unpulled_alias_uses_catalogue_metadata(tmp_runtime: RuntimeSettings) -> None:

@@ -50,8 +50,8 @@ def test_chunked_mlp_gives_the_generic_greedy_tokens(default_runtime: RuntimeSet
     assert generic.usage.prompt_tokens > 150
     assert chunked.text == generic.text
     assert chunked.execution is not None and generic.execution is not None
-    assert chunked.execution.applied_passes == ["llama.chunked-mlp"]
-    assert generic.execution.applied_passes == []
+    assert chunked.execution.applied_passes == ["llama.sdpa-attention", "llama.chunked-mlp"]
+    assert generic.execution.applied_passes == ["llama.sdpa-attention"]
 
 
 def test_chunked_mlp_composes_with_batch_invariant_mode(
@@ -61,4 +61,4 @@ def test_chunked_mlp_composes_with_batch_invariant_mode(
     both = _answer(default_runtime, batch_invariant=True, dense_projection_chunk_rows=3)
     assert both.text == invariant.text
     assert both.execution is not None and both.execution.batch_invariant
-    assert both.execution.applied_passes == ["llama.chunked-mlp"]
+    assert both.execution.applied_passes == ["llama.sdpa-attention", "llama.chunked-mlp"]

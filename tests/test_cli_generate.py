@@ -61,7 +61,7 @@ def test_prompt_json_from_stdin_with_system_and_metadata(models_dir: str) -> Non
     assert result["finish_reason"] == "stop"
     assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
     execution = result["execution"]
-    assert execution["backend"] == "transformers-generic"
+    assert (execution["backend"], execution["applied_passes"]) == ("optimized-native", ["llama.sdpa-attention"])
     assert execution["device"] == "cpu"
     assert execution["specialization_state"] and "fallback_reason" in execution
 

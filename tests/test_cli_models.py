@@ -35,7 +35,7 @@ def test_info_json_of_default_model(cli: Any, models_dir: str, default_model_dir
     assert (info["architecture"], info["context_length"]) == ("LlamaForCausalLM", 8192)
     assert info["digest"].startswith("sha256:") and info["size"] > 200_000_000
     plan = info["plan"]
-    assert (plan["backend"], plan["specialization_state"], plan["device"]) == ("transformers-generic", "planned", "cpu")
+    assert (plan["backend"], plan["specialization_state"], plan["device"]) == ("optimized-native", "applied", "cpu")
 
 
 def test_info_table(cli: Any, models_dir: str) -> None:

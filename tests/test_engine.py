@@ -89,7 +89,7 @@ def test_greedy_answer_is_paris_and_stream_matches_final(engine: Engine) -> None
     assert final.usage.prompt_tokens > 5
     # The end-of-turn token counts as generated (as vLLM and Ollama count it) but is not streamed.
     assert final.usage.completion_tokens == 1 + sum(len(e.token_ids) for e in events if isinstance(e, TokenEvent))
-    assert final.execution is not None and final.execution.backend == "transformers-generic"
+    assert final.execution is not None and final.execution.backend == "optimized-native"
     assert final.timings.total_ms >= final.timings.generation_ms > 0
 
 

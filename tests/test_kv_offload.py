@@ -233,7 +233,7 @@ def test_offloaded_engine_gives_the_resident_greedy_tokens_with_joins_leaves_chu
         if name != "cancelled":
             assert finals[name].text == resident_answers[name].text, name  # type: ignore[union-attr]
         assert finals[name].execution is not None
-        assert finals[name].execution.applied_passes == ["llama.kv-offload"]  # type: ignore[union-attr]
+        assert finals[name].execution.applied_passes == ["llama.sdpa-attention", "llama.kv-offload"]  # type: ignore[union-attr]
     assert finals["long"].usage.prompt_tokens > 150
     # One file per layer (30) for the running batch while it decodes; the store is gone after close.
     assert len(store_dirs) == 1 and files_while_decoding and files_while_decoding[0] >= 30
@@ -256,19 +256,15 @@ KV_PER_TOKEN = 2 * 8 * 2 * 16 * 4  # keys and values x 8 layers x 2 KV heads x 1
 def test_plan_offloads_when_the_context_does_not_fit_beside_the_weights(
     llama_dir: Path, tmp_runtime: RuntimeSettings
 ) -> None:
-    roomy = plan_model(
-        str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget="1GiB"), context_tokens=4000
-    )
-    assert roomy.applied_passes == [] and roomy.memory.strategy == "resident"
+    roomy = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget="1GiB"), context_tokens=4000)
+    assert roomy.applied_passes == ["llama.sdpa-attention"] and roomy.memory.strategy == "resident"
     weights, activations = roomy.memory.weights_bytes, roomy.memory.activations_bytes
     assert weights is not None and activations is not None
     assert roomy.memory.kv_cache_bytes == 4000 * KV_PER_TOKEN
     # Room for the weights, a forward and 60% of the context's cache: not enough to keep it resident.
     budget = weights + activations + 4000 * KV_PER_TOKEN * 6 // 10
-    tight = plan_model(
-        str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget), context_tokens=4000
-    )
-    assert tight.applied_passes == ["llama.kv-offload"]
+    tight = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget), context_tokens=4000)
+    assert tight.applied_passes == ["llama.sdpa-attention", "llama.kv-offload"]
     memory = tight.memory
     assert (memory.strategy, memory.fits, memory.kv_cache_token_limit) == ("kv-offload", True, None)
     assert memory.kv_cache_bytes == 4000 * KV_PER_TOKEN  # the whole context, on disk
@@ -281,14 +277,16 @@ def test_plan_offloads_when_the_context_does_not_fit_beside_the_weights(
         str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget, kv_offload="off"),
         context_tokens=4000,
     )  # fmt: skip
-    assert capped.applied_passes == [] and capped.memory.strategy == "resident-capped-kv"
+    assert capped.applied_passes == ["llama.sdpa-attention"] and capped.memory.strategy == "resident-capped-kv"
 
 
 def test_kv_offload_on_forces_it_and_generic_refuses_it_with_a_reason(
     llama_dir: Path, tmp_runtime: RuntimeSettings
 ) -> None:
     forced = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", kv_offload="on"))
-    assert forced.applied_passes == ["llama.kv-offload"] and forced.memory.strategy == "kv-offload"
+    assert (
+        forced.applied_passes == ["llama.sdpa-attention", "llama.kv-offload"] and forced.memory.strategy == "kv-offload"
+    )
     generic = plan_model(str(llama_dir), runtime(tmp_runtime, kv_offload="on", use_specialization=False))
     assert generic.applied_passes == []
     assert generic.fallback_reason is not None and "kv_offload=on ignored" in generic.fallback_reason
@@ -316,9 +314,9 @@ def test_kv_offload_setting_from_toml_env_and_flag(
     assert load_settings().runtime.kv_offload == "off"
     off = cli("models", "info", str(llama_dir), "--plan-json")
     assert off.exit_code == 0, off.output
-    assert json.loads(off.stdout)["applied_passes"] == []
+    assert json.loads(off.stdout)["applied_passes"] == ["llama.sdpa-attention"]
     on = cli("models", "info", str(llama_dir), "--plan-json", "--kv-offload", "on")
-    assert json.loads(on.stdout)["applied_passes"] == ["llama.kv-offload"]
+    assert json.loads(on.stdout)["applied_passes"] == ["llama.sdpa-attention", "llama.kv-offload"]
     bad = cli("models", "info", str(llama_dir), "--plan-json", "--kv-offload", "sometimes")
     assert bad.exit_code == 2 and "kv_offload" in bad.stderr
 

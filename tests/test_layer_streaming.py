@@ -125,7 +125,7 @@ def test_plan_streams_the_layers_when_the_weights_do_not_fit(synthetic: Path) ->
     )  # fmt: skip
     assert memory.weights_in_memory_bytes == held
     assert plan.expected_peak_bytes() == held + 256 * KV_PER_TOKEN_F32 + roomy.activations_bytes == budget
-    assert plan.applied_passes == ["llama.layer-offload"]
+    assert plan.applied_passes == ["llama.sdpa-attention", "llama.layer-offload"]
     assert memory.reason is not None and "decoder layers stream from disk" in memory.reason
 
     # bfloat16 files read into bfloat16 slots need no staging buffer.
@@ -168,7 +168,7 @@ def test_kv_cache_is_capped_beside_streamed_layers(synthetic: Path) -> None:
     assert (memory.strategy, memory.kv_cache_token_limit, memory.kv_offload) == (
         "streamed-layers-kv-offload", None, True
     )  # fmt: skip
-    assert plan.applied_passes == ["llama.layer-offload", "llama.kv-offload"]
+    assert plan.applied_passes == ["llama.sdpa-attention", "llama.layer-offload", "llama.kv-offload"]
     assert memory.kv_resident_bytes is not None and memory.expected_peak_bytes is not None
     held = streamed.weights_in_memory_bytes + streamed.activations_bytes
     assert memory.expected_peak_bytes == held + memory.kv_resident_bytes
@@ -187,7 +187,11 @@ def test_layers_that_cannot_stream_fall_back_or_refuse(synthetic: Path, tmp_path
             (broken / file.name).write_bytes(file.read_bytes())
     why = "layer 3 is not a llama decoder layer (missing ['mlp.up_proj.weight']"
     auto = _plan(broken)
-    assert not auto.memory.layer_streaming and auto.applied_passes == [] and auto.memory.strategy == "resident"
+    assert (
+        not auto.memory.layer_streaming
+        and auto.applied_passes == ["llama.sdpa-attention"]
+        and auto.memory.strategy == "resident"
+    )
     tight = _plan(broken, memory_budget="8MiB").memory
     assert not tight.layer_streaming and tight.refuses_load()
     assert why in (tight.reason or "")
@@ -212,7 +216,7 @@ def test_cli_and_plan_route_show_the_streamed_plan(synthetic: Path, cli: Any, cl
     table = cli("models", "info", str(synthetic), "--dtype", "float32", "--layer-streaming", "on")
     assert "streamed:" in table.stdout and "llama.layer-offload" in table.stdout
     doctor = cli("doctor", "--json", "--model", str(synthetic), "--layer-streaming", "on")
-    assert json.loads(doctor.stdout)["plan"]["applied_passes"] == ["llama.layer-offload"]
+    assert json.loads(doctor.stdout)["plan"]["applied_passes"] == ["llama.sdpa-attention", "llama.layer-offload"]
     env = cli("doctor", "--plan-json", "--model", str(synthetic), env={"OLLM_RUNTIME__LAYER_STREAMING": "on"})
     assert json.loads(env.stdout)["memory"]["layer_streaming"] is True
 
@@ -234,8 +238,8 @@ def test_prompt_command_streams_the_layers(synthetic: Path, cli: Any) -> None:
         return answer
 
     streamed, resident = prompt("on"), prompt("off")
-    assert streamed["execution"]["applied_passes"] == ["llama.layer-offload"]
-    assert resident["execution"]["applied_passes"] == []
+    assert streamed["execution"]["applied_passes"] == ["llama.sdpa-attention", "llama.layer-offload"]
+    assert resident["execution"]["applied_passes"] == ["llama.sdpa-attention"]
     assert streamed["text"] == resident["text"] and streamed["usage"] == resident["usage"]
 
 
@@ -291,7 +295,7 @@ def test_streaming_composes_with_chunked_mlp_and_batch_invariant_mode(synthetic:
     streamed = _answers(synthetic, PROMPTS, layer_streaming="on", **modes)
     assert [f.text for f in streamed] == [f.text for f in resident]
     assert streamed[0].execution is not None
-    assert streamed[0].execution.applied_passes == ["llama.chunked-mlp", "llama.layer-offload"]
+    assert streamed[0].execution.applied_passes == ["llama.sdpa-attention", "llama.chunked-mlp", "llama.layer-offload"]
 
 
 def test_an_untied_head_streams_in_bfloat16_within_tolerance(tmp_path: Path) -> None:
@@ -328,7 +332,10 @@ def test_smollm2_streamed_equals_resident_in_float32(default_model_dir: Path) ->
     streamed = _answers(DEFAULT_CHAT_MODEL, questions, worker, layer_streaming="on", **models)
     assert streamed[-1].usage.prompt_tokens > 64  # prefilled over several steps
     assert [f.text for f in streamed] == [f.text for f in resident]
-    assert streamed[0].execution is not None and streamed[0].execution.applied_passes == ["llama.layer-offload"]
+    assert streamed[0].execution is not None and streamed[0].execution.applied_passes == [
+        "llama.sdpa-attention",
+        "llama.layer-offload",
+    ]
 
 
 @pytest.mark.slow

@@ -119,11 +119,11 @@ def test_chunked_mlp_is_applied_and_shrinks_the_activation_estimate(
     llama_dir: Path, tmp_runtime: RuntimeSettings
 ) -> None:
     plain = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32"), context_tokens=8)
-    assert plain.applied_passes == [] and plain.dense_projection_chunk_rows == 0
+    assert plain.applied_passes == ["llama.sdpa-attention"] and plain.dense_projection_chunk_rows == 0
     chunked = plan_model(
         str(llama_dir), runtime(tmp_runtime, dtype="float32", dense_projection_chunk_rows=4), context_tokens=8
     )
-    assert chunked.applied_passes == ["llama.chunked-mlp"]
+    assert chunked.applied_passes == ["llama.sdpa-attention", "llama.chunked-mlp"]
     assert chunked.dense_projection_chunk_rows == 4
     assert "llama.chunked-mlp" not in (chunked.fallback_reason or "")  # it is not among the missing passes
     assert chunked.memory.activations_bytes is not None and plain.memory.activations_bytes is not None

@@ -55,16 +55,18 @@ def test_kind_detection_from_config(
     assert (plan.materialized, plan.path) == (True, path)
 
 
-def test_llama_plan_lists_passes_and_falls_back_honestly(
+def test_llama_plan_runs_the_optimized_native_path(
     make_model_dir: Any, tmp_path: Path, tmp_runtime: RuntimeSettings
 ) -> None:
     plan = plan_model(str(make_model_dir(tmp_path / "m", LLAMA)), tmp_runtime)
     assert plan.specialization_provider == "llama"
-    assert plan.specialization_state == "planned"
-    assert "llama.fused-qkv" in plan.planned_passes and plan.applied_passes == []
-    assert (plan.backend, plan.support_level) == ("transformers-generic", "generic")
-    assert plan.fallback_reason is not None
-    assert "llama provider passes" in plan.fallback_reason and "not implemented yet" in plan.fallback_reason
+    assert (plan.backend, plan.support_level, plan.specialization_state) == ("optimized-native", "optimized", "applied")
+    assert plan.planned_passes == [
+        "llama.sdpa-attention", "llama.chunked-mlp", "llama.layer-offload", "llama.kv-offload"
+    ]  # fmt: skip
+    # Within the budget nothing streams or offloads: only the attention pass applies.
+    assert plan.applied_passes == ["llama.sdpa-attention"]
+    assert plan.fallback_reason is None
     assert plan.context_length == 4096
 
 
@@ -109,8 +111,10 @@ def test_forcing_optimized_native_fails_clearly(
     make_model_dir: Any, tmp_path: Path, tmp_runtime: RuntimeSettings
 ) -> None:
     forced = runtime(tmp_runtime, backend="optimized-native")
-    with pytest.raises(UnsupportedModelError, match="not implemented yet"):
-        plan_model(str(make_model_dir(tmp_path / "llama", LLAMA)), forced)
+    assert plan_model(str(make_model_dir(tmp_path / "llama", LLAMA)), forced).backend == "optimized-native"
+    gemma = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    with pytest.raises(UnsupportedModelError, match="gemma3 provider passes .* are not implemented yet"):
+        plan_model(str(make_model_dir(tmp_path / "gemma", gemma)), forced)
     with pytest.raises(UnsupportedModelError, match="no optimized-native provider applies to model_type 'gpt2'"):
         plan_model(str(make_model_dir(tmp_path / "gpt2", {"model_type": "gpt2"})), forced)
     with pytest.raises(UnsupportedModelError, match="conflicts with use_specialization=false"):
@@ -179,7 +183,7 @@ def test_cli_plan_json(cli: Any, tmp_path: Path) -> None:
     plan = json.loads(result.stdout)
     assert plan["reference"] == "smollm2-135m-instruct"
     assert plan["specialization_provider"] == "llama"
-    assert plan["backend"] == "transformers-generic"
+    assert plan["backend"] == "optimized-native" and plan["applied_passes"] == ["llama.sdpa-attention"]
 
     disabled = cli(
         "models", "info", "smollm2-135m-instruct", "--plan-json", "--no-specialization", "--models-dir", str(tmp_path)
@@ -187,8 +191,7 @@ def test_cli_plan_json(cli: Any, tmp_path: Path) -> None:
     assert json.loads(disabled.stdout)["specialization_state"] == "disabled"
 
     forced = cli("models", "info", "smollm2-135m-instruct", "--backend", "optimized-native", "--plan-json")
-    assert forced.exit_code == 1
-    assert "not implemented yet" in forced.stderr
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["backend"] == "optimized-native"
 
     bad = cli("models", "info", "echo", "--backend", "turbo")
     assert bad.exit_code == 2

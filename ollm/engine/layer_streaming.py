@@ -215,7 +215,9 @@ class LayerStreamer:
 
 
 
-def load_streamed(path: Path, dtype: torch.dtype, device: str, slots: int = 2) -> PreTrainedModel:
+def load_streamed(
+    path: Path, dtype: torch.dtype, device: str, slots: int = 2, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """A llama causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
     Raises UnsupportedModelError (with the reason) when the checkpoint is not a llama layout that can
@@ -227,7 +229,7 @@ def load_streamed(path: Path, dtype: torch.dtype, device: str, slots: int = 2) -
     if isinstance(layout, str):
         raise UnsupportedModelError(f"cannot stream the layers of {path}: {layout}")
     with torch.device("meta"):  # parameters on the meta device: nothing allocated, no initializer run
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     target = torch.device(device)
     decoder = model.model
     expected = set(layout.layers[0])

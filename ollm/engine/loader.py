@@ -198,10 +198,14 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.memory.refuses_load():
         raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
+        # The <family>.sdpa-attention pass: SDPA's fused kernels, which never hold [tokens x tokens]
+        # (tests/test_attention_memory.py), rather than whatever the checkpoint's config asks for.
+        attention = "sdpa" if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
         if plan.memory.layer_streaming:
-            model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2)
+            model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2, attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+            loaded = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
+            model = loaded.to(plan.device).eval()  # type: ignore[arg-type]
         _contiguous_head_input(model)
         if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
             chunk_mlps(model, plan.dense_projection_chunk_rows)

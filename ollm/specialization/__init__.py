@@ -16,7 +16,8 @@ class SpecializationProvider:
     model_types: frozenset[str]
     pass_ids: tuple[str, ...]
     implemented_passes: frozenset[str] = field(default_factory=frozenset)
-    # The roles the memory planner asks for by name; each is one of pass_ids or None.
+    # The roles the planner asks for by name; each is one of pass_ids or None.
+    attention_pass: str | None = None  # attention through SDPA's fused kernels, never [tokens x tokens]
     chunked_projection_pass: str | None = None
     layer_streaming_pass: str | None = None
     kv_offload_pass: str | None = None
