@@ -289,6 +289,15 @@ def test_streamed_greedy_tokens_equal_resident_in_float32(synthetic: Path) -> No
     assert [f.usage.completion_tokens for f in streamed] == [f.usage.completion_tokens for f in resident]
 
 
+def test_streamed_layers_with_offloaded_kv_equal_resident_in_float32(synthetic: Path, tmp_path: Path) -> None:
+    resident = _answers(synthetic, PROMPTS)
+    both = _answers(synthetic, PROMPTS, layer_streaming="on", kv_offload="on", kv_offload_dir=tmp_path / "kv")
+    assert [f.text for f in both] == [f.text for f in resident]
+    assert both[0].execution is not None
+    assert both[0].execution.applied_passes == ["llama.sdpa-attention", "llama.layer-offload", "llama.kv-offload"]
+    assert not any((tmp_path / "kv").iterdir())  # the engine's KV files went with it
+
+
 def test_streaming_composes_with_chunked_mlp_and_batch_invariant_mode(synthetic: Path) -> None:
     modes = {"dense_projection_chunk_rows": 8, "batch_invariant": True}
     resident = _answers(synthetic, PROMPTS, **modes)
@@ -324,7 +333,7 @@ def _assert_bfloat16_tolerance(path: Path, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_streamed_equals_resident_in_float32(default_model_dir: Path) -> None:
+def test_smollm2_streamed_equals_resident_in_float32(default_model_dir: Path, tmp_path: Path) -> None:
     questions = ["What is the capital of France?", "Name three colours.", "Count to five.",
                  "Summarize: " + " ".join(f"item {i} is red;" for i in range(30))]  # fmt: skip
     worker, models = {"max_tokens_per_step": 64}, {"models_dir": default_model_dir.parent, "chat": True}
@@ -336,6 +345,12 @@ def test_smollm2_streamed_equals_resident_in_float32(default_model_dir: Path) ->
         "llama.sdpa-attention",
         "llama.layer-offload",
     ]
+    both = _answers(
+        DEFAULT_CHAT_MODEL, questions, worker, layer_streaming="on", kv_offload="on",
+        kv_offload_dir=tmp_path / "kv", **models,
+    )  # fmt: skip
+    assert [f.text for f in both] == [f.text for f in resident]
+    assert both[0].execution is not None and "llama.kv-offload" in both[0].execution.applied_passes
 
 
 @pytest.mark.slow
