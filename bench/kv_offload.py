@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import selectors
 import shutil
 import subprocess
 import sys
@@ -34,12 +33,12 @@ from typing import Any
 
 import psutil
 
+from bench.rss import ProcessTree
 from ollm.memory import human, parse_size
 
 MODEL = Path(os.environ.get("OLLM_RUNTIME__MODELS_DIR", "~/.ollm/models")).expanduser() / "smollm2-135m-instruct"
 CONTEXT = 16384
 ROPE_FACTOR = 2.0
-SAMPLE_SECONDS = 0.02
 SLACK = 1.10
 OUT_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -99,38 +98,17 @@ def extended_model(directory: Path, model: Path = MODEL) -> Path:
     return target
 
 
-class _Tree:
-    """RSS of a process and its descendants, and the disk used under a directory, sampled from outside."""
+class _DiskPeak:
+    """The most disk used under a directory, read every fifth RSS sample (~100 ms): walking the
+    directory costs more than reading RSS."""
 
-    def __init__(self, pid: int, kv_dir: Path) -> None:
-        self.root = psutil.Process(pid)
-        self.kv_dir = kv_dir
-        self.peak_disk = 0
-        self._samples = 0
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.peak = 0
 
-    def rss(self) -> int:
-        total = 0
-        for process in [self.root, *self.root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_info().rss
-        self._samples += 1
-        if self._samples % 5 == 0:  # every ~100 ms: walking the directory costs more than reading RSS
-            self.peak_disk = max(self.peak_disk, _disk_used(self.kv_dir))
-        return total
-
-    def peak_until(self, prefix: str, stdout: Any) -> tuple[int, str]:
-        """Sample until the child prints a line starting with ``prefix``; the peak and the rest of that line."""
-        selector = selectors.DefaultSelector()
-        selector.register(stdout, selectors.EVENT_READ)
-        peak = self.rss()
-        while True:
-            if selector.select(timeout=SAMPLE_SECONDS):
-                line = stdout.readline()
-                if line.startswith(prefix):
-                    return max(peak, self.rss()), line[len(prefix) :].strip()
-                if not line:
-                    raise RuntimeError("the child process ended early")
-            peak = max(peak, self.rss())
+    def __call__(self, samples: int) -> None:
+        if samples % 5 == 0:
+            self.peak = max(self.peak, _disk_used(self.directory))
 
 
 def _disk_used(directory: Path) -> int:
@@ -154,7 +132,8 @@ def measure(
         env=os.environ | {"OMP_NUM_THREADS": str(threads)},
     )
     assert child.stdin is not None and child.stdout is not None
-    tree = _Tree(child.pid, kv_dir)
+    disk = _DiskPeak(kv_dir)
+    tree = ProcessTree(child.pid, on_sample=disk)
     try:
         tree.peak_until("imported", child.stdout)
         time.sleep(0.3)
@@ -190,7 +169,7 @@ def measure(
         "peak_over_baseline_mib": (peak - baseline) / 2**20,
         "kv_cache_mib": memory["kv_cache_bytes"] / 2**20,
         "planned_peak_mib": memory["expected_peak_bytes"] / 2**20,
-        "disk_peak_mib": tree.peak_disk / 2**20,
+        "disk_peak_mib": disk.peak / 2**20,
         "disk_left_after_close_bytes": leftover,
         "prefill_s": timings["prompt_eval_ms"] / 1000,
         "prefill_tokens_per_s": usage["prompt_tokens"] / max(timings["prompt_eval_ms"] / 1000, 1e-9),

@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from bench.rss import SAMPLE_SECONDS, ProcessTree
 from bench.synthetic import LlamaShape, write_llama_checkpoint
 from ollm.memory import parse_size
 
@@ -37,7 +38,6 @@ from ollm.memory import parse_size
 # 1.10 G parameters, 2.2 GB in bfloat16. A 1024-token context keeps the KV cache small beside them.
 SHAPE = LlamaShape(layers=52, hidden=768, intermediate=8192, heads=12, kv_heads=4, context=1024)
 CHECKPOINT = Path("/tmp/ollm-bench-llama-2g")
-SAMPLE_SECONDS = 0.02
 
 _CHILD = r"""
 import json, sys, queue, time
@@ -92,20 +92,14 @@ class _TreeSampler(threading.Thread):
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
+        self.tree = ProcessTree(pid)
         self.phase = "start"
         self.peaks: dict[str, int] = {}
         self.samples = 0
         self._halt = threading.Event()
 
     def rss(self) -> int:
-        total = 0
-        for process in [self.process, *self.process.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-        return total
+        return self.tree.rss()
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -182,8 +176,14 @@ def measure(model: Path, budget: str, layer_streaming: str, streams: list[int], 
         "samples": sampler.samples,
         "plan_mib": {
             key: (memory[key] or 0) / 2**20
-            for key in ("weights_bytes", "weights_in_memory_bytes", "kv_cache_bytes", "activations_bytes",
-                        "expected_peak_bytes", "budget_bytes")
+            for key in (
+                "weights_bytes",
+                "weights_in_memory_bytes",
+                "kv_cache_bytes",
+                "activations_bytes",
+                "expected_peak_bytes",
+                "budget_bytes",
+            )
         },  # fmt: skip
         "runs": runs,
     }
@@ -206,9 +206,15 @@ def main() -> None:
     report: dict[str, Any] = {
         "date": date.today().isoformat(),
         "machine": f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, CPU, bfloat16",
-        "checkpoint": {"parameters": SHAPE.parameters(), "weights_bytes": weights, "disk_bytes": disk,
-                       "layers": SHAPE.layers, "hidden": SHAPE.hidden, "intermediate": SHAPE.intermediate,
-                       "context": SHAPE.context},  # fmt: skip
+        "checkpoint": {
+            "parameters": SHAPE.parameters(),
+            "weights_bytes": weights,
+            "disk_bytes": disk,
+            "layers": SHAPE.layers,
+            "hidden": SHAPE.hidden,
+            "intermediate": SHAPE.intermediate,
+            "context": SHAPE.context,
+        },  # fmt: skip
         "budget_fraction_of_weights": budget / weights,
     }
     streamed = measure(CHECKPOINT, args.budget, "auto", [1, 16], args.tokens)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-import psutil
+from bench.rss import ProcessTree
 
 _CHILD = r"""
 import json, sys
@@ -48,30 +48,6 @@ engine.close()
 """
 
 
-class _Sampler:
-    def __init__(self, process: psutil.Process) -> None:
-        self.process = process
-
-    def rss(self) -> int:
-        return int(self.process.memory_info().rss)
-
-    def peak_until(self, line_prefix: str, stdout: Any) -> tuple[int, str]:
-        """Sample RSS until the child prints a line starting with ``line_prefix``."""
-        import selectors
-
-        selector = selectors.DefaultSelector()
-        selector.register(stdout, selectors.EVENT_READ)
-        peak = self.rss()
-        while True:
-            if selector.select(timeout=0.005):
-                line = stdout.readline()
-                if line.startswith(line_prefix):
-                    return max(peak, self.rss()), line[len(line_prefix) :].strip()
-                if not line:
-                    raise RuntimeError("the child process ended early")
-            peak = max(peak, self.rss())
-
-
 def measure(tokens: int, rows: int, dtype: str) -> dict[str, Any]:
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tokens), str(rows), dtype],
@@ -80,7 +56,7 @@ def measure(tokens: int, rows: int, dtype: str) -> dict[str, Any]:
         text=True,
     )
     assert child.stdin is not None and child.stdout is not None
-    sampler = _Sampler(psutil.Process(child.pid))
+    sampler = ProcessTree(child.pid)
     try:
         sampler.peak_until("imported", child.stdout)
         time.sleep(0.2)
