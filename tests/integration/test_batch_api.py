@@ -220,21 +220,48 @@ def test_an_input_file_with_no_request_fails_the_batch(batch_server: Callable[..
     assert done.errors is not None and done.errors.data and done.errors.data[0].code == "empty_file"
 
 
-def test_embedding_and_completion_batches(batch_server: Callable[..., Server]) -> None:
+def _run_batch(client: openai.OpenAI, endpoint: str, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    upload = client.files.create(file=("lines.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
+    done = finished(client, batch.id)
+    assert done.status == "completed" and done.request_counts, done
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(lines), 0)
+    output = lines_of(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(line["custom_id"] for line in lines)
+    return output
+
+
+def test_completion_responses_and_embedding_batches(
+    batch_server: Callable[..., Server], start_worker: WorkerFactory
+) -> None:
+    start_worker("all-minilm-l6-v2")
     client = batch_server().openai_client()
-    lines = [
-        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "echo", "prompt": f"raw prompt {i}", "max_tokens": 8}}
-        for i in range(3)
-    ]  # fmt: skip
-    upload = client.files.create(file=("c.jsonl", jsonl(lines)), purpose="batch")
-    done = finished(client, client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
-    ).id)  # fmt: skip
-    assert done.status == "completed" and done.request_counts and done.request_counts.completed == 3
-    for line in lines_of(client, done.output_file_id):
-        assert line["response"]["body"]["object"] == "text_completion"
-        assert line["response"]["body"]["choices"][0]["text"] == f"raw prompt {line['custom_id'][1:]}"
+
+    def line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+    completions = [line(f"c{i}", "/v1/completions", {"model": "echo", "prompt": f"raw prompt {i}", "max_tokens": 8})
+                   for i in range(3)]  # fmt: skip
+    for out in _run_batch(client, "/v1/completions", completions):
+        assert out["response"]["body"]["object"] == "text_completion"
+        assert out["response"]["body"]["choices"][0]["text"] == f"raw prompt {out['custom_id'][1:]}"
+
+    responses = [line(f"r{i}", "/v1/responses", {"model": "echo", "input": f"a response {i}"}) for i in range(3)]
+    for out in _run_batch(client, "/v1/responses", responses):
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["status"] == "completed"
+        assert body["output"][0]["content"][0]["text"] == f"a response {out['custom_id'][1:]}"
+
+    texts = {f"e{i}": f"sentence number {i}" for i in range(3)}
+    embeddings = [
+        line(cid, "/v1/embeddings", {"model": "all-minilm-l6-v2", "input": text}) for cid, text in texts.items()
+    ]
+    direct = client.embeddings.create(model="all-minilm-l6-v2", input=list(texts.values()))
+    for out in _run_batch(client, "/v1/embeddings", embeddings):
+        body = out["response"]["body"]
+        assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384
+        expected = direct.data[int(out["custom_id"][1:])].embedding
+        assert max(abs(a - b) for a, b in zip(body["data"][0]["embedding"], expected, strict=True)) < 1e-4
 
 
 def test_interactive_requests_go_before_waiting_batch_lines(
