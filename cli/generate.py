@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -52,26 +52,6 @@ FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty")]
 PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeatable); not included.")]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
-
-
-def _overrides(
-    model: str | None,
-    backend: str | None,
-    no_specialization: bool,
-    device: str | None,
-    dtype: str | None,
-    models_dir: str | None,
-    memory_budget: str | None,
-    layer_streaming: str | None,
-    kv_offload: str | None,
-    generation: dict[str, Any],
-) -> dict[str, dict[str, Any]]:
-    return {
-        "runtime": runtime_overrides(
-            model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
-        ),
-        "generation": generation,
-    }
 
 
 def _sampling(settings: Settings, stop: list[str] | None) -> SamplingParams:
@@ -150,18 +130,12 @@ def prompt_command(
         "stream": stream_output,
     }
     settings = settings_or_exit(
-        _overrides(
-            model,
-            backend,
-            no_specialization,
-            device,
-            dtype,
-            models_dir,
-            memory_budget,
-            layer_streaming,
-            kv_offload,
-            generation,
-        )
+        {
+            "runtime": runtime_overrides(
+                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
+            ),
+            "generation": generation,
+        }
     )
     plan = _plan(settings)
     if plan_json:
@@ -227,18 +201,12 @@ def chat_command(
     """Interactive chat with history. /clear forgets the conversation, /exit leaves."""
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     settings = settings_or_exit(
-        _overrides(
-            model,
-            backend,
-            no_specialization,
-            device,
-            dtype,
-            models_dir,
-            memory_budget,
-            layer_streaming,
-            kv_offload,
-            generation,
-        )
+        {
+            "runtime": runtime_overrides(
+                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
+            ),
+            "generation": generation,
+        }
     )
     plan = _plan(settings)
     if plan_json:
