@@ -31,15 +31,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ollm.engine.positioned_io import pread_full, tensor_bytes
+
 _LOCK = "lock"
 _PREFIX = "engine-"
 # Directories younger than this are never judged leftovers: a store takes its lock just after creating one.
 _YOUNG_SECONDS = 60
-
-
-def _bytes_view(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous tensor (any dtype, bfloat16 included), without a copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 class _Backing:
@@ -75,20 +72,16 @@ class _FileBacking(_Backing):
         return fd
 
     def read(self, rows: int, into: torch.Tensor) -> None:
-        view = _bytes_view(into)
         size = rows * self._row_bytes
-        fd, done = self._open(), 0
-        while done < size:
-            got = os.preadv(fd, [view[done:size]], done)
-            if got <= 0:
-                raise OSError(f"KV offload file {self.path} is shorter than expected ({done} of {size} bytes)")
-            done += got
+        done = pread_full(self._open(), tensor_bytes(into)[:size], 0)
+        if done < size:
+            raise OSError(f"KV offload file {self.path} is shorter than expected ({done} of {size} bytes)")
 
     def write(self, at: int, rows: torch.Tensor) -> None:
         rows = rows.contiguous()
         if rows.shape[0]:
             self._row_bytes = rows[0].numel() * rows.element_size()
-        view = _bytes_view(rows)
+        view = tensor_bytes(rows)
         fd, offset, done = self._open(), at * self._row_bytes, 0
         os.ftruncate(fd, offset + len(view))
         while done < len(view):
@@ -330,4 +323,3 @@ def remove_leftovers(root: Path) -> list[Path]:
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(directory)
     return removed
-

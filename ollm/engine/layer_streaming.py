@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from ollm.engine.positioned_io import pread_full, tensor_bytes
 from ollm.errors import UnsupportedModelError
 from ollm.tensor_index import LayerLayout, TensorEntry, index_tensors, llama_layout
 
@@ -56,12 +57,8 @@ class _Reader:
 
     def read(self, entry: TensorEntry, target: memoryview, start: int = 0) -> None:
         """Bytes ``start .. start + len(target)`` of ``entry`` into ``target``."""
-        fd, offset, done = self._fds[entry.file], entry.offset + start, 0
-        while done < len(target):
-            got = os.preadv(fd, [target[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"{entry.file} ended inside {entry.name}: the checkpoint is truncated")
-            done += got
+        if pread_full(self._fds[entry.file], target, entry.offset + start) < len(target):
+            raise OSError(f"{entry.file} ended inside {entry.name}: the checkpoint is truncated")
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -77,7 +74,7 @@ class _Filler:
         self.device = device
         cuda = device.type == "cuda"
         self.staging = torch.empty(max(staging_bytes, 1), dtype=torch.uint8, pin_memory=cuda)
-        self._staging_bytes = self.staging.numpy().data
+        self._staging_bytes = tensor_bytes(self.staging)
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
 
     def fill(self, entry: TensorEntry, target: torch.Tensor) -> None:
@@ -85,7 +82,7 @@ class _Filler:
         source_dtype = _TORCH_DTYPES[entry.dtype]
         if target.device.type == "cpu" and source_dtype == target.dtype:
             # Straight into the destination: no staging, no second copy.
-            self.reader.read(entry, target.view(-1).view(torch.uint8).numpy().data)
+            self.reader.read(entry, tensor_bytes(target))
             return
         flat = target.view(-1)
         item = torch.empty((), dtype=source_dtype).element_size()
@@ -214,7 +211,6 @@ class LayerStreamer:
         self.filler.reader.close()
 
 
-
 def load_streamed(
     path: Path, dtype: torch.dtype, device: str, slots: int = 2, attn_implementation: str | None = None
 ) -> PreTrainedModel:
@@ -272,4 +268,3 @@ def load_streamed(
 def streamer_of(model: nn.Module) -> LayerStreamer | None:
     streamer = getattr(model, "layer_streamer", None)
     return streamer if isinstance(streamer, LayerStreamer) else None
-
