@@ -161,9 +161,10 @@ def worker(
     from ollm.devices import resolve_device, resolve_dtype
     from workers.engines import load_models
     from workers.job import JobContext, install
-    from workers.keep_alive import Residency
+    from workers.keep_alive import KeepAliveSweeper
     from workers.loads import OnDemandLoader
     from workers.memory import default_budget
+    from workers.residency import Residency
     from workers.worker import run_worker
 
     configured = settings.worker.memory_budget
@@ -192,7 +193,8 @@ def worker(
         loader = OnDemandLoader(residency, connection, keys, settings.server.request_timeout_seconds)
     context = JobContext(connection, keys, residency.engines, residency.embedders, loader)
     install(context)
-    residency.start()
+    sweeper = KeepAliveSweeper(residency, connection, keys)
+    sweeper.start()
     on_demand = "1" if settings.worker.on_demand else "0"
 
     def status() -> dict[str, str | int]:
@@ -212,6 +214,6 @@ def worker(
     finally:
         install(None)
         context.close()
-        residency.stop()
+        sweeper.stop()
         for engine in {id(e): e for e in list(residency.engines.values())}.values():
             engine.close()

@@ -588,8 +588,18 @@ def weight_bytes(path: Path | None) -> tuple[int, str]:
 def scaled_memory(weights: int, stored_dtype: str, run_dtype: str) -> int:
     """Bytes the weights take once loaded in ``run_dtype`` (bfloat16 weights run in float32 on a
     CPU without bf16 take twice their size), plus a margin for buffers and the tokenizer."""
-    scale = _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored_dtype, 4)
-    return int(weights * scale * _LOAD_OVERHEAD)
+    return int(_in_dtype(weights, stored_dtype, run_dtype) * _LOAD_OVERHEAD)
+
+
+def _in_dtype(weights: int, stored_dtype: str, run_dtype: str) -> float:
+    return weights * _DTYPE_BYTES.get(run_dtype, 4) / _DTYPE_BYTES.get(stored_dtype, 4)
+
+
+def loaded_weight_bytes(path: Path | None, run_dtype: str) -> int:
+    """Bytes of tensors a load of the model at ``path`` puts in place in ``run_dtype``: what a
+    load's progress counts up to."""
+    weights, stored = weight_bytes(path)
+    return int(_in_dtype(weights, stored, run_dtype))
 
 
 def estimated_memory(path: Path | None, run_dtype: str) -> int:

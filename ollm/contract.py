@@ -8,7 +8,8 @@ Both ``server/`` and ``workers/`` import this module and nothing of each other's
 * the worker registration record (``WorkerInfo``, with the worker's memory budget and what it
   holds) and its readers (``live_workers``, ``worker_age``);
 * keep-alive values and load/unload messages (``KeepAlive``, ``ResidencyMessage``);
-* what each worker reports about its loaded models (``LoadedModel``).
+* what each worker reports about its loaded models (``LoadedModel``) and the load it is doing now
+  (``LoadingModel``).
 
 All keys and channels start with the configured namespace; RQ's own keys all start with ``rq:``,
 and a namespace of ``rq`` is refused, so the two never collide.
@@ -217,6 +218,21 @@ class LoadedModel(BaseModel):
     pinned: bool = False
 
 
+class LoadingModel(BaseModel):
+    """A load under way on one worker: how far it has got, so a client or the scheduler can tell
+    a worker that is loading (and beating) from one that is gone."""
+
+    model: str
+    bytes_read: int = Field(0, description="Bytes of weights in place so far.")
+    bytes_total: int = Field(0, description="Bytes of weights the load will put in place (0: unknown).")
+    started_at: float = Field(0.0, description="Epoch seconds.")
+
+    @property
+    def progress(self) -> float | None:
+        """The share done, 0 to 1; None when the total is unknown."""
+        return min(1.0, self.bytes_read / self.bytes_total) if self.bytes_total else None
+
+
 # ---- registration ------------------------------------------------------------------------------
 
 
@@ -246,6 +262,8 @@ class WorkerInfo(BaseModel):
         description="Planned peak bytes (weights held, KV cache, activations) of each model under its models "
         "directory, by directory name, as this worker would run it: what the scheduler sizes a model by.",
     )
+    draining: bool = Field(False, description="Stopping: takes no new work, finishes what it runs.")
+    loading: LoadingModel | None = Field(None, description="The load it is doing now, with its progress.")
 
 
 def ttl_ms_for(heartbeat_seconds: float) -> int:
@@ -320,6 +338,8 @@ def parse_worker(data: dict[Any, Any], pttl: int) -> WorkerInfo:
         loads=int(fields.get("loads", 0)),
         dtype=fields.get("dtype", ""),
         peaks=json.loads(fields.get("peaks", "{}")),
+        draining=fields.get("draining") == "1",
+        loading=LoadingModel.model_validate_json(fields["loading"]) if fields.get("loading") else None,
     )
 
 

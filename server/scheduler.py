@@ -14,10 +14,14 @@ usual, where it waits, and the scheduler places one load:
    requests, on any server replica, cause exactly one load, and enqueues ``LOAD_JOB`` on that
    worker's own queue (workers/loads.py does the rest).
 
-While a job waits, ``waiting`` tells the dispatcher whether the load is still coming: a claim whose
-worker stopped beating fails the waiting requests (503 ``worker_lost``) and is placed again on
-another worker; a failed load ends them with its reason; a load that is neither running nor done
-(the model was evicted meanwhile) is placed again.
+While a job waits, ``waiting`` tells the dispatcher whether the load is still coming, re-checking
+the claim's worker each time: a worker still beating is loading (its registration shows the load's
+progress; a load may take minutes, the heartbeat never waits on it); one that stopped beating fails
+the waiting requests (503 ``worker_lost``) and the load is placed again on another worker; one
+that is stopping (draining) gives the load up to another worker while the requests keep waiting;
+a failed load ends them with its reason; a load that is neither running nor done (the model was
+evicted meanwhile) is placed again. A claim whose load job could not be enqueued is dropped at
+once.
 
 When a served model's queue gets deep (``server.replica_queue_depth``), a second worker with
 room loads a replica.
@@ -39,7 +43,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ollm import catalogue
-from ollm.contract import LOAD_JOB, Keys, LoadedModel, LoadRequest, WorkerInfo, loaded_models, worker_age
+from ollm.contract import LOAD_JOB, Keys, LoadedModel, LoadRequest, WorkerInfo, loaded_models
 from ollm.errors import (
     InvalidReferenceError,
     ModelNotFoundError,
@@ -96,10 +100,11 @@ def gib(size: int) -> str:
 def candidates(
     workers: list[WorkerInfo], loaded: list[dict[str, LoadedModel]], model: str, weights: Weights
 ) -> list[Candidate]:
-    """Live workers that load on demand and do not hold ``model``, with their memory."""
+    """Live workers that load on demand, are not stopping and do not hold ``model``, with their
+    memory. (A draining worker advertises no models: it would take the load and never run it.)"""
     out = []
     for worker, models in zip(workers, loaded, strict=True):
-        if not worker.on_demand or model in worker.models:
+        if not worker.on_demand or worker.draining or model in worker.models:
             continue
         unlimited = worker.memory_budget <= 0
         pinned = sum(m.size for m in models.values() if m.pinned)
@@ -234,7 +239,15 @@ class Scheduler:
         await self.connection.delete(self.keys.load_failed(model))
         kind = "a replica of " if replica else ""
         log.info("placing %s%s on worker %s (about %s)", kind, model, chosen.worker.name, gib(chosen.size))
-        await asyncio.to_thread(self._enqueue_load, request)
+        try:
+            await asyncio.to_thread(self._enqueue_load, request)
+        except redis.RedisError as exc:
+            # A claim with no job behind it would hold every request for this model until it expired.
+            await self._drop_claim(request)
+            raise ServiceUnavailableError(
+                f"could not place the load of model {model!r} on worker {chosen.worker.name}: {exc}; retry the request",
+                param="model",
+            ) from exc
 
     def _enqueue_load(self, request: LoadRequest) -> None:
         timeout = math.ceil(self.settings.server.request_timeout_seconds)
@@ -256,16 +269,25 @@ class Scheduler:
         raw = await self.connection.get(self.keys.load_claim(model))
         if raw is not None:
             claim = LoadRequest.model_validate_json(raw)
-            age = await worker_age(self.connection, self.keys, claim.worker)
-            if age is not None and age <= self.lost_after:
-                return None
+            worker = next((w for w in workers if w.name == claim.worker), None)
+            if worker is not None and not worker.draining:
+                return None  # beating: loading (its record shows how far) or about to
             await self._drop_claim(claim)
+            others = [w for w in workers if w.name != claim.worker]
+            if worker is not None:
+                # Stopping before it ran the load: nothing was lost, the requests wait for another.
+                log.info("worker %s is stopping; placing %s elsewhere", claim.worker, model)
+                try:
+                    await self.place(model, others)
+                except OllmError as exc:
+                    return _error(str(exc), exc.status, exc.code)
+                return None
             message = (
                 f"worker {claim.worker} stopped responding (no heartbeat for over {self.lost_after:g}s) while "
                 f"loading model {model!r}; the request was abandoned and the load is retried on another worker"
             )
             try:
-                await self.place(model, [w for w in workers if w.name != claim.worker])
+                await self.place(model, others)
             except OllmError as exc:
                 log.warning("could not place %s again: %s", model, exc)
             return _error(message, 503, "worker_lost")

@@ -26,7 +26,8 @@ from server.metrics.cluster import ClusterState, WorkerState, cluster_families, 
 from server.metrics.instruments import Metrics
 from tests.test_server_routes import services_for
 from workers.heartbeat import Heartbeat
-from workers.keep_alive import Residency
+from workers.keep_alive import KeepAliveSweeper
+from workers.residency import Residency
 
 KEYS = Keys("metrics")
 
@@ -115,7 +116,7 @@ def test_what_a_worker_publishes_reaches_the_gauges(clean_settings_env: Path) ->
         batch = Queue(KEYS.batch_queue("echo"), connection=sync, serializer=JSONSerializer)
         for line in range(3):
             batch.enqueue("workers.job.generate", {"line": line})
-        residency.sweep()  # publishes the loaded models
+        KeepAliveSweeper(residency, sync, KEYS).sweep()  # publishes the loaded models
         beat.beat()
         state = asyncio.run(read_cluster(fakeredis.FakeAsyncRedis(server=server), KEYS, lost_after=5.0))
     finally:

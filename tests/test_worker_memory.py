@@ -18,8 +18,8 @@ from ollm.contract import Keys, WorkerInfo, parse_worker
 from ollm.settings import Settings
 from server.scheduler import Weights, candidates
 from tests.test_memory import LLAMA, TENSORS
-from workers.keep_alive import Residency
 from workers.memory import counted_bytes, plan_for, planned_bytes, planned_peaks
+from workers.residency import Residency
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ class Heartbeat:
     def beat(self) -> None:
         key = self.keys.worker(self.name)
         fields: dict[Any, Any] = {**self._static, **self._status(), "in_flight": self._in_flight()}
+        fields["draining"] = int(self._draining)
         if self._draining:
             fields["models"] = json.dumps([])
         with self.connection.pipeline() as pipe:

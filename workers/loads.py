@@ -18,7 +18,7 @@ import redis
 
 from ollm.contract import Keys, LoadRequest
 from ollm.errors import OllmError
-from workers.keep_alive import Residency
+from workers.residency import Residency
 
 log = logging.getLogger(__name__)
 

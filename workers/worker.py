@@ -75,6 +75,7 @@ class GenerationWorker(SimpleWorker):
         self.drain_seconds = drain_seconds
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ollm-job")
+        self._loads = ThreadPoolExecutor(1, thread_name_prefix="ollm-load")
         self._running = 0
         self._running_lock = threading.Lock()
         self._registration = Heartbeat(
@@ -207,11 +208,12 @@ class GenerationWorker(SimpleWorker):
                 self._slots.release()
             return
         if job.func_name == LOAD_JOB:
-            # On the dequeuing thread: once loaded, the very next dequeue listens on the model's
-            # queue, and a worker loads one model at a time.
+            # On the load thread: a load may take minutes, and meanwhile this thread goes on
+            # dequeuing for the models already here. The loaded model's queues join the next
+            # dequeue (``served``); loads run one at a time (``Residency``).
             with self._running_lock:
                 self._running += 1
-            self._perform(job, queue)
+            self._loads.submit(self._perform, job, queue)
             return
         if not self._holds(job):
             # Dequeued in the moment its model was evicted: back to the front of its queue, where
@@ -263,6 +265,7 @@ class GenerationWorker(SimpleWorker):
         self._registration.drain()
         self._drain()
         self._pool.shutdown(wait=True)
+        self._loads.shutdown(wait=True)
         self._registration.stop()
         if self._cancel_thread is not None:
             self._cancel_thread.stop()

@@ -109,10 +109,21 @@ class PlanRequest(_Body):
             raise ValueError(str(exc)) from None
 
 
+class LoadUnderWay(BaseModel):
+    """One worker loading the model now: how far it has got."""
+
+    worker: str
+    bytes_read: int
+    bytes_total: int = Field(description="0 when the load cannot tell.")
+    progress: float | None = Field(None, description="Share done, 0 to 1; null when the total is unknown.")
+    started_at: float
+
+
 class ModelServing(BaseModel):
     workers: int
     hosts: list[str]
     in_flight: int
+    loading: list[LoadUnderWay] = Field(default_factory=list, description="Loads of the model under way.")
 
 
 class RedisStatus(BaseModel):

@@ -20,6 +20,7 @@ from ollm.settings import GenerationSettings, RuntimeSettings
 from server.errors import error_body
 from server.native.protocol import (
     HealthResponse,
+    LoadUnderWay,
     ModelServing,
     PlanRequest,
     PromptResponse,
@@ -75,15 +76,31 @@ def stream_frames(request: GenerationRequest, session_id: str | None = None) -> 
 
 
 def model_serving(workers: list[WorkerInfo]) -> dict[str, ModelServing]:
+    """Per model: the workers serving it and the loads of it under way."""
     served: dict[str, ModelServing] = {}
+
+    def entry(model: str) -> ModelServing:
+        return served.setdefault(model, ModelServing(workers=0, hosts=[], in_flight=0))
+
     for worker in workers:
         for model in worker.models:
-            entry = served.setdefault(model, ModelServing(workers=0, hosts=[], in_flight=0))
-            entry.workers += 1
-            entry.in_flight += worker.in_flight
-            if worker.host not in entry.hosts:
-                entry.hosts.append(worker.host)
+            serving = entry(model)
+            serving.workers += 1
+            serving.in_flight += worker.in_flight
+            if worker.host not in serving.hosts:
+                serving.hosts.append(worker.host)
+        if worker.loading is not None:
+            entry(worker.loading.model).loading.append(load_under_way(worker))
     return served
+
+
+def load_under_way(worker: WorkerInfo) -> LoadUnderWay:
+    load = worker.loading
+    assert load is not None
+    return LoadUnderWay(
+        worker=worker.name, bytes_read=load.bytes_read, bytes_total=load.bytes_total, progress=load.progress,
+        started_at=load.started_at,
+    )  # fmt: skip
 
 
 def runtime_for(base: RuntimeSettings, plan: PlanRequest) -> RuntimeSettings:
@@ -139,15 +156,17 @@ async def plan(services: Services, body: PlanRequest) -> dict[str, Any]:
 
     runtime = runtime_for(services.settings.runtime, body)
     worker = services.settings.worker
+    reference = body.model or runtime.model_reference
     planned = await asyncio.to_thread(
-        plan_model,
-        body.model or runtime.model_reference,
-        runtime,
-        body.context_tokens,
-        worker.max_tokens_per_step,
-        worker.max_batch,
+        plan_model, reference, runtime, body.context_tokens, worker.max_tokens_per_step, worker.max_batch
     )
-    return planned.model_dump(mode="json")
+    # How far the loads of this model are, where workers are loading it now.
+    try:
+        serving = model_serving(await services.dispatcher.workers()).get(reference)
+    except redis.RedisError:
+        serving = None  # planning needs no Redis: the plan stands without the loads
+    loading = [load.model_dump(mode="json") for load in serving.loading] if serving else []
+    return {**planned.model_dump(mode="json"), "loading": loading}
 
 
 async def run_prompt(

@@ -228,12 +228,18 @@ async def tags(svc: Services = Depends(services)) -> dict[str, Any]:
 
 @router.get("/api/ps", response_model=ProcessResponse, summary="Models loaded in live workers, with expiry")
 async def ps(svc: Services = Depends(services)) -> dict[str, Any]:
-    loaded = await residency.loaded_models(svc)
-    listed = await _listed(svc) if loaded else {}
+    workers = await svc.dispatcher.workers()
+    loaded = await residency.loaded_models(svc, workers)
+    # Loads under way are listed too, with how far they have got: "loading, 40%" is not "gone".
+    loading = {w.loading.model: w.loading for w in workers if w.loading is not None}
+    listed = await _listed(svc) if loaded or loading else {}
     models = []
     for name, report in sorted(loaded.items()):
         entry = catalogue.find_alias(name)
         models.append(catalog.running(name, report, listed.get(name), entry.context_length if entry else None))
+    for name, load in sorted(loading.items()):
+        if name not in loaded:
+            models.append(catalog.loading(name, load, listed.get(name)))
     return ProcessResponse(models=models).wire()
 
 

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ollm.catalogue import ModelListing
+from ollm.contract import LoadingModel
 from ollm.derived import DerivedModel
-from server.ollama.protocol import ListedModel, ModelDetails, RunningModel, ShowResponse
+from server.ollama.protocol import ListedModel, Loading, ModelDetails, RunningModel, ShowResponse
 from server.ollama.serving import display_name
 
 # Ollama shows a model kept forever as expiring at the largest time.Duration from now.
@@ -189,6 +190,20 @@ def running(name: str, report: dict[str, Any], listing: ListedModel | None, cont
         expires_at=expires_at(report.get("expires_at")),
         size_vram=0,
         context_length=context_length,
+    )
+
+
+def loading(name: str, load: LoadingModel, listing: ListedModel | None) -> RunningModel:
+    """A /api/ps entry for a model a worker is loading now, with its progress."""
+    shown = display_name(name)
+    return RunningModel(
+        name=shown,
+        model=shown,
+        size=load.bytes_total or (listing.size if listing else 0),
+        digest=listing.digest if listing else "",
+        details=listing.details if listing else ModelDetails(),
+        expires_at=expires_at(None),
+        loading=Loading(bytes_read=load.bytes_read, bytes_total=load.bytes_total, progress=load.progress),
     )
 
 

@@ -237,6 +237,14 @@ class ListResponse(_Out):
     models: list[ListedModel]
 
 
+class Loading(_Out):
+    """ollm's addition to a /api/ps entry: the model is still loading, this far."""
+
+    bytes_read: int
+    bytes_total: int
+    progress: float | None = None
+
+
 class RunningModel(_Out):
     name: str
     model: str
@@ -246,6 +254,7 @@ class RunningModel(_Out):
     expires_at: str
     size_vram: int = 0
     context_length: int | None = None
+    loading: Loading | None = None
 
 
 class ProcessResponse(_Out):

@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from ollm.contract import KeepAlive, ResidencyMessage
+from ollm.contract import KeepAlive, ResidencyMessage, WorkerInfo
 from server.ollama.catalog import merge_reports
 from server.ollama.serving import stamp
 from server.services import Services
@@ -23,9 +23,10 @@ async def set_keep_alive(services: Services, model: str, seconds: float | None) 
     await services.connection.set(services.keys.keep_alive(model), value, ex=ttl)
 
 
-async def loaded_models(services: Services) -> dict[str, dict[str, Any]]:
+async def loaded_models(services: Services, workers: list[WorkerInfo] | None = None) -> dict[str, dict[str, Any]]:
     """Model name -> {names, size, loaded_at, expires_at} over every live worker."""
-    workers = await services.dispatcher.workers()
+    if workers is None:
+        workers = await services.dispatcher.workers()
     if not workers:
         return {}
     async with services.connection.pipeline(transaction=False) as pipe:

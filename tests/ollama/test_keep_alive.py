@@ -1,5 +1,6 @@
-"""Workers' keep-alive (workers/keep_alive.py) over fakeredis with a fake engine: idle models are
-unloaded when their keep-alive runs out, reloaded on use, and reported for /api/ps."""
+"""Workers' keep-alive (workers/keep_alive.py, over workers/residency.py) over fakeredis with a fake
+engine: idle models are unloaded when their keep-alive runs out, reloaded on use, and reported for
+/api/ps."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
-from ollm.contract import Keys
+from ollm.contract import KeepAlive, Keys
 from ollm.engine.base import EventSink
 from ollm.generation import ExecutionInfo, FinalEvent, GenerationRequest, Timings, Usage
-from workers.keep_alive import KeepAlive, Residency, Resident, ResidentEngine
+from tests.integration.harness import wait_until
+from workers.keep_alive import KeepAliveSweeper
+from workers.residency import Residency
+from workers.resident import Resident, ResidentEngine
 
 KEYS = Keys("t")
 
@@ -57,18 +61,20 @@ def redis_client() -> Iterator[fakeredis.FakeRedis]:
     client.close()
 
 
-def residency_with(redis_client: fakeredis.FakeRedis) -> tuple[Residency, Resident[FakeEngine], ResidentEngine]:
+def residency_with(
+    redis_client: fakeredis.FakeRedis,
+) -> tuple[KeepAliveSweeper, Resident[FakeEngine], ResidentEngine]:
     resident: Resident[FakeEngine] = Resident(["m", "org/m"], FakeEngine, FakeEngine(), size=123)
-    residency = Residency(redis_client, KEYS, [resident])
+    sweeper = KeepAliveSweeper(Residency(redis_client, KEYS, [resident]), redis_client, KEYS)
     engine = ResidentEngine(resident)  # type: ignore[arg-type]
-    return residency, resident, engine
+    return sweeper, resident, engine
 
 
 def set_keep_alive(redis_client: fakeredis.FakeRedis, name: str, seconds: float | None, stamp: str) -> None:
     redis_client.set(KEYS.keep_alive(name), KeepAlive(seconds, stamp).dumps())
 
 
-def loaded(redis_client: fakeredis.FakeRedis, residency: Residency) -> dict[str, dict[str, object]]:
+def loaded(redis_client: fakeredis.FakeRedis, residency: KeepAliveSweeper) -> dict[str, dict[str, object]]:
     raw: dict[bytes, bytes] = redis_client.hgetall(residency.loaded_key)  # type: ignore[assignment]
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
@@ -132,8 +138,10 @@ def test_load_requests_load_at_once(redis_client: fakeredis.FakeRedis) -> None:
     residency.sweep()
     assert resident.model is None
     set_keep_alive(redis_client, "m", 30, "0002")
-    residency.sweep([("org/m", "load")])
-    assert resident.model is not None and "m" in loaded(redis_client, residency)
+    residency.sweep([("org/m", "load")])  # the load runs on a thread of its own
+    wait_until(lambda: resident.model is not None, 10, "the requested load")
+    residency.sweep()
+    assert "m" in loaded(redis_client, residency)
 
 
 def test_the_thread_reads_the_residency_channel(redis_client: fakeredis.FakeRedis) -> None:
