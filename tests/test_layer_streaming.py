@@ -23,6 +23,7 @@ from bench.synthetic import LlamaShape, write_llama_checkpoint
 from ollm.engine.base import Engine
 from ollm.engine.layer_streaming import load_streamed, streamer_of
 from ollm.engine.loader import load_engine
+from ollm.engine.positioned_io import tensor_bytes
 from ollm.errors import MemoryBudgetError, UnsupportedModelError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import RuntimePlan, plan_model
@@ -275,6 +276,33 @@ def test_a_checkpoint_truncated_under_a_running_engine_fails_requests_clearly(tm
         assert isinstance(_run_together(engine, [_request(str(path), "Hello")])[0], FinalEvent)
     finally:
         engine.close()
+
+
+def _open_files_under(path: Path) -> list[str]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+def test_a_load_that_fails_leaves_no_file_open(tmp_path: Path) -> None:
+    path = write_llama_checkpoint(tmp_path / "broken", SHAPE, "bfloat16", shard_bytes=2**20)
+    # The resident tensors (embeddings first) cannot be read whole: the load fails after opening every shard.
+    for shard in path.glob("*.safetensors"):
+        os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(OSError, match="truncated"):
+        load_streamed(path, torch.float32, "cpu")
+    assert _open_files_under(path) == []
+
+
+def test_positioned_reads_refuse_a_tensor_whose_bytes_would_be_a_copy() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        tensor_bytes(torch.zeros(4, 4).t())
 
 
 # -- the tokens ----------------------------------------------------------------------------------

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from ollm.contract import LoadedModel, WorkerInfo
+import asyncio
+
+import fakeredis
+import pytest
+import redis
+
+from ollm.contract import Keys, LoadedModel, LoadRequest, WorkerInfo
 from ollm.derived import DerivedModel, apply
+from ollm.errors import ServiceUnavailableError
 from ollm.generation import ChatMessage, GenerationRequest
 from ollm.sampling_defaults import sampling_params
-from ollm.settings import GenerationSettings
-from server.scheduler import Weights, candidates, choose, too_large
+from ollm.settings import GenerationSettings, Settings
+from server.scheduler import Scheduler, Weights, candidates, choose, too_large
 
 MB = 1 << 20
+KEYS = Keys("place")
 
 
 def worker(name: str, budget: int, used: int = 0, models: list[str] | None = None, **extra: object) -> WorkerInfo:
@@ -86,3 +94,55 @@ def test_a_derived_model_applies_its_system_prompt_and_only_the_parameters_the_c
     assert [m.content for m in apply(own, derived).messages or []] == ["Be brief.", "hi"]
     raw = apply(GenerationRequest(model="pirate", prompt="x"), derived)
     assert raw.prompt == "x" and raw.messages is None and raw.sampling.max_new_tokens == 5
+
+
+def test_a_draining_worker_is_never_a_candidate() -> None:
+    """A stopping worker advertises no models yet still beats: it would take the load and never run it."""
+    stopping = worker("stopping", 10_000 * MB, draining=True)
+    found = candidates([stopping, worker("up", 1000 * MB)], [{}, {}], "new", weights(500 * MB))
+    assert [c.worker.name for c in found] == ["up"]
+
+
+def scheduler_on(server: fakeredis.FakeServer) -> Scheduler:
+    settings = Settings()
+    return Scheduler(settings, fakeredis.FakeRedis(server=server), fakeredis.FakeAsyncRedis(server=server), KEYS)
+
+
+def test_a_claim_on_a_worker_that_started_draining_moves_and_the_requests_keep_waiting(
+    clean_settings_env: object,
+) -> None:
+    server = fakeredis.FakeServer()
+    scheduler = scheduler_on(server)
+    first, second = worker("first", 10_000 * MB), worker("second", 10_000 * MB)
+
+    async def scenario() -> tuple[dict[str, object] | None, str, str]:
+        await scheduler.place("echo", [first, second])
+        claim = LoadRequest.model_validate_json(await scheduler.connection.get(KEYS.load_claim("echo")))
+        other = second if claim.worker == "first" else first
+        ending = await scheduler.waiting("echo", [worker(claim.worker, 10_000 * MB, draining=True), other])
+        moved = LoadRequest.model_validate_json(await scheduler.connection.get(KEYS.load_claim("echo")))
+        return ending, moved.worker, other.name
+
+    ending, moved_to, other = asyncio.run(scenario())
+    assert ending is None, "nothing was lost: the requests wait for the load on the other worker"
+    assert moved_to == other
+    assert fakeredis.FakeRedis(server=server).llen(f"rq:queue:{KEYS.worker_queue(other)}") == 1
+
+
+def test_a_load_that_cannot_be_enqueued_drops_its_claim_at_once(
+    clean_settings_env: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = scheduler_on(fakeredis.FakeServer())
+
+    def refused(request: LoadRequest) -> None:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(scheduler, "_enqueue_load", refused)
+
+    async def scenario() -> bytes | None:
+        with pytest.raises(ServiceUnavailableError, match="could not place the load"):
+            await scheduler.place("echo", [worker("w", 10_000 * MB)])
+        claim: bytes | None = await scheduler.connection.get(KEYS.load_claim("echo"))
+        return claim
+
+    assert asyncio.run(scenario()) is None

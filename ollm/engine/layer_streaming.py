@@ -53,7 +53,13 @@ class _Reader:
     """Positioned reads from the checkpoint's files into caller-owned memory."""
 
     def __init__(self, files: set[Path]) -> None:
-        self._fds = {file: os.open(file, os.O_RDONLY) for file in sorted(files)}
+        self._fds: dict[Path, int] = {}
+        try:
+            for file in sorted(files):
+                self._fds[file] = os.open(file, os.O_RDONLY)
+        except BaseException:
+            self.close()  # the shards opened before the one that failed
+            raise
 
     def read(self, entry: TensorEntry, target: memoryview, start: int = 0) -> None:
         """Bytes ``start .. start + len(target)`` of ``entry`` into ``target``."""
@@ -238,8 +244,22 @@ def load_streamed(
     files = {entry.file for entry in layout.resident.values()} | {
         entry.file for layer in layout.layers for entry in layer.values()
     }
-    run_name = _RUN_NAMES[dtype]
-    filler = _Filler(_Reader(files), target, layout.staging_bytes(run_name, target.type))
+    reader = _Reader(files)
+    try:
+        filler = _Filler(reader, target, layout.staging_bytes(_RUN_NAMES[dtype], target.type))
+        return _assemble(path, model, layout, filler, dtype, slots)
+    except BaseException:
+        # Until the model owns the streamer (and its finalizer closes the files), this does.
+        reader.close()
+        raise
+
+
+def _assemble(
+    path: Path, model: Any, layout: LayerLayout, filler: _Filler, dtype: torch.dtype, slots: int
+) -> PreTrainedModel:
+    """Read the resident tensors, bind the layers to the streamer, and hand the files to the model."""
+    target = filler.device
+    decoder = model.model
     tied = model.lm_head.weight is decoder.embed_tokens.weight
     for name, entry in layout.resident.items():
         module_name, _, attribute = name.rpartition(".")

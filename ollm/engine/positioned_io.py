@@ -12,8 +12,14 @@ import torch
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included), without a copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy().data
+    """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 included), without a copy.
+
+    Raises ValueError for a non-contiguous tensor: its bytes would be a copy's, and a read into
+    them would never reach the tensor."""
+    if not tensor.is_contiguous():
+        raise ValueError(f"tensor_bytes needs a contiguous tensor, got shape {tuple(tensor.shape)} "
+                         f"with strides {tensor.stride()}")
+    return tensor.view(-1).view(torch.uint8).numpy().data
 
 
 def pread_full(fd: int, target: memoryview, offset: int) -> int:
