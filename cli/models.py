@@ -25,11 +25,10 @@ from cli.options import (
     runtime_overrides,
     settings_or_exit,
 )
-from ollm.catalogue import is_echo, list_models, materialized_path, model_info, remove_model
+from ollm.catalogue import is_echo, list_models, materialized_path, model_info, remove_model, resolve
 from ollm.errors import OllmError
 from ollm.plan import plan_model
 from ollm.pull import PullProgress, pull_model
-from ollm.references import parse_reference
 
 models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -159,7 +158,7 @@ def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = Non
     """Download and convert a model into the models directory (no-op when already there)."""
     settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
     try:
-        ref = parse_reference(reference)
+        ref = resolve(reference, settings.runtime)
         existing = None if is_echo(ref) else materialized_path(ref, settings.runtime)
     except OllmError as exc:
         fail(str(exc))

@@ -16,7 +16,6 @@ from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
-from ollm.references import parse_reference
 from server.dispatch import JobStream
 from server.ollama import catalog, residency
 from server.ollama.errors import ERROR_RESPONSES, OllamaModelNotFound, OllamaRoute, message_of
@@ -305,7 +304,7 @@ async def pull(body: PullRequest, svc: Services = Depends(services)) -> Response
     if await registry(svc).get(name) is not None:
         # A created model has no weights of its own; its base is already here.
         return JSONResponse(ProgressResponse(status="success").wire())
-    ref = parse_reference(name)
+    ref = catalogue.resolve(name, svc.settings.runtime)
     if catalogue.is_echo(ref):
         return JSONResponse(ProgressResponse(status="success").wire())
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from ollm import catalogue
 from ollm.derived import DerivedModel, DerivedModels
-from ollm.errors import InvalidRequestError, OllmError
-from ollm.references import MAX_REFERENCE_LENGTH, parse_reference
+from ollm.errors import InvalidRequestError, ModelNameClashError, OllmError
+from ollm.references import MAX_REFERENCE_LENGTH
 from server.ollama.errors import OllamaModelNotFound
 from server.ollama.serving import model_name
 from server.services import Services
@@ -39,7 +39,9 @@ async def base_name(services: Services, name: str) -> str | None:
     if await services.dispatcher.serves(name):
         return name
     try:
-        ref = parse_reference(name)
+        ref = await asyncio.to_thread(catalogue.resolve, name, services.settings.runtime)
+    except ModelNameClashError:
+        raise  # the name is here twice: say so rather than "not found"
     except OllmError:
         return None
     if ref.name != name and await services.dispatcher.serves(ref.name):
@@ -76,7 +78,7 @@ def check_new_name(name: str) -> str:
 def kind_of(services: Services, base: str) -> str | None:
     """The model's kind (causal-lm, embedding, ...) from the catalogue or its config.json, if known here."""
     try:
-        ref = parse_reference(base)
+        ref = catalogue.resolve(base, services.settings.runtime)
     except OllmError:
         return None
     entry = catalogue.find_alias(ref.name) if ref.kind == "alias" else None
