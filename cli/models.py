@@ -63,7 +63,11 @@ def list_command(
             _human_bytes(listing.size) if listing.size is not None else "",
             ", ".join(listing.capabilities),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for listing in listings:
+        if listing.problem is not None:
+            console.print(f"[yellow]{listing.reference}: {listing.problem}[/]", soft_wrap=True)
 
 
 @models_app.command("info")
