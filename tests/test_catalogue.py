@@ -83,10 +83,8 @@ def test_a_directory_in_models_dir_answers_to_its_name(
     # Copied from a pulled model, manifest and all: the manifest's reference is stored elsewhere,
     # so the directory is still named by its own name.
     copy = make_model_dir(models / "smol-copy", LLAMA_CONFIG)
-    (copy / MANIFEST_NAME).write_text(
-        json.dumps({"reference": "smollm2-135m-instruct", "source": "pypi-wheel",
-                    "created_at": "2026-01-01T00:00:00Z", "digest": "sha256:00", "size": 1})  # fmt: skip
-    )
+    manifest = {"reference": "smollm2-135m-instruct", "source": "pypi-wheel", "created_at": "2026-01-01T00:00:00Z"}
+    (copy / MANIFEST_NAME).write_text(json.dumps({**manifest, "digest": "sha256:00", "size": 1}))
     listings = by_reference(tmp_runtime)
     listing = listings["synthetic-1g"]
     assert (listing.path, listing.availability, listing.problem) == (mine, "materialized", None)

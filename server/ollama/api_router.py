@@ -358,7 +358,7 @@ async def create(body: CreateRequest, svc: Services = Depends(services)) -> Resp
         )
     if not body.from_:
         raise InvalidRequestError("from is required: the existing model to build the new one on", param="from")
-    name = check_new_name(body.model)
+    name = check_new_name(body.model, svc)
     parent = await resolve(svc, body.from_)
     derived = _derive(name, parent, body)
     await registry(svc).put(derived)
@@ -374,7 +374,7 @@ async def create(body: CreateRequest, svc: Services = Depends(services)) -> Resp
 @router.post("/api/copy", summary="Copy a model under another name (no weights are copied)")
 async def copy(body: CopyRequest, svc: Services = Depends(services)) -> Response:
     source = await resolve(svc, body.source)
-    name = check_new_name(body.destination)
+    name = check_new_name(body.destination, svc)
     if source.derived is not None:
         copied = source.derived.model_copy(update={"name": name})
     else:

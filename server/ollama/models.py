@@ -59,8 +59,10 @@ async def resolve(services: Services, name: str) -> Resolved:
     return Resolved(base, derived)
 
 
-def check_new_name(name: str) -> str:
-    """A name /api/create or /api/copy may give a model; returns it without the default tag."""
+def check_new_name(name: str, services: Services) -> str:
+    """A name /api/create or /api/copy may give a model; returns it without the default tag. A
+    name that is already a model's (an alias, a directory in models_dir) is refused: the created
+    model would hide it."""
     short = model_name(name)
     if (
         not short
@@ -72,6 +74,9 @@ def check_new_name(name: str) -> str:
         raise InvalidRequestError(f"invalid model name {name[:64]!r}", param="model")
     if catalogue.find_alias(short) is not None:
         raise InvalidRequestError(f"{name!r} is a built-in model; choose another name", param="model")
+    directory = services.settings.runtime.resolved_models_dir() / short
+    if catalogue.is_model_dir(directory):
+        raise InvalidRequestError(f"{name!r} is the model directory {directory}; choose another name", param="model")
     return short
 
 

@@ -347,6 +347,9 @@ def test_a_directory_dropped_into_models_dir_answers_to_its_name(
     assert client.show("smol").details.family == "llama"
     (worker,) = workers(server)
     assert {"smol", path} <= set(worker["models"]) and worker["loads"] == 1  # one copy under both names
+    with pytest.raises(ollama.ResponseError) as hidden:  # a created model would hide the directory
+        client.copy("smol", "smol:latest")
+    assert hidden.value.status_code == 400 and "is the model directory" in hidden.value.error
 
     # The alias the directory clashes with is refused, saying why and what to do, in each family's shape.
     with pytest.raises(ollama.ResponseError) as refused:
