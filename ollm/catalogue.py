@@ -269,7 +269,7 @@ def resolve(ref: str | ModelReference, runtime: RuntimeSettings) -> ModelReferen
         models_dir = runtime.resolved_models_dir()
         entry = find_alias(parsed.name)
         assert entry is not None
-        for path in _entries(models_dir):
+        for path in directories_in(models_dir):
             if clashing_alias(path) is entry:
                 raise ModelNameClashError(clash_message(entry, path), param="model")
     return parsed
@@ -292,9 +292,9 @@ def clash_message(entry: CatalogueEntry, path: Path) -> str:
     )
 
 
-def _entries(models_dir: Path) -> list[Path]:
-    """The directories under models_dir that may be models; dot-entries are ollm's own (in-progress
-    pulls, removals and lock files)."""
+def directories_in(models_dir: Path) -> list[Path]:
+    """The directories in models_dir that may be models, in name order; dot-entries are ollm's own
+    (in-progress pulls, removals and lock files)."""
     if not models_dir.is_dir():
         return []
     return [path for path in sorted(models_dir.iterdir()) if not path.name.startswith(".") and path.is_dir()]
@@ -448,7 +448,7 @@ def list_models(runtime: RuntimeSettings) -> list[ModelListing]:
     listings = [_builtin_listing(entry, runtime) for entry in BUILTIN_MODELS]
     # An alias's own directory is listed as the alias.
     builtin_dirs = {entry.alias for entry in BUILTIN_MODELS if entry.kind != "echo"}
-    for path in _entries(runtime.resolved_models_dir()):
+    for path in directories_in(runtime.resolved_models_dir()):
         if path.name not in builtin_dirs:
             listings.append(_discovered_listing(path))
     return listings
