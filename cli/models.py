@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.main import app
 from cli.options import (
+    MODEL_HELP,
     BackendOption,
     DeviceOption,
     DTypeOption,
@@ -34,7 +35,7 @@ models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_
 app.add_typer(models_app, name="models")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-ReferenceArgument = Annotated[str, typer.Argument(help="Model alias, Hugging Face repo ID or local directory.")]
+ReferenceArgument = Annotated[str, typer.Argument(help=MODEL_HELP)]
 
 
 @models_app.command("list")
