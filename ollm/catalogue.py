@@ -489,8 +489,11 @@ def directory_reference(path: Path) -> tuple[str, str | None]:
         return str(path), clash_message(entry, path)
     try:
         ref = parse_reference(path.name)
-    except OllmError as exc:
-        return str(path), f"addressed by its path only: {exc}"
+    except OllmError:
+        return str(path), (
+            f"{path.name!r} is no model name (letters, digits and . _ + -), so the directory is addressed by its "
+            f"path, {path}; rename it to address it by name"
+        )
     return (path.name, None) if ref.kind == "local_name" else (str(path), None)
 
 

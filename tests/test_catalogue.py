@@ -104,6 +104,10 @@ def test_a_directory_in_models_dir_answers_to_its_name(
     with pytest.raises(ModelNotFoundError, match=f"{tmp_path / 'other'} has no model directory"):
         plan_model("synthetic-1g", other)
     assert remove_model("synthetic-1g", tmp_runtime) == mine and not mine.exists()
+    odd = make_model_dir(models / "two words", LLAMA_CONFIG)
+    listing = by_reference(tmp_runtime)[str(odd)]
+    assert listing.problem is not None and "rename it to address it by name" in listing.problem
+    assert plan_model(str(odd), tmp_runtime).path == odd
 
 
 @pytest.mark.parametrize("directory", ["Echo", "echo", "echo:latest", "SmolLM2-135M-Instruct", "gpt-oss-20b:latest"])
