@@ -326,8 +326,8 @@ def test_a_directory_dropped_into_models_dir_answers_to_its_name(
     _link_model(default_model_dir, models / "Echo")  # named like the built-in echo: a clash
     env = {"OLLM_RUNTIME__MODELS_DIR": str(models)}
     start_worker(**env)
-    # A loading worker does not beat yet (issue 18, point 1): on a loaded machine the load can
-    # outlast the default 5 s, and this test is about names, not liveness.
+    # This test is about names, not liveness: a long lost-timeout keeps a slow load on a loaded
+    # machine (workers that stopped beating while loading, before issue 18's point 1) out of it.
     server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS="120", **env)
     path = str(models / "smol")
 
