@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.main import app
 from cli.options import (
+    MODEL_HELP,
     BackendOption,
     DeviceOption,
     DTypeOption,
@@ -25,17 +26,16 @@ from cli.options import (
     runtime_overrides,
     settings_or_exit,
 )
-from ollm.catalogue import is_echo, list_models, materialized_path, model_info, remove_model
+from ollm.catalogue import is_echo, list_models, materialized_path, model_info, remove_model, resolve
 from ollm.errors import OllmError
 from ollm.plan import plan_model
 from ollm.pull import PullProgress, pull_model
-from ollm.references import parse_reference
 
 models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-ReferenceArgument = Annotated[str, typer.Argument(help="Model alias, Hugging Face repo ID or local directory.")]
+ReferenceArgument = Annotated[str, typer.Argument(help=MODEL_HELP)]
 
 
 @models_app.command("list")
@@ -64,7 +64,11 @@ def list_command(
             _human_bytes(listing.size) if listing.size is not None else "",
             ", ".join(listing.capabilities),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for listing in listings:
+        if listing.problem is not None:
+            console.print(f"[yellow]{listing.reference}: {listing.problem}[/]", soft_wrap=True)
 
 
 @models_app.command("info")
@@ -159,7 +163,7 @@ def pull_command(reference: ReferenceArgument, models_dir: ModelsDirOption = Non
     """Download and convert a model into the models directory (no-op when already there)."""
     settings = settings_or_exit({"runtime": runtime_overrides(models_dir=models_dir)})
     try:
-        ref = parse_reference(reference)
+        ref = resolve(reference, settings.runtime)
         existing = None if is_echo(ref) else materialized_path(ref, settings.runtime)
     except OllmError as exc:
         fail(str(exc))

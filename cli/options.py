@@ -9,9 +9,8 @@ import typer
 from ollm.errors import OllmError
 from ollm.settings import Settings, load_settings
 
-ModelOption = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model alias, Hugging Face repo ID or local directory.")
-]
+MODEL_HELP = "Model alias, name of a model directory in the models directory, Hugging Face repo ID or local path."
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)]
 BackendOption = Annotated[
     str | None,
     typer.Option("--backend", help="Force a backend: auto, optimized-native or transformers-generic."),

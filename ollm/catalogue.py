@@ -4,6 +4,12 @@ model directory is (kind, size, parameter count), read from config and file head
 Layout: ``models_dir/<safe-name>/`` is a plain Transformers directory (config.json, safetensors,
 tokenizer files) plus ``.ollm-manifest.json``; ``<safe-name>`` is the alias for aliases and
 ``org--name`` for repo IDs. Local directory references are used in place and never copied.
+
+A directory put into models_dir by hand (no manifest, no ``org--name``) answers to its name, as
+Ollama's models do: ``models_dir/synthetic-1g`` is the model ``synthetic-1g``. A directory whose
+name means a built-in alias (``Echo``, ``echo:latest``) other than the alias's own directory is
+a clash: listed by its path with the problem said, and the alias refused until it is renamed.
+``resolve`` is the one place a reference string gets its meaning under the settings.
 """
 
 from __future__ import annotations
@@ -23,8 +29,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ollm.errors import InvalidRequestError, ModelNotFoundError, ModelNotMaterializedError
-from ollm.references import ModelReference, parse_reference
+from ollm.errors import (
+    InvalidRequestError,
+    ModelNameClashError,
+    ModelNotFoundError,
+    ModelNotMaterializedError,
+    OllmError,
+)
+from ollm.references import ModelReference, parse_reference, unknown_name
 from ollm.settings import RuntimeSettings
 
 ModelKind = Literal["causal-lm", "seq2seq", "image-text", "audio-text", "embedding", "echo"]
@@ -239,18 +251,57 @@ class ModelListing(BaseModel):
     size: int | None = None
     digest: str | None = None
     modified_at: datetime | None = None
+    problem: str | None = Field(None, description="Why the entry cannot be used by its name, and what to do.")
 
 
 def find_alias(name: str) -> CatalogueEntry | None:
     return _BY_ALIAS.get(name.strip().lower())
 
 
-def as_reference(ref: str | ModelReference) -> ModelReference:
-    return ref if isinstance(ref, ModelReference) else parse_reference(ref)
+def resolve(ref: str | ModelReference, runtime: RuntimeSettings) -> ModelReference:
+    """What ``ref`` names under ``runtime``: the server, the workers and the CLI all go through
+    here. A ModelReference is taken as already resolved. Raises ModelNameClashError for an alias
+    that a directory in models_dir is also named after."""
+    if isinstance(ref, ModelReference):
+        return ref
+    parsed = parse_reference(ref)
+    if parsed.kind == "alias":
+        models_dir = runtime.resolved_models_dir()
+        entry = find_alias(parsed.name)
+        assert entry is not None
+        for path in directories_in(models_dir):
+            if clashing_alias(path) is entry:
+                raise ModelNameClashError(clash_message(entry, path), param="model")
+    return parsed
+
+
+def clashing_alias(path: Path) -> CatalogueEntry | None:
+    """The built-in alias a model directory's name also means (case aside, or with Ollama's
+    ``:latest`` tag), unless the directory is that alias's own (where it is pulled to)."""
+    entry = find_alias(path.name.removesuffix(":latest"))
+    if entry is None or (path.name == entry.alias and entry.kind != "echo") or not is_model_dir(path):
+        return None
+    return entry
+
+
+def clash_message(entry: CatalogueEntry, path: Path) -> str:
+    return (
+        f"the model directory {path} is named like the built-in model {entry.alias!r}, so that name means two "
+        f"models and ollm refuses it; rename the directory (its name is how you address it) or address it by its "
+        f"path, {path}"
+    )
+
+
+def directories_in(models_dir: Path) -> list[Path]:
+    """The directories in models_dir that may be models, in name order; dot-entries are ollm's own
+    (in-progress pulls, removals and lock files)."""
+    if not models_dir.is_dir():
+        return []
+    return [path for path in sorted(models_dir.iterdir()) if not path.name.startswith(".") and path.is_dir()]
 
 
 def safe_name(ref: ModelReference) -> str:
-    """Directory name under models_dir for an alias or repo ID."""
+    """Directory name under models_dir for an alias, a repo ID or a local name."""
     if ref.kind == "local_path":
         raise InvalidRequestError(f"{ref.raw!r} is a local directory; it is used in place, not stored")
     return ref.name.replace("/", "--") if ref.kind == "repo_id" else ref.name
@@ -272,13 +323,13 @@ def is_echo(ref: ModelReference) -> bool:
 
 
 def is_materialized(ref: str | ModelReference, runtime: RuntimeSettings) -> bool:
-    ref = as_reference(ref)
+    ref = resolve(ref, runtime)
     return is_echo(ref) or materialized_path(ref, runtime) is not None
 
 
 def materialized_path(ref: str | ModelReference, runtime: RuntimeSettings) -> Path | None:
     """The model's directory when it is ready to load; None otherwise (and for echo, which has none)."""
-    ref = as_reference(ref)
+    ref = resolve(ref, runtime)
     if is_echo(ref):
         return None
     path = storage_dir(ref, runtime)
@@ -286,14 +337,18 @@ def materialized_path(ref: str | ModelReference, runtime: RuntimeSettings) -> Pa
 
 
 def require_materialized(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
-    ref = as_reference(ref)
+    ref = resolve(ref, runtime)
     if is_echo(ref):
         raise InvalidRequestError("the echo model has no weights directory; its engine needs none")
     path = materialized_path(ref, runtime)
     if path is not None:
         return path
     if ref.kind == "local_path":
-        raise ModelNotFoundError(f"local model directory {ref.name} does not exist or has no config.json")
+        raise ModelNotFoundError(
+            f"local model directory {ref.name} does not exist or has no config.json", param="model"
+        )
+    if ref.kind == "local_name":
+        raise unknown_name(ref, runtime.resolved_models_dir())
     raise ModelNotMaterializedError(
         f"model {ref.raw!r} is not materialized under {runtime.resolved_models_dir()}; "
         f"run `ollm models pull {ref.raw}` first"
@@ -389,20 +444,18 @@ def directory_size(path: Path) -> int:
 
 
 def list_models(runtime: RuntimeSettings) -> list[ModelListing]:
-    """Built-in entries first, then directories discovered under models_dir."""
+    """Built-in entries first, then directories discovered under models_dir (by their name)."""
     listings = [_builtin_listing(entry, runtime) for entry in BUILTIN_MODELS]
-    models_dir = runtime.resolved_models_dir()
-    builtin_dirs = {entry.alias for entry in BUILTIN_MODELS}
-    if models_dir.is_dir():
-        for path in sorted(models_dir.iterdir()):
-            # Dot-entries are ollm's own: in-progress pulls, removals and lock files.
-            if path.name.startswith(".") or not path.is_dir() or path.name in builtin_dirs:
-                continue
+    # An alias's own directory is listed as the alias.
+    builtin_dirs = {entry.alias for entry in BUILTIN_MODELS if entry.kind != "echo"}
+    for path in directories_in(runtime.resolved_models_dir()):
+        if path.name not in builtin_dirs:
             listings.append(_discovered_listing(path))
     return listings
 
 
 def _builtin_listing(entry: CatalogueEntry, runtime: RuntimeSettings) -> ModelListing:
+    # Built, not resolved: a clash is the clashing directory's listing's to say, not a crash here.
     ref = ModelReference(raw=entry.alias, kind="alias", name=entry.alias)
     path = materialized_path(ref, runtime)
     listing = ModelListing(
@@ -422,14 +475,39 @@ def _builtin_listing(entry: CatalogueEntry, runtime: RuntimeSettings) -> ModelLi
     return listing
 
 
+def directory_reference(path: Path) -> tuple[str, str | None]:
+    """What a directory in models_dir is addressed as, and why not by its name when it cannot be:
+    the reference it was pulled as (``org--name`` is ``org/name``), else its name; its path when
+    the name clashes with an alias or is no model name."""
+    manifest = read_manifest(path)
+    if manifest is not None and _pulled_here(manifest.reference, path):
+        return manifest.reference, None
+    if "--" in path.name:
+        return path.name.replace("--", "/", 1), None
+    entry = clashing_alias(path)
+    if entry is not None:
+        return str(path), clash_message(entry, path)
+    try:
+        ref = parse_reference(path.name)
+    except OllmError:
+        return str(path), (
+            f"{path.name!r} is no model name (letters, digits and . _ + -), so the directory is addressed by its "
+            f"path, {path}; rename it to address it by name"
+        )
+    return (path.name, None) if ref.kind == "local_name" else (str(path), None)
+
+
+def _pulled_here(reference: str, path: Path) -> bool:
+    """Whether a manifest's reference is stored at ``path`` (a copied directory keeps its manifest)."""
+    try:
+        return safe_name(parse_reference(reference)) == path.name
+    except OllmError:
+        return False
+
+
 def _discovered_listing(path: Path) -> ModelListing:
     manifest = read_manifest(path)
-    if manifest is not None:
-        reference = manifest.reference
-    elif "--" in path.name:
-        reference = path.name.replace("--", "/", 1)
-    else:
-        reference = str(path)
+    reference, problem = directory_reference(path)
     config = read_json(path / "config.json")
     kind = detect_kind(config, path) if config is not None else None
     listing = ModelListing(
@@ -443,6 +521,7 @@ def _discovered_listing(path: Path) -> ModelListing:
         path=path,
         capabilities=capabilities_of(kind, path) if kind else [],
         description="Discovered under the models directory.",
+        problem=problem,
     )
     _add_storage_facts(listing, path, manifest)
     return listing
@@ -469,10 +548,10 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
     """Everything known about ``ref`` without loading weights, including its runtime plan."""
     from ollm.plan import RuntimePlan, plan_model  # plan.py reads the catalogue: a top import would cycle
 
-    ref = as_reference(ref)
+    ref = resolve(ref, runtime)
     entry = find_alias(ref.name) if ref.kind == "alias" else None
     path = materialized_path(ref, runtime)
-    if ref.kind == "local_path" and path is None:
+    if ref.is_local and path is None:
         require_materialized(ref, runtime)  # raises: a missing local directory is simply not found
     info: dict[str, Any] = {
         "reference": ref.raw,
@@ -481,7 +560,7 @@ def model_info(ref: str | ModelReference, runtime: RuntimeSettings) -> dict[str,
         "availability": "materialized" if path is not None or is_echo(ref) else "not-materialized",
         "path": str(path) if path else None,
         "repo_id": entry.repo_id if entry else (ref.name if ref.kind == "repo_id" else None),
-        "source": entry.source if entry else ("local" if ref.kind == "local_path" else "huggingface"),
+        "source": entry.source if entry else ("local" if ref.is_local else "huggingface"),
         "description": entry.description if entry else None,
     }
     # The plan reads the model's config (kind, architecture, context length): its facts are reused.
@@ -530,7 +609,7 @@ def remove_model(ref: str | ModelReference, runtime: RuntimeSettings) -> Path:
 
     The directory is first renamed to a dot-name, so a half-deleted model is never listed.
     """
-    ref = as_reference(ref)
+    ref = resolve(ref, runtime)
     if is_echo(ref):
         raise InvalidRequestError("the echo model is built in and cannot be removed")
     models_dir = runtime.resolved_models_dir().resolve()

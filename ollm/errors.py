@@ -34,6 +34,13 @@ class InvalidReferenceError(InvalidRequestError):
     code = "invalid_model_reference"
 
 
+class ModelNameClashError(InvalidReferenceError):
+    """A name that means two models: a built-in alias and a directory in models_dir."""
+
+    status = 409
+    code = "model_name_clash"
+
+
 class ModelNotFoundError(OllmError):
     status = 404
     code = "model_not_found"

@@ -23,7 +23,7 @@ from ollm.memory import (
     resolve_budget,
     safetensors_weight_bytes,
 )
-from ollm.references import ModelReference, parse_reference
+from ollm.references import ModelReference
 from ollm.settings import RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
 from ollm.tensor_index import LayerLayout, index_tensors, llama_layout
@@ -85,7 +85,7 @@ def plan_model(
     UnsupportedModelError when ``runtime.backend`` forces a backend that cannot run the model,
     and SettingsError for a device that does not exist here.
     """
-    ref = parse_reference(reference)
+    ref = catalogue.resolve(reference, runtime)
     if catalogue.is_echo(ref):
         return _echo_plan(reference, runtime)
     facts = _model_facts(ref, runtime)

@@ -46,10 +46,10 @@ ProgressCallback = Callable[[PullProgress], None]
 def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: ProgressCallback | None = None) -> Path:
     """Materialize ``ref`` and return its directory; raises PullError when it cannot be fetched."""
     report = progress or (lambda _: None)
-    ref = catalogue.as_reference(ref)
+    ref = catalogue.resolve(ref, runtime)
     if catalogue.is_echo(ref):
         raise InvalidRequestError("'echo' is built in: it has no weights and is always available")
-    if ref.kind == "local_path":
+    if ref.is_local:
         # Local directories are used in place; "pulling" one only checks it is usable.
         return catalogue.require_materialized(ref, runtime)
     existing = catalogue.materialized_path(ref, runtime)

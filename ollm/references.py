@@ -1,8 +1,12 @@
 """Model references: what a user may pass as ``--model`` and how it is classified.
 
-Three forms are accepted: a built-in alias (case-insensitive), a Hugging Face repo ID
-(``org/name``) and a local model directory. Anything naming a hosted provider is rejected,
+Four forms are accepted: a built-in alias (case-insensitive), the name of a model directory in
+``runtime.models_dir`` (``synthetic-1g`` for ``models_dir/synthetic-1g``), a Hugging Face repo ID
+(``org/name``) and a local model directory by path. Anything naming a hosted provider is rejected,
 because ollm only ever runs models locally and must not look like a proxy to a remote API.
+
+Classifying needs no settings; what a name means under a models directory (and whether it clashes
+with an alias) is ``ollm.catalogue.resolve``'s to say, the one place every caller goes through.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pydantic import BaseModel
 
 from ollm.errors import InvalidReferenceError, ModelNotFoundError
 
-ReferenceKind = Literal["alias", "repo_id", "local_path"]
+ReferenceKind = Literal["alias", "repo_id", "local_name", "local_path"]
 
 # Namespaces of hosted inference providers. A reference like ``ollama/llama3`` is shaped like a
 # repo ID but almost always means "ask that provider", so it is refused rather than looked up.
@@ -66,16 +70,19 @@ MAX_REFERENCE_LENGTH = 1024
 # Inside an HTTP request (see ``confined_to``): the directories a client may name local models in.
 _LOCAL_ROOTS: ContextVar[tuple[Path, ...] | None] = ContextVar("ollm_local_roots", default=None)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.][A-Za-z0-9_.-]{0,95}$")
+# The name of a directory in models_dir: one path component, not hidden (dot-entries are ollm's own).
+_LOCAL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$")
 _PATH_PREFIXES = ("/", "./", "../", "~")
 _WHAT_TO_PASS = (
-    "pass a built-in alias (see `ollm models list`), a Hugging Face repo ID such as "
-    "Qwen/Qwen2.5-7B-Instruct, or a local model directory"
+    "pass a built-in alias or the name of a model directory in the models directory (see `ollm models "
+    "list`), a Hugging Face repo ID such as Qwen/Qwen2.5-7B-Instruct, or a local model directory by path"
 )
 
 
 class ModelReference(BaseModel):
-    """A classified reference. ``name`` is canonical: the alias as catalogued, the repo ID, or
-    the absolute directory for local paths."""
+    """A classified reference. ``name`` is canonical: the alias as catalogued, the repo ID, the
+    directory's name (``local_name``: a directory in models_dir), or the absolute directory for
+    local paths."""
 
     raw: str
     kind: ReferenceKind
@@ -83,12 +90,19 @@ class ModelReference(BaseModel):
 
     @property
     def path(self) -> Path | None:
+        """The directory a local path names; a local name's lies in a models directory (the catalogue's)."""
         return Path(self.name) if self.kind == "local_path" else None
+
+    @property
+    def is_local(self) -> bool:
+        """A directory used in place (by path, or by its name in models_dir): never pulled."""
+        return self.kind in ("local_name", "local_path")
 
 
 def parse_reference(ref: str) -> ModelReference:
-    """Classify ``ref``; raises InvalidReferenceError for provider/malformed references and
-    ModelNotFoundError for a bare name that is neither an alias nor a local directory."""
+    """Classify ``ref``; raises InvalidReferenceError for provider/malformed references. A bare
+    name that is no alias is a ``local_name``: whether models_dir has it is the catalogue's to say.
+    Callers with settings use ``ollm.catalogue.resolve``, which also refuses a name that clashes."""
     from ollm.catalogue import find_alias  # the catalogue itself parses references
 
     raw = ref
@@ -121,12 +135,24 @@ def parse_reference(ref: str) -> ModelReference:
                 param="model",
             )
         return ModelReference(raw=raw, kind="repo_id", name=ref)
-    path = Path(ref)
-    if _LOCAL_ROOTS.get() is None and (path / "config.json").is_file():
-        return ModelReference(raw=raw, kind="local_path", name=str(path.resolve()))
-    raise ModelNotFoundError(
-        f"unknown model {raw!r}: not a built-in alias, and no directory with a config.json of that name; "
-        f"{_WHAT_TO_PASS}",
+    if not _LOCAL_NAME.match(ref):
+        raise InvalidReferenceError(
+            f"model reference {raw!r} is not a built-in alias, nor the name of a model directory (letters, digits "
+            f"and . _ + -, not starting with a dot); {_WHAT_TO_PASS}",
+            param="model",
+        )
+    return ModelReference(raw=raw, kind="local_name", name=ref)
+
+
+def unknown_name(ref: ModelReference, models_dir: Path) -> ModelNotFoundError:
+    """The 404 for a bare name models_dir has no model directory of. Outside a server, a model
+    directory of that name in the working directory is pointed at: bare names no longer mean it."""
+    hint = ""
+    if _LOCAL_ROOTS.get() is None and (Path(ref.name) / "config.json").is_file():
+        hint = f" (for the directory {ref.name} in the working directory, pass ./{ref.name})"
+    return ModelNotFoundError(
+        f"unknown model {ref.raw!r}: not a built-in alias, and {models_dir} has no model directory of that name "
+        f"(a directory with a config.json){hint}; {_WHAT_TO_PASS}",
         param="model",
     )
 

@@ -51,7 +51,6 @@ from ollm.errors import (
     ServiceUnavailableError,
 )
 from ollm.generation import ErrorEvent
-from ollm.references import parse_reference
 from ollm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ class Scheduler:
 
     def _weights_of(self, model: str) -> Weights:
         runtime = self.settings.runtime
-        ref = parse_reference(model)
+        ref = catalogue.resolve(model, runtime)
         if catalogue.is_echo(ref):
             return Weights(0, "float32")
         if ref.kind == "local_path":
@@ -193,8 +192,8 @@ class Scheduler:
         except Exception as exc:  # a broken directory or manifest: the client named something unservable
             raise ModelNotFoundError(f"model {model!r} cannot be served: {exc}", param="model") from exc
         if found is None:
-            if ref.kind == "local_path":
-                raise ModelNotFoundError(f"model {model!r}: no model directory there", param="model")
+            if ref.is_local:
+                catalogue.require_materialized(ref, runtime)  # raises the 404 that says what is missing
             raise ServiceUnavailableError(
                 f"no live worker serves model {model!r} and it is not pulled here; run `ollm pull {model}` "
                 f"and it loads on first use, or start `ollm worker --model {model}` where it is",

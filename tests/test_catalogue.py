@@ -11,13 +11,16 @@ import pytest
 
 from ollm.catalogue import (
     BUILTIN_MODELS,
+    MANIFEST_NAME,
     list_models,
     materialized_path,
     model_info,
     remove_model,
     require_materialized,
+    resolve,
 )
-from ollm.errors import InvalidRequestError, ModelNotFoundError, ModelNotMaterializedError
+from ollm.errors import InvalidRequestError, ModelNameClashError, ModelNotFoundError, ModelNotMaterializedError
+from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings
 
 LLAMA_CONFIG = {
@@ -55,9 +58,9 @@ def test_discovered_local_directories(tmp_runtime: RuntimeSettings, make_model_d
     assert (qwen.origin, qwen.kind, qwen.availability) == ("discovered-local", "causal-lm", "materialized")
     assert qwen.capabilities == ["chat", "completion", "tools"]
     assert qwen.size == sum(f.stat().st_size for f in (models / "Qwen--Qwen2.5-0.5B").iterdir())
-    finetune = listings[str(models / "my-finetune")]
+    finetune = listings["my-finetune"]
     assert (finetune.kind, finetune.capabilities) == ("seq2seq", ["completion"])
-    assert listings[str(models / "half-copied")].availability == "not-materialized"
+    assert listings["half-copied"].availability == "not-materialized"
     assert not any("partial" in ref or "removing" in ref for ref in listings)
     assert listings["llama3-1B-chat"].availability == "not-materialized"
 
@@ -70,6 +73,74 @@ def test_materialized_alias_and_repo_dirs(tmp_runtime: RuntimeSettings, make_mod
     assert materialized_path("LLAMA3-1b-CHAT", tmp_runtime) == models / "llama3-1B-chat"
     assert materialized_path("org/model", tmp_runtime) == models / "org--model"
     assert materialized_path("echo", tmp_runtime) is None
+
+
+def test_a_directory_in_models_dir_answers_to_its_name(
+    tmp_runtime: RuntimeSettings, make_model_dir: Any, tmp_path: Path
+) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    mine = make_model_dir(models / "synthetic-1g", LLAMA_CONFIG, files={"chat_template.jinja": "x"})
+    # Copied from a pulled model, manifest and all: the manifest's reference is stored elsewhere,
+    # so the directory is still named by its own name.
+    copy = make_model_dir(models / "smol-copy", LLAMA_CONFIG)
+    manifest = {"reference": "smollm2-135m-instruct", "source": "pypi-wheel", "created_at": "2026-01-01T00:00:00Z"}
+    (copy / MANIFEST_NAME).write_text(json.dumps({**manifest, "digest": "sha256:00", "size": 1}))
+    listings = by_reference(tmp_runtime)
+    listing = listings["synthetic-1g"]
+    assert (listing.path, listing.availability, listing.problem) == (mine, "materialized", None)
+    assert listings["smol-copy"].path == copy
+    assert [item.reference for item in list_models(tmp_runtime)].count("smollm2-135m-instruct") == 1
+
+    # Every way in reads the same directory: the catalogue, the plan (what workers load), info.
+    assert materialized_path("synthetic-1g", tmp_runtime) == mine
+    plan = plan_model("synthetic-1g", tmp_runtime)
+    assert (plan.path, plan.resolved_reference, plan.backend) == (mine, "synthetic-1g", "optimized-native")
+    info = model_info("synthetic-1g", tmp_runtime)
+    assert (info["reference_kind"], info["path"], info["source"]) == ("local_name", str(mine), "local")
+    # The path keeps working.
+    assert plan_model(str(mine), tmp_runtime).path == mine
+    # Names are the models directory's, never another directory's.
+    other = RuntimeSettings.model_validate({"models_dir": tmp_path / "other"})
+    with pytest.raises(ModelNotFoundError, match=f"{tmp_path / 'other'} has no model directory"):
+        plan_model("synthetic-1g", other)
+    assert remove_model("synthetic-1g", tmp_runtime) == mine and not mine.exists()
+    odd = make_model_dir(models / "two words", LLAMA_CONFIG)
+    listing = by_reference(tmp_runtime)[str(odd)]
+    assert listing.problem is not None and "rename it to address it by name" in listing.problem
+    assert plan_model(str(odd), tmp_runtime).path == odd
+
+
+@pytest.mark.parametrize("directory", ["Echo", "echo", "echo:latest", "SmolLM2-135M-Instruct", "gpt-oss-20b:latest"])
+def test_a_directory_named_like_an_alias_is_a_clash_said_not_settled(
+    tmp_runtime: RuntimeSettings, make_model_dir: Any, directory: str
+) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    clashing = make_model_dir(models / directory, LLAMA_CONFIG)
+    alias = directory.removesuffix(":latest").lower()
+    # The listing goes on, and lists the directory by its path with the problem and the way out.
+    listing = by_reference(tmp_runtime)[str(clashing)]
+    assert listing.problem is not None
+    assert "rename the directory" in listing.problem and str(clashing) in listing.problem
+    # Addressing the name is refused everywhere it is resolved, whatever the spelling.
+    for name in (alias, alias.upper()):
+        with pytest.raises(ModelNameClashError) as caught:
+            resolve(name, tmp_runtime)
+        assert caught.value.status == 409 and str(clashing) in str(caught.value)
+        with pytest.raises(ModelNameClashError):
+            plan_model(name, tmp_runtime)
+    # Its path still works.
+    assert plan_model(str(clashing), tmp_runtime).path == clashing
+
+
+def test_an_alias_own_directory_is_no_clash(tmp_runtime: RuntimeSettings, make_model_dir: Any) -> None:
+    models = tmp_runtime.resolved_models_dir()
+    own = make_model_dir(models / "llama3-1B-chat", LLAMA_CONFIG)
+    (models / "Echo").mkdir()  # no config.json: no model, so no clash
+    listings = by_reference(tmp_runtime)
+    assert (listings["llama3-1B-chat"].origin, listings["llama3-1B-chat"].path) == ("built-in", own)
+    assert listings[str(models / "Echo")].problem is None
+    assert resolve("llama3-1b-chat", tmp_runtime).kind == "alias"
+    assert resolve("echo", tmp_runtime).kind == "alias"
 
 
 def test_local_directory_is_used_in_place(tmp_runtime: RuntimeSettings, make_model_dir: Any, tmp_path: Path) -> None:

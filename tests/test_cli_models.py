@@ -116,3 +116,23 @@ def test_pull_echo_is_a_no_op(cli: Any, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "nothing to pull" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_dropped_into_models_dir_is_used_by_its_name(cli: Any, tmp_path: Path, make_model_dir: Any) -> None:
+    models = tmp_path / "models"
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 64}
+    mine = make_model_dir(models / "tiny-mine", config)
+    make_model_dir(models / "Echo", config)
+    result = cli("models", "list", "--models-dir", str(models))
+    assert result.exit_code == 0, result.output
+    assert "tiny-mine" in result.stdout and str(mine) not in result.stdout
+    # The clash is said, with the way out, and the listing goes on.
+    assert f"{models / 'Echo'}: the model directory" in result.stdout and "rename the directory" in result.stdout
+    result = cli("models", "info", "tiny-mine", "--json", "--models-dir", str(models), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["path"] == str(mine)
+    result = cli("models", "info", "echo", "--models-dir", str(models))
+    assert result.exit_code == 1 and "rename the directory" in result.stderr and "Traceback" not in result.output
+    result = cli("models", "rm", "tiny-mine", "--models-dir", str(models))
+    assert result.exit_code == 0, result.output
+    assert not mine.exists()

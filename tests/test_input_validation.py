@@ -63,17 +63,6 @@ def test_in_a_request_local_models_must_live_in_models_dir(name: str, tmp_path: 
             parse_reference(str(models / "mine" / ".." / ".." / "elsewhere"))
 
 
-def test_bare_names_are_not_looked_up_in_the_working_directory_of_a_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "here").mkdir()
-    (tmp_path / "here" / "config.json").write_text("{}")
-    monkeypatch.chdir(tmp_path)
-    assert parse_reference("here").kind == "local_path"  # the CLI: a directory in the cwd
-    with confined_to([tmp_path / "models"]), pytest.raises(ModelNotFoundError):
-        parse_reference("here")
-
-
 @pytest.mark.parametrize("bad", ["", "../../etc/passwd", "a:b", "a*", "x" * 129, "resp_\x00", "sess id", "é"])
 def test_ids_are_checked_before_they_become_redis_keys(bad: str) -> None:
     keys = Keys("ns")

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from ollm.catalogue import require_materialized
 from ollm.errors import InvalidReferenceError, ModelNotFoundError
-from ollm.references import parse_reference
+from ollm.references import confined_to, parse_reference
+from ollm.settings import RuntimeSettings
 
 
 @pytest.mark.parametrize(
@@ -41,11 +43,23 @@ def test_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_reference("/srv/models/x").path == Path("/srv/models/x")
     assert parse_reference("./mine").path == tmp_path / "mine"
     assert parse_reference("~/models/m").path == tmp_path / "models" / "m"
-    # A bare name is a local directory only when it holds a model.
-    (tmp_path / "finetune").mkdir()
-    (tmp_path / "finetune" / "config.json").write_text("{}")
-    ref = parse_reference("finetune")
-    assert (ref.kind, ref.path) == ("local_path", tmp_path / "finetune")
+
+
+@pytest.mark.parametrize("raw", ["finetune", "synthetic-1g", "Tiny_Llama.v2", "m+lora", "gpt-4"])
+def test_a_bare_name_is_a_directory_name(raw: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whether models_dir has it is the catalogue's to say (tests/test_catalogue.py); the working
+    # directory is never looked in, even when it has a model of that name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / raw).mkdir()
+    (tmp_path / raw / "config.json").write_text("{}")
+    ref = parse_reference(raw)
+    assert (ref.kind, ref.name, ref.path, ref.is_local) == ("local_name", raw, None, True)
+
+
+@pytest.mark.parametrize("raw", [".hidden", "-dash", "two words", "star*", "é", "x" * 256])
+def test_names_no_directory_is_addressed_by(raw: str) -> None:
+    with pytest.raises(InvalidReferenceError, match="not a built-in alias, nor the name of a model directory"):
+        parse_reference(raw)
 
 
 @pytest.mark.parametrize(
@@ -85,11 +99,20 @@ def test_malformed_references(raw: str) -> None:
 
 
 def test_unknown_bare_name_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = RuntimeSettings.model_validate({"models_dir": tmp_path / "models"})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError) as caught:
-        parse_reference("gpt-4")
+        require_materialized("gpt-4", runtime)
     assert caught.value.status == 404
-    assert "not a built-in alias" in str(caught.value)
+    assert "not a built-in alias" in str(caught.value) and str(tmp_path / "models") in str(caught.value)
+    # A model of that name in the working directory is pointed at, outside a server only.
+    (tmp_path / "gpt-4").mkdir()
+    (tmp_path / "gpt-4" / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="pass ./gpt-4"):
+        require_materialized("gpt-4", runtime)
+    with confined_to([tmp_path / "models"]), pytest.raises(ModelNotFoundError) as caught:
+        require_materialized("gpt-4", runtime)
+    assert "./gpt-4" not in str(caught.value)
 
 
 def test_cli_refuses_provider_reference(cli: Any) -> None:

@@ -111,12 +111,11 @@ def planned_peaks(settings: Settings) -> dict[str, int]:
     """The planned peak of every model under ``runtime.models_dir``, by directory name: what the
     server's scheduler sizes a model by on this worker (it cannot plan: that needs torch). Models
     the plan cannot estimate are left out (the scheduler then counts their weights)."""
-    models_dir = settings.runtime.resolved_models_dir()
+    from ollm import catalogue
+
     peaks: dict[str, int] = {}
-    if not models_dir.is_dir():
-        return peaks
-    for path in sorted(models_dir.iterdir()):
-        if path.name.startswith(".") or not (path / "config.json").is_file():
+    for path in catalogue.directories_in(settings.runtime.resolved_models_dir()):
+        if not catalogue.is_model_dir(path):
             continue
         try:
             peak = plan_for(str(path), settings).expected_peak_bytes()

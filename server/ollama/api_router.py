@@ -16,7 +16,6 @@ from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
-from ollm.references import parse_reference
 from server.dispatch import JobStream
 from server.ollama import catalog, residency
 from server.ollama.errors import ERROR_RESPONSES, OllamaModelNotFound, OllamaRoute, message_of
@@ -311,7 +310,7 @@ async def pull(body: PullRequest, svc: Services = Depends(services)) -> Response
     if await registry(svc).get(name) is not None:
         # A created model has no weights of its own; its base is already here.
         return JSONResponse(ProgressResponse(status="success").wire())
-    ref = parse_reference(name)
+    ref = catalogue.resolve(name, svc.settings.runtime)
     if catalogue.is_echo(ref):
         return JSONResponse(ProgressResponse(status="success").wire())
 
@@ -365,7 +364,7 @@ async def create(body: CreateRequest, svc: Services = Depends(services)) -> Resp
         )
     if not body.from_:
         raise InvalidRequestError("from is required: the existing model to build the new one on", param="from")
-    name = check_new_name(body.model)
+    name = check_new_name(body.model, svc)
     parent = await resolve(svc, body.from_)
     derived = _derive(name, parent, body)
     await registry(svc).put(derived)
@@ -381,7 +380,7 @@ async def create(body: CreateRequest, svc: Services = Depends(services)) -> Resp
 @router.post("/api/copy", summary="Copy a model under another name (no weights are copied)")
 async def copy(body: CopyRequest, svc: Services = Depends(services)) -> Response:
     source = await resolve(svc, body.source)
-    name = check_new_name(body.destination)
+    name = check_new_name(body.destination, svc)
     if source.derived is not None:
         copied = source.derived.model_copy(update={"name": name})
     else:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from ollm import catalogue
 from ollm.derived import DerivedModel, DerivedModels
-from ollm.errors import InvalidRequestError, OllmError
-from ollm.references import MAX_REFERENCE_LENGTH, parse_reference
+from ollm.errors import InvalidRequestError, ModelNameClashError, OllmError
+from ollm.references import MAX_REFERENCE_LENGTH
 from server.ollama.errors import OllamaModelNotFound
 from server.ollama.serving import model_name
 from server.services import Services
@@ -39,7 +39,9 @@ async def base_name(services: Services, name: str) -> str | None:
     if await services.dispatcher.serves(name):
         return name
     try:
-        ref = parse_reference(name)
+        ref = await asyncio.to_thread(catalogue.resolve, name, services.settings.runtime)
+    except ModelNameClashError:
+        raise  # the name is here twice: say so rather than "not found"
     except OllmError:
         return None
     if ref.name != name and await services.dispatcher.serves(ref.name):
@@ -57,8 +59,10 @@ async def resolve(services: Services, name: str) -> Resolved:
     return Resolved(base, derived)
 
 
-def check_new_name(name: str) -> str:
-    """A name /api/create or /api/copy may give a model; returns it without the default tag."""
+def check_new_name(name: str, services: Services) -> str:
+    """A name /api/create or /api/copy may give a model; returns it without the default tag. A
+    name that is already a model's (an alias, a directory in models_dir) is refused: the created
+    model would hide it."""
     short = model_name(name)
     if (
         not short
@@ -70,13 +74,16 @@ def check_new_name(name: str) -> str:
         raise InvalidRequestError(f"invalid model name {name[:64]!r}", param="model")
     if catalogue.find_alias(short) is not None:
         raise InvalidRequestError(f"{name!r} is a built-in model; choose another name", param="model")
+    directory = services.settings.runtime.resolved_models_dir() / short
+    if catalogue.is_model_dir(directory):
+        raise InvalidRequestError(f"{name!r} is the model directory {directory}; choose another name", param="model")
     return short
 
 
 def kind_of(services: Services, base: str) -> str | None:
     """The model's kind (causal-lm, embedding, ...) from the catalogue or its config.json, if known here."""
     try:
-        ref = parse_reference(base)
+        ref = catalogue.resolve(base, services.settings.runtime)
     except OllmError:
         return None
     entry = catalogue.find_alias(ref.name) if ref.kind == "alias" else None

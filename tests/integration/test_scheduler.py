@@ -7,6 +7,7 @@ server places each load on one worker through Redis.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,58 @@ def test_one_model_named_two_ways_is_loaded_once(
         assert len(openai.embeddings.create(model=name, input="hi").data[0].embedding) == 384
     (worker,) = workers(server)
     assert worker["loads"] == 1
+
+
+def _link_model(source: Path, target: Path) -> None:
+    """A model directory dropped in by hand: the pulled model's files, hard-linked where they can
+    be (the same filesystem), else linked."""
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        try:
+            os.link(file, target / file.name)
+        except OSError:
+            (target / file.name).symlink_to(file)
+
+
+def test_a_directory_dropped_into_models_dir_answers_to_its_name(
+    tmp_path: Path, default_model_dir: Path, start_worker: WorkerFactory, start_server: ServerFactory
+) -> None:
+    models = tmp_path / "models"
+    # Its manifest came along (it names the alias, stored elsewhere): the directory's name still counts.
+    _link_model(default_model_dir, models / "smol")
+    _link_model(default_model_dir, models / "Echo")  # named like the built-in echo: a clash
+    env = {"OLLM_RUNTIME__MODELS_DIR": str(models)}
+    start_worker(**env)
+    # This test is about names, not liveness: a long lost-timeout keeps a slow load on a loaded
+    # machine (workers that stopped beating while loading, before issue 18's point 1) out of it.
+    server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS="120", **env)
+    path = str(models / "smol")
+
+    tags = [m.model for m in ollama.Client(host=server.url).list().models]
+    assert "smol:latest" in tags and f"{path}:latest" not in tags
+    assert f"{models / 'Echo'}:latest" in tags  # the clash is listed by its path, which works
+    openai = server.openai_client()
+    assert "smol" in [m.id for m in openai.models.list()]
+
+    client = ollama.Client(host=server.url)
+    options = {"num_predict": 4, "temperature": 0}
+    by_name = client.chat(model="smol:latest", messages=HELLO, options=options).message.content
+    assert by_name and by_name.strip()
+    for name in ("smol", path):  # OpenAI's clients, by name and by path: the same greedy reply
+        reply = openai.chat.completions.create(model=name, messages=HELLO, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content == by_name
+    assert client.show("smol").details.family == "llama"
+    (worker,) = workers(server)
+    assert {"smol", path} <= set(worker["models"]) and worker["loads"] == 1  # one copy under both names
+    with pytest.raises(ollama.ResponseError) as hidden:  # a created model would hide the directory
+        client.copy("smol", "smol:latest")
+    assert hidden.value.status_code == 400 and "is the model directory" in hidden.value.error
+
+    # The alias the directory clashes with is refused, saying why and what to do, in each family's shape.
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="echo", messages=HELLO)
+    assert refused.value.status_code == 409 and "rename the directory" in refused.value.error
+    with server.client() as http:
+        answer = http.post("/v1/chat/completions", json={"model": "ECHO", "messages": HELLO})
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "model_name_clash"
