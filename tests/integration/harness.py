@@ -44,6 +44,20 @@ def base_env(namespace: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def link_model(source: Path, target: Path) -> Path:
+    """A model directory dropped in by hand: the pulled model's files, hard-linked where they can
+    be (the same filesystem), else linked."""
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        if not file.is_file():
+            continue
+        try:
+            os.link(file, target / file.name)
+        except OSError:
+            (target / file.name).symlink_to(file)
+    return target
+
+
 def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:

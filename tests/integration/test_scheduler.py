@@ -7,7 +7,6 @@ server places each load on one worker through Redis.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,16 @@ from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings
 from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 from tests.integration.conftest import ServerFactory, WorkerFactory
-from tests.integration.harness import OLLM, Process, Server, base_env, free_port, new_namespace, wait_until
+from tests.integration.harness import (
+    OLLM,
+    Process,
+    Server,
+    base_env,
+    free_port,
+    link_model,
+    new_namespace,
+    wait_until,
+)
 from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -306,29 +314,16 @@ def test_one_model_named_two_ways_is_loaded_once(
     assert worker["loads"] == 1
 
 
-def _link_model(source: Path, target: Path) -> None:
-    """A model directory dropped in by hand: the pulled model's files, hard-linked where they can
-    be (the same filesystem), else linked."""
-    target.mkdir(parents=True)
-    for file in source.iterdir():
-        try:
-            os.link(file, target / file.name)
-        except OSError:
-            (target / file.name).symlink_to(file)
-
-
 def test_a_directory_dropped_into_models_dir_answers_to_its_name(
     tmp_path: Path, default_model_dir: Path, start_worker: WorkerFactory, start_server: ServerFactory
 ) -> None:
     models = tmp_path / "models"
     # Its manifest came along (it names the alias, stored elsewhere): the directory's name still counts.
-    _link_model(default_model_dir, models / "smol")
-    _link_model(default_model_dir, models / "Echo")  # named like the built-in echo: a clash
+    link_model(default_model_dir, models / "smol")
+    link_model(default_model_dir, models / "Echo")  # named like the built-in echo: a clash
     env = {"OLLM_RUNTIME__MODELS_DIR": str(models)}
     start_worker(**env)
-    # This test is about names, not liveness: a long lost-timeout keeps a slow load on a loaded
-    # machine (workers that stopped beating while loading, before issue 18's point 1) out of it.
-    server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS="120", **env)
+    server = start_server(**env)
     path = str(models / "smol")
 
     tags = [m.model for m in ollama.Client(host=server.url).list().models]

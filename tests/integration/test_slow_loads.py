@@ -9,7 +9,6 @@ each tensor a little so the load outlasts worker_lost_seconds on any machine.
 from __future__ import annotations
 
 import collections
-import os
 import re
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL
 from tests.integration.conftest import ServerFactory, WorkerFactory
-from tests.integration.harness import wait_until
+from tests.integration.harness import link_model, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +31,12 @@ TENSOR_DELAY = "0.02"
 DEQUEUED = re.compile(r"Worker \S+: \S+: (?!Job OK \().* \((\S+)\)$", re.MULTILINE)
 
 
-def linked_copy(source: Path, target: Path) -> Path:
-    target.mkdir(parents=True)
-    for path in source.iterdir():
-        if path.is_file():
-            os.link(path, target / path.name)
-    return target
-
-
 def test_a_load_longer_than_worker_lost_seconds_is_loading_not_lost(
     tmp_path: Path, default_model_dir: Path, start_worker: WorkerFactory, start_server: ServerFactory
 ) -> None:
     models = tmp_path / "models"
-    linked_copy(default_model_dir, models / default_model_dir.name)
-    slow = str(linked_copy(default_model_dir, models / "smollm2-copy"))
+    link_model(default_model_dir, models / default_model_dir.name)
+    slow = str(link_model(default_model_dir, models / "smollm2-copy"))
     env = {"OLLM_RUNTIME__MODELS_DIR": str(models), "OLLM_RUNTIME__DTYPE": "float32"}
     worker = start_worker(DEFAULT_CHAT_MODEL, OLLM_LOAD_TENSOR_DELAY=TENSOR_DELAY, **env)
     server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=LOST_AFTER, **env)
