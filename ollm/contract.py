@@ -10,8 +10,8 @@ Both ``server/`` and ``workers/`` import this module and nothing of each other's
 * keep-alive values and load/unload messages (``KeepAlive``, ``ResidencyMessage``);
 * what each worker reports about its loaded models (``LoadedModel``).
 
-All keys and channels start with the configured namespace; RQ's own keys all start with ``rq:``,
-and a namespace of ``rq`` is refused, so the two never collide.
+All keys and channels start with the configured namespace; RQ's own keys all start with its
+``RQ_KEY_PREFIX`` (``rq``), and a namespace equal to it is refused, so the two never collide.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import redis.asyncio
 from pydantic import BaseModel, Field
+from rq import Queue
+from rq.defaults import RQ_KEY_PREFIX
 
 from ollm.errors import InvalidRequestError, SettingsError
 
@@ -51,7 +53,7 @@ class Keys:
     namespace: str = "ollm"
 
     def __post_init__(self) -> None:
-        if not self.namespace or self.namespace == "rq":
+        if not self.namespace or self.namespace == RQ_KEY_PREFIX:
             raise SettingsError(
                 f"redis.namespace {self.namespace!r} would collide with RQ's keys; pick another"
             )
@@ -62,7 +64,7 @@ class Keys:
 
     def rq_queue_key(self, model: str) -> str:
         """The Redis list behind ``queue(model)``: its length is how many jobs wait for the model."""
-        return f"rq:queue:{self.queue(model)}"
+        return f"{Queue.redis_queue_namespace_prefix}{self.queue(model)}"
 
     def batch_queue(self, model: str) -> str:
         """The RQ queue of ``model``'s Batch API lines: workers dequeue it only after ``queue(model)``
@@ -71,7 +73,7 @@ class Keys:
 
     def rq_batch_queue_key(self, model: str) -> str:
         """The Redis list behind ``batch_queue(model)``: the Batch API lines waiting for the model."""
-        return f"rq:queue:{self.batch_queue(model)}"
+        return f"{Queue.redis_queue_namespace_prefix}{self.batch_queue(model)}"
 
     def worker_queue(self, name: str) -> str:
         """The RQ queue only the named worker listens on: the load requests placed on it."""
