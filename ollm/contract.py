@@ -124,6 +124,15 @@ class Keys:
         """Sorted set of file ids by creation time (listing, pagination)."""
         return f"{self.namespace}:files"
 
+    def files_of(self, purpose: str) -> str:
+        """Sorted set of the ids of one purpose's files by creation time (a listing by purpose)."""
+        return f"{self.namespace}:files-of:{purpose}"
+
+    @property
+    def files_expiry(self) -> str:
+        """Sorted set of file ids by the time they expire (only files that do)."""
+        return f"{self.namespace}:files-expiry"
+
     def batch(self, batch_id: str) -> str:
         """Hash of one /v1/batches batch: its record, status, timestamps and request counts."""
         return f"{self.namespace}:batch:{client_id(batch_id, 'batch')}"
@@ -131,6 +140,11 @@ class Keys:
     def batch_results(self, batch_id: str) -> str:
         """Hash of a running batch's finished lines: line number -> output or error line (JSON)."""
         return f"{self.namespace}:batch-results:{client_id(batch_id, 'batch')}"
+
+    def batch_done(self, batch_id: str) -> str:
+        """Bitmap of a running batch's finished lines (bit n: request n has a result): what is
+        left to run, read without reading the results."""
+        return f"{self.namespace}:batch-done:{client_id(batch_id, 'batch')}"
 
     def batch_lease(self, batch_id: str) -> str:
         """Who drives the batch now (SET NX PX, renewed): two servers never run the same batch."""
@@ -140,6 +154,11 @@ class Keys:
     def batches(self) -> str:
         """Sorted set of batch ids by creation time (listing, pagination)."""
         return f"{self.namespace}:batches"
+
+    @property
+    def batches_expiry(self) -> str:
+        """Sorted set of final batch ids by the time their records expire."""
+        return f"{self.namespace}:batches-expiry"
 
     @property
     def active_batches(self) -> str:
