@@ -122,6 +122,10 @@ def test_pieces_are_bounded_and_a_line_over_the_cap_is_skipped_unread(parse_inpu
         sizes.append(len(piece))
     reader.close()
     assert sum(sizes) == 1000 and len(sizes) > 1 and max(sizes) * 1000 < PIECE_BYTES + 2000
+    # A later read skips the requests that have a result, unparsed, however many in a row.
+    reader = InputReader(path, URL, 1 << 20, skip=set(range(1, 1000)))
+    assert [r.custom_id for r in reader.read()] == ["id999"] and reader.read() == []
+    reader.close()
 
 
 def test_output_and_error_lines_have_openais_shape(parse_input: Any) -> None:

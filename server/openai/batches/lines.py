@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -59,11 +60,21 @@ class InputReader:
 
     ``check_duplicates`` is for the first read, which records every rejected line: it keeps a
     16-byte digest of each ``custom_id`` (at most 50,000 of them), never the lines. Later reads
-    of the same file give the same requests with the same indexes."""
+    of the same file give the same requests with the same indexes; those in ``skip`` (the ones
+    with a result already) are counted but neither parsed nor handed out."""
 
-    def __init__(self, path: Path, endpoint: str, max_line_bytes: int, *, check_duplicates: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        endpoint: str,
+        max_line_bytes: int,
+        *,
+        check_duplicates: bool = False,
+        skip: Container[int] = (),
+    ) -> None:
         self.endpoint = endpoint
         self.max_line_bytes = max_line_bytes
+        self.skip = skip
         self.requests = 0
         self._number = 0
         self._seen: set[bytes] | None = set() if check_duplicates else None
@@ -78,7 +89,7 @@ class InputReader:
         file that had none."""
         piece: list[BatchLine | Rejected] = []
         size = 0
-        while size < PIECE_BYTES:
+        while not piece or size < PIECE_BYTES:  # [] only at the end, however many lines were skipped
             raw = self._file.readline(self.max_line_bytes + 1)
             if not raw:
                 if self.requests == 0:
@@ -96,6 +107,8 @@ class InputReader:
             if self.requests > MAX_LINES:
                 message = f"the input file has more than {MAX_LINES} requests; a batch takes at most {MAX_LINES}"
                 raise InvalidInputFile("too_many_requests", message)
+            if self.requests in self.skip:
+                continue
             if too_long:
                 message = f"line {self._number} is longer than {self.max_line_bytes} bytes (server.max_request_bytes)"
                 piece.append(Rejected(self.requests, self._number, None, "line_too_large", message))

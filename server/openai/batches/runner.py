@@ -52,7 +52,7 @@ from server.openai.batches.lines import (
     response_line,
     succeeded,
 )
-from server.stores.batches import BatchError, BatchRecord, BatchStore, Status
+from server.stores.batches import BatchError, BatchRecord, BatchStore, Done, Status
 from server.stores.files import FileStore, NoSuchFileError, derived_file_id
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,15 @@ class BatchRun:
             raise RuntimeError(f"batch {self.id} vanished from Redis while it ran")
         return record
 
-    async def _requests(self, record: BatchRecord, *, validate: bool = False) -> AsyncGenerator[BatchLine | Rejected]:
-        """The input file's requests, read a piece at a time in a thread."""
+    async def _requests(
+        self, record: BatchRecord, *, validate: bool = False, skip: Done | None = None
+    ) -> AsyncGenerator[list[BatchLine | Rejected]]:
+        """The input file's requests a piece at a time, read in a thread (``skip``: those left out)."""
         path = await self.runner.files.content(record.input_file_id)
-        reader = await asyncio.to_thread(_reader, path, record.endpoint, self.runner.max_line_bytes, validate)
+        reader = await asyncio.to_thread(_reader, path, record.endpoint, self.runner.max_line_bytes, validate, skip)
         try:
             while piece := await asyncio.to_thread(reader.read):
-                for request in piece:
-                    yield request
+                yield piece
         finally:
             await asyncio.to_thread(reader.close)
 
@@ -232,11 +233,11 @@ class BatchRun:
         False when the batch failed (the file is gone, or cannot be a batch)."""
         total = 0
         try:
-            async with contextlib.aclosing(self._requests(record, validate=True)) as requests:
-                async for request in requests:
-                    total = request.index
-                    if isinstance(request, Rejected):
-                        await self._record(request.index, rejected_line(request))
+            async with contextlib.aclosing(self._requests(record, validate=True)) as pieces:
+                async for piece in pieces:
+                    total = piece[-1].index
+                    rejected = [_result(r.index, rejected_line(r)) for r in piece if isinstance(r, Rejected)]
+                    await self.store.record_all(self.id, rejected)
         except (NoSuchFileError, InvalidInputFile) as exc:
             await self._fail(exc)
             return False
@@ -254,12 +255,11 @@ class BatchRun:
             await self.store.drop_results(self.id)
 
     async def _record(self, index: int, line: dict[str, Any]) -> None:
-        await self.store.record(self.id, index, json.dumps(line, ensure_ascii=False), succeeded(line))
+        await self.store.record(self.id, *_result(index, line))
 
     async def _run_lines(self, record: BatchRecord) -> bool:
         """Run every request without a result, at most ``concurrency`` at once, until the batch is
         cancelled or its window ends. False when the batch failed (its input file is gone)."""
-        done = await self.store.done(self.id)
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(stop))
         slots = asyncio.Semaphore(self.runner.concurrency)
@@ -271,18 +271,18 @@ class BatchRun:
                 slots.release()
 
         try:
-            async with asyncio.TaskGroup() as group, contextlib.aclosing(self._requests(record)) as requests:
-                async for request in requests:
-                    if request.index in done:
-                        continue
-                    if isinstance(request, Rejected):  # recorded at validation; the file changed since
-                        await self._record(request.index, rejected_line(request))
-                        continue
-                    await slots.acquire()
-                    if stop.is_set():
-                        slots.release()
-                        break
-                    group.create_task(run(request))
+            skip = await self.store.done(self.id)
+            async with asyncio.TaskGroup() as group, contextlib.aclosing(self._requests(record, skip=skip)) as pieces:
+                async for piece in pieces:
+                    for request in piece:
+                        if isinstance(request, Rejected):  # recorded at validation; the file changed since
+                            await self._record(request.index, rejected_line(request))
+                            continue
+                        await slots.acquire()
+                        if stop.is_set():
+                            slots.release()
+                            return True
+                        group.create_task(run(request))
         except (NoSuchFileError, InvalidInputFile) as exc:
             await self._fail(exc)
             return False
@@ -342,13 +342,15 @@ class BatchRun:
                 return
 
     async def _expire_rest(self, record: BatchRecord) -> None:
-        done = await self.store.done(self.id)
         message = "the batch's completion window ended before this request ran"
+        skip = await self.store.done(self.id)
         with contextlib.suppress(NoSuchFileError, InvalidInputFile):  # nothing more to say of lines never read
-            async with contextlib.aclosing(self._requests(record)) as requests:
-                async for request in requests:
-                    if request.index not in done:
-                        await self._record(request.index, error_line(request.custom_id, "batch_expired", message))
+            async with contextlib.aclosing(self._requests(record, skip=skip)) as pieces:
+                async for piece in pieces:
+                    expired = [
+                        (r.index, json.dumps(error_line(r.custom_id, "batch_expired", message)), False) for r in piece
+                    ]
+                    await self.store.record_all(self.id, expired)
 
     async def _write_files(self, record: BatchRecord) -> None:
         """The output file (the lines that ran and answered 2xx) and the error file (the rest),
@@ -377,8 +379,13 @@ class BatchRun:
             yield "".join(piece).encode()
 
 
-def _reader(path: Path, endpoint: str, max_line_bytes: int, validate: bool) -> InputReader:
-    return InputReader(path, endpoint, max_line_bytes, check_duplicates=validate)
+def _result(index: int, line: dict[str, Any]) -> tuple[int, str, bool]:
+    """A finished request as the store keeps it: its index, its line as JSON, whether it succeeded."""
+    return index, json.dumps(line, ensure_ascii=False), succeeded(line)
+
+
+def _reader(path: Path, endpoint: str, max_line_bytes: int, validate: bool, skip: Done | None) -> InputReader:
+    return InputReader(path, endpoint, max_line_bytes, check_duplicates=validate, skip=skip or ())
 
 
 def _expired(record: BatchRecord) -> bool:
