@@ -11,8 +11,8 @@ Both ``server/`` and ``workers/`` import this module and nothing of each other's
 * what each worker reports about its loaded models (``LoadedModel``) and the load it is doing now
   (``LoadingModel``).
 
-All keys and channels start with the configured namespace; RQ's own keys all start with ``rq:``,
-and a namespace of ``rq`` is refused, so the two never collide.
+All keys and channels start with the configured namespace; RQ's own keys all start with its
+``RQ_KEY_PREFIX`` (``rq``), and a namespace equal to it is refused, so the two never collide.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import redis.asyncio
 from pydantic import BaseModel, Field
+from rq import Queue
+from rq.defaults import RQ_KEY_PREFIX
 
 from ollm.errors import InvalidRequestError, SettingsError
 
@@ -52,7 +54,7 @@ class Keys:
     namespace: str = "ollm"
 
     def __post_init__(self) -> None:
-        if not self.namespace or self.namespace == "rq":
+        if not self.namespace or self.namespace == RQ_KEY_PREFIX:
             raise SettingsError(
                 f"redis.namespace {self.namespace!r} would collide with RQ's keys; pick another"
             )
@@ -63,7 +65,7 @@ class Keys:
 
     def rq_queue_key(self, model: str) -> str:
         """The Redis list behind ``queue(model)``: its length is how many jobs wait for the model."""
-        return f"rq:queue:{self.queue(model)}"
+        return f"{Queue.redis_queue_namespace_prefix}{self.queue(model)}"
 
     def batch_queue(self, model: str) -> str:
         """The RQ queue of ``model``'s Batch API lines: workers dequeue it only after ``queue(model)``
@@ -72,7 +74,7 @@ class Keys:
 
     def rq_batch_queue_key(self, model: str) -> str:
         """The Redis list behind ``batch_queue(model)``: the Batch API lines waiting for the model."""
-        return f"rq:queue:{self.batch_queue(model)}"
+        return f"{Queue.redis_queue_namespace_prefix}{self.batch_queue(model)}"
 
     def worker_queue(self, name: str) -> str:
         """The RQ queue only the named worker listens on: the load requests placed on it."""
@@ -123,6 +125,15 @@ class Keys:
         """Sorted set of file ids by creation time (listing, pagination)."""
         return f"{self.namespace}:files"
 
+    def files_of(self, purpose: str) -> str:
+        """Sorted set of the ids of one purpose's files by creation time (a listing by purpose)."""
+        return f"{self.namespace}:files-of:{purpose}"
+
+    @property
+    def files_expiry(self) -> str:
+        """Sorted set of file ids by the time they expire (only files that do)."""
+        return f"{self.namespace}:files-expiry"
+
     def batch(self, batch_id: str) -> str:
         """Hash of one /v1/batches batch: its record, status, timestamps and request counts."""
         return f"{self.namespace}:batch:{client_id(batch_id, 'batch')}"
@@ -130,6 +141,11 @@ class Keys:
     def batch_results(self, batch_id: str) -> str:
         """Hash of a running batch's finished lines: line number -> output or error line (JSON)."""
         return f"{self.namespace}:batch-results:{client_id(batch_id, 'batch')}"
+
+    def batch_done(self, batch_id: str) -> str:
+        """Bitmap of a running batch's finished lines (bit n: request n has a result): what is
+        left to run, read without reading the results."""
+        return f"{self.namespace}:batch-done:{client_id(batch_id, 'batch')}"
 
     def batch_lease(self, batch_id: str) -> str:
         """Who drives the batch now (SET NX PX, renewed): two servers never run the same batch."""
@@ -139,6 +155,11 @@ class Keys:
     def batches(self) -> str:
         """Sorted set of batch ids by creation time (listing, pagination)."""
         return f"{self.namespace}:batches"
+
+    @property
+    def batches_expiry(self) -> str:
+        """Sorted set of final batch ids by the time their records expire."""
+        return f"{self.namespace}:batches-expiry"
 
     @property
     def active_batches(self) -> str:

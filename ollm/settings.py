@@ -162,6 +162,19 @@ class ServerSettings(Section):
     batch_concurrency: int = Field(
         8, ge=1, description="Lines of one batch (/v1/batches) a server has queued or running at once."
     )
+    max_active_batches: int = Field(
+        32,
+        ge=1,
+        description="Batches (/v1/batches) not yet final that the servers sharing this Redis namespace hold; "
+        "creating one more answers 429 until one ends. Each one being run holds up to batch_concurrency lines "
+        "and a piece of its input file in the server's memory, and its results in Redis.",
+    )
+    batch_retention_seconds: float = Field(
+        30 * 24 * 3600.0,
+        ge=60,
+        description="How long a finished batch's record is kept (retrieve, list) after it ends; its output "
+        "files expire as its output_expires_after says.",
+    )
     batch_lease_seconds: float = Field(
         10.0,
         gt=0,

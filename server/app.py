@@ -63,7 +63,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         runner = BatchRunner(
             app, services.connection, services.keys, services.batches, services.files,
             concurrency=settings.server.batch_concurrency, lease_seconds=settings.server.batch_lease_seconds,
-            api_key=settings.server.api_key,
+            max_line_bytes=settings.server.max_request_bytes, api_key=settings.server.api_key,
         )  # fmt: skip
         app.state.batch_runner = runner
         runner.start()

@@ -42,7 +42,7 @@ class Services:
     def __post_init__(self) -> None:
         server = self.settings.server
         self.files = FileStore(self.connection, self.keys, server.resolved_files_dir(), server.max_file_bytes)
-        self.batches = BatchStore(self.connection, self.keys)
+        self.batches = BatchStore(self.connection, self.keys, server.batch_retention_seconds)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

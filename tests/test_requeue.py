@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
+import pytest
 import redis
 import redis.asyncio
 from rq import Queue
@@ -16,6 +19,7 @@ from rq.worker import SimpleWorker
 from ollm.contract import GENERATE_JOB
 from server.requeue import Requeuer
 from tests.integration.harness import new_namespace
+from workers import worker
 from workers.redis_server import RedisServer
 
 
@@ -96,3 +100,40 @@ async def _requeue_unqueued(url: str, job_id: str, queue_key: str) -> bool:
         return await Requeuer(client).requeue_unqueued(job_id, queue_key)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_a_job_handed_back_survives_a_redis_error(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failures: int
+) -> None:
+    """A worker that popped a job it will not run hands it back; a Redis error at that write is
+    retried, and a job it cannot hand back is logged by id (the server's check requeues it)."""
+    connection = redis.Redis.from_url(redis_server.url)
+    queue = Queue(f"{new_namespace()}:model:echo", connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue(GENERATE_JOB, {"id": "x"})
+    waiting = queue.enqueue(GENERATE_JOB, {"id": "y"})
+    assert queue.pop_job_id() == job.id
+    real_lpush, calls = connection.lpush, []
+
+    def failing_lpush(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) <= failures:
+            raise redis.ConnectionError("injected: connection reset")
+        return real_lpush(*args)
+
+    monkeypatch.setattr(connection, "lpush", failing_lpush)
+    monkeypatch.setattr(worker, "_HAND_BACK_PAUSE", 0.0)
+    with caplog.at_level(logging.WARNING, logger=worker.__name__):
+        handed = worker.hand_back(connection, queue.key, job.id)
+
+    assert len(calls) == min(failures + 1, 3)
+    assert all(job.id in record.getMessage() for record in caplog.records) and len(caplog.records) == failures
+    if failures < 3:
+        assert handed and queue.get_job_ids() == [job.id, waiting.id]
+    else:
+        assert not handed and queue.get_job_ids() == [waiting.id]
+        assert caplog.records[-1].levelno == logging.ERROR
+        # The record stays queued in no queue: what the server's check requeues.
+        assert asyncio.run(_requeue_unqueued(redis_server.url, job.id, queue.key))
+        assert queue.get_job_ids() == [job.id, waiting.id]
+    connection.close()

@@ -41,6 +41,31 @@ log = logging.getLogger(__name__)
 _BEAT_EVERY = 1.0
 # How long one blocking pop waits for a job: also how soon a stop request is honoured while idle.
 _POLL_SECONDS = 1
+# A job handed back to its queue: tries, and the pause before each retry (Redis blinking).
+_HAND_BACK_TRIES = 3
+_HAND_BACK_PAUSE = 0.2
+
+
+def hand_back(connection: redis.Redis, queue_key: str, job_id: str) -> bool:
+    """Put a job this worker popped but will not run back at the front of its queue.
+
+    A Redis error is retried; if every try fails the job is logged by id (it stays ``queued`` in
+    no queue, which the server's check of the waiting request finds and requeues), never dropped
+    silently. True once it is back."""
+    for attempt in range(1, _HAND_BACK_TRIES + 1):
+        try:
+            connection.lpush(queue_key, job_id)
+            return True
+        except redis.RedisError as exc:
+            if attempt == _HAND_BACK_TRIES:
+                log.error(
+                    "could not hand job %s back to %s after %d tries (%s); it waits for the server to requeue it",
+                    job_id, queue_key, attempt, exc,
+                )  # fmt: skip
+                return False
+            log.warning("could not hand job %s back to %s (%s); trying again", job_id, queue_key, exc)
+            time.sleep(_HAND_BACK_PAUSE * attempt)
+    raise AssertionError("unreachable")
 
 
 class GenerationWorker(SimpleWorker):
@@ -218,7 +243,7 @@ class GenerationWorker(SimpleWorker):
         if not self._holds(job):
             # Dequeued in the moment its model was evicted: back to the front of its queue, where
             # the server's scheduler finds it waiting and has the model loaded again.
-            self.connection.lpush(queue.key, job.id)
+            hand_back(self.connection, queue.key, job.id)
             self._slots.release()
             return
         # The engine starts on the request here, on the dequeuing thread, before the job thread

@@ -5,7 +5,10 @@ restart of the server that was running it. Real Redis, real echo workers, real `
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,11 @@ import openai
 import pytest
 from openai.types import Batch
 
+from bench.rss import ProcessTree
 from tests.integration.conftest import ServerFactory, WorkerFactory
 from tests.integration.harness import Server, wait_until
+
+MiB = 1 << 20
 
 
 def chat_line(custom_id: str, text: str, model: str = "echo", **body: Any) -> dict[str, Any]:
@@ -186,10 +192,20 @@ def test_files_are_listed_bounded_and_deleted(batch_server: Callable[..., Server
     server = batch_server(OLLM_SERVER__MAX_FILE_BYTES="4096")
     client = server.openai_client()
     small = client.files.create(file=("a.jsonl", jsonl([chat_line("a", "b")])), purpose="batch")
-    other = client.files.create(file=("b.jsonl", jsonl([chat_line("c", "d")])), purpose="batch")
+    other = client.files.create(
+        file=("b.jsonl", jsonl([chat_line("c", "d")])), purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )  # fmt: skip
+    # OpenAI's expiry: a batch file is kept 30 days unless the upload says otherwise.
+    assert small.expires_at == small.created_at + 30 * 24 * 3600 and other.expires_at == other.created_at + 3600
+    with pytest.raises(openai.BadRequestError, match="expires_after"):
+        client.files.create(
+            file=("c.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 60}
+        )
     listed = [f.id for f in client.files.list()]
     assert listed[:2] == [other.id, small.id]  # newest first
     assert [f.id for f in client.files.list(order="asc", after=small.id)][0] == other.id
+    assert [f.id for f in client.files.list(limit=1, after=other.id)] == [small.id]
     assert client.files.content(small.id).content == jsonl([chat_line("a", "b")])
 
     with pytest.raises(openai.BadRequestError, match="purpose"):
@@ -310,3 +326,102 @@ def test_a_batch_survives_the_loss_of_a_worker(
     assert done.status == "completed", done
     assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (40, 0)
     assert sorted(line["custom_id"] for line in lines_of(client, done.output_file_id)) == sorted(ids)
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[dict[str, int]]:
+    """Sample the RSS of a process tree from outside (psutil) until the block ends: its peak."""
+    tree, seen, stop = ProcessTree(pid), {"peak": 0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen["peak"] = max(seen["peak"], tree.rss())
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def test_a_200_mib_input_file_keeps_the_server_memory_bounded(
+    batch_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The largest file the server takes (server.max_file_bytes, 200 MiB) is uploaded, validated,
+    run and its results downloaded while the server's RSS stays within 64 MiB of what it was
+    before. The bound is a third of the file: a server that held the file (or its parsed lines,
+    several times its size) would pass it many times over; what the server does hold is a 256 KiB
+    piece of the file, the few lines running, a 500-result slice of the results and the upload's
+    1 MiB chunks, with room for allocator slack. 50,000 requests, OpenAI's cap, of ~4 KiB each:
+    20 run on the echo model, the rest are for another endpoint and are rejected line by line."""
+    server = batch_server()
+    client = server.openai_client(timeout=600)
+    pad = "x" * 4000
+    good = {f"run-{i}": f"line {i} runs" for i in range(20)}
+    path = tmp_path / "large.jsonl"
+    with path.open("w") as out:
+        for i in range(50_000):
+            run_it = i % 2500 == 0
+            line = chat_line(f"run-{i // 2500}" if run_it else f"other-{i}", good.get(f"run-{i // 2500}", "x"))
+            out.write(json.dumps({**line, "url": "/v1/chat/completions" if run_it else "/v1/embeddings", "pad": pad}))
+            out.write("\n")
+    size = path.stat().st_size
+    assert 190 * MiB < size <= 200 * MiB
+    client.files.list()  # the routes' first use (imports, pools) is not the file's doing
+    before = ProcessTree(server.pid).rss()
+
+    started = time.monotonic()
+    with peak_rss(server.pid) as rss:
+        with path.open("rb") as content:
+            upload = client.files.create(file=("large.jsonl", content), purpose="batch")
+        uploaded = rss["peak"]
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = finished(client, batch.id, timeout=900)
+        assert done.status == "completed" and done.request_counts is not None, done
+        errors = client.files.content(done.error_file_id or "")
+        error_lines = errors.text.splitlines()
+    elapsed = time.monotonic() - started
+    print(
+        f"200 MiB batch file ({size} bytes): RSS before {before / MiB:.0f} MiB, peak during upload "
+        f"{uploaded / MiB:.0f} MiB, peak through the batch {rss['peak'] / MiB:.0f} MiB; {elapsed:.0f}s"
+    )
+
+    assert upload.bytes == size
+    assert (done.request_counts.total, done.request_counts.completed) == (50_000, 20)
+    assert len(error_lines) == done.request_counts.failed == 49_980
+    assert json.loads(error_lines[0])["error"]["code"] == "invalid_url"
+    output = lines_of(client, done.output_file_id)
+    assert {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in output} == good
+    assert rss["peak"] - before < 64 * MiB, f"the server grew by {(rss['peak'] - before) / MiB:.0f} MiB"
+
+
+def test_twenty_batches_run_at_once_and_one_more_waits_for_a_place(batch_server: Callable[..., Server]) -> None:
+    """Twenty batches at once complete, each with its own lines; a 21st past
+    server.max_active_batches is a 429 (what the official clients retry by themselves) until one ends."""
+    client = batch_server(OLLM_SERVER__MAX_ACTIVE_BATCHES="20").openai_client()
+    batches = {}
+    for b in range(20):
+        lines = [chat_line(f"b{b}-l{i}", f"batch {b} line {i}") for i in range(3)]
+        upload = client.files.create(file=(f"b{b}.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        batches[batch.id] = b
+    once = client.with_options(max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        once.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.code == "too_many_active_batches" and "server.max_active_batches" in refused.value.message
+
+    for batch_id, b in batches.items():
+        done = finished(client, batch_id)
+        assert done.status == "completed" and done.request_counts is not None, done
+        assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+        output = lines_of(client, done.output_file_id)
+        assert {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in output} == {
+            f"b{b}-l{i}": f"batch {b} line {i}" for i in range(3)
+        }
+    # Newest first, a page at a time.
+    listed = client.batches.list(limit=5)
+    assert [b.id for b in listed.data] == list(batches)[::-1][:5] and listed.has_more
+    assert once.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")

@@ -1,26 +1,37 @@
-"""The lines of a batch, pure: the input file's JSONL read into requests, and each outcome written
-back as an output or error line exactly as OpenAI's Batch API writes them.
+"""The lines of a batch: the input file read into requests a bounded piece at a time, and each
+outcome written back as an output or error line exactly as OpenAI's Batch API writes them.
 
 A line that cannot run (not JSON, no ``custom_id``, a repeated one, another method or URL than the
-batch's, a streamed body) is rejected on its own; only a file with no request at all, or more than
-OpenAI's 50,000, fails the whole batch.
+batch's, a streamed body, longer than a request body may be) is rejected on its own; only a file
+with no request at all, or more than OpenAI's 50,000, fails the whole batch.
+
+The file is never held whole: ``InputReader`` reads it line by line, applies the caps as it goes
+(the 50,000th request is the last one read; a line over the length cap is skipped unread) and hands
+out a piece of at most about ``PIECE_BYTES`` of input at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 MAX_LINES = 50_000
+# How much of the input one read hands out: what a batch being read holds beyond its running lines.
+PIECE_BYTES = 256 * 1024
+_SKIP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class BatchLine:
-    """One request of the batch: its 1-based line number in the input file, its id and body."""
+    """One request of the batch: its place among the file's requests (1-based, the key of its
+    result), its line number in the input file (for messages), its id and body."""
 
+    index: int
     number: int
     custom_id: str
     body: dict[str, Any]
@@ -28,20 +39,11 @@ class BatchLine:
 
 @dataclass(frozen=True)
 class Rejected:
+    index: int
     number: int
     custom_id: str | None
     code: str
     message: str
-
-
-@dataclass(frozen=True)
-class ParsedInput:
-    lines: list[BatchLine]
-    rejected: list[Rejected]
-
-    @property
-    def total(self) -> int:
-        return len(self.lines) + len(self.rejected)
 
 
 class InvalidInputFile(Exception):  # noqa: N818  (a verdict on the file, as OpenAI words it)
@@ -53,53 +55,105 @@ class InvalidInputFile(Exception):  # noqa: N818  (a verdict on the file, as Ope
         self.message = message
 
 
-def parse_input(content: bytes, endpoint: str) -> ParsedInput:
-    lines: list[BatchLine] = []
-    rejected: list[Rejected] = []
-    seen: set[str] = set()
-    for number, raw in enumerate(content.split(b"\n"), start=1):
-        if not raw.strip():
-            continue  # blank lines (a trailing newline, CRLF files) carry no request
-        outcome = _parse_line(number, raw, endpoint, seen)
-        if isinstance(outcome, BatchLine):
-            seen.add(outcome.custom_id)
-            lines.append(outcome)
-        else:
-            rejected.append(outcome)
-    parsed = ParsedInput(lines, rejected)
-    if parsed.total == 0:
-        raise InvalidInputFile("empty_file", "the input file has no requests: write one JSON request per line")
-    if parsed.total > MAX_LINES:
-        raise InvalidInputFile(
-            "too_many_requests", f"the input file has {parsed.total} requests; a batch takes at most {MAX_LINES}"
-        )
-    return parsed
+class InputReader:
+    """A batch's input file, read one piece at a time (blocking: call it from a thread).
+
+    ``check_duplicates`` is for the first read, which records every rejected line: it keeps a
+    16-byte digest of each ``custom_id`` (at most 50,000 of them), never the lines. Later reads
+    of the same file give the same requests with the same indexes; those in ``skip`` (the ones
+    with a result already) are counted but neither parsed nor handed out."""
+
+    def __init__(
+        self,
+        path: Path,
+        endpoint: str,
+        max_line_bytes: int,
+        *,
+        check_duplicates: bool = False,
+        skip: Container[int] = (),
+    ) -> None:
+        self.endpoint = endpoint
+        self.max_line_bytes = max_line_bytes
+        self.skip = skip
+        self.requests = 0
+        self._number = 0
+        self._seen: set[bytes] | None = set() if check_duplicates else None
+        self._file: BinaryIO = path.open("rb")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self) -> list[BatchLine | Rejected]:
+        """The next requests, about ``PIECE_BYTES`` of input (at least one line); [] at the end of
+        the file. Raises ``InvalidInputFile`` on the request past ``MAX_LINES``, or at the end of a
+        file that had none."""
+        piece: list[BatchLine | Rejected] = []
+        size = 0
+        while not piece or size < PIECE_BYTES:  # [] only at the end, however many lines were skipped
+            raw = self._file.readline(self.max_line_bytes + 1)
+            if not raw:
+                if self.requests == 0:
+                    message = "the input file has no requests: write one JSON request per line"
+                    raise InvalidInputFile("empty_file", message)
+                break
+            self._number += 1
+            size += len(raw)
+            too_long = len(raw) > self.max_line_bytes and not raw.endswith(b"\n")
+            if too_long:
+                self._skip_rest_of_line()
+            elif not raw.strip():
+                continue  # blank lines (a trailing newline, CRLF files) carry no request
+            self.requests += 1
+            if self.requests > MAX_LINES:
+                message = f"the input file has more than {MAX_LINES} requests; a batch takes at most {MAX_LINES}"
+                raise InvalidInputFile("too_many_requests", message)
+            if self.requests in self.skip:
+                continue
+            if too_long:
+                message = f"line {self._number} is longer than {self.max_line_bytes} bytes (server.max_request_bytes)"
+                piece.append(Rejected(self.requests, self._number, None, "line_too_large", message))
+            else:
+                piece.append(self._parse(raw))
+        return piece
+
+    def _skip_rest_of_line(self) -> None:
+        while (chunk := self._file.readline(_SKIP_BYTES)) and not chunk.endswith(b"\n"):
+            pass
+
+    def _parse(self, raw: bytes) -> BatchLine | Rejected:
+        outcome = _parse_line(self.requests, self._number, raw, self.endpoint)
+        if self._seen is not None and isinstance(outcome, BatchLine):
+            digest = hashlib.blake2b(outcome.custom_id.encode(), digest_size=16).digest()
+            if digest in self._seen:
+                message = f"custom_id {outcome.custom_id!r} is used by an earlier line"
+                return Rejected(outcome.index, outcome.number, outcome.custom_id, "duplicate_custom_id", message)
+            self._seen.add(digest)
+        return outcome
 
 
-def _parse_line(number: int, raw: bytes, endpoint: str, seen: set[str]) -> BatchLine | Rejected:
+def _parse_line(index: int, number: int, raw: bytes, endpoint: str) -> BatchLine | Rejected:
     try:
         item = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejected(number, None, "invalid_json", f"line {number} is not valid JSON: {exc}")
+        return Rejected(index, number, None, "invalid_json", f"line {number} is not valid JSON: {exc}")
     if not isinstance(item, dict):
-        return Rejected(number, None, "invalid_json", f"line {number} is not a JSON object")
+        return Rejected(index, number, None, "invalid_json", f"line {number} is not a JSON object")
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        return Rejected(number, None, "missing_custom_id", f"line {number} has no custom_id (a non-empty string)")
-    if custom_id in seen:
-        return Rejected(number, custom_id, "duplicate_custom_id", f"custom_id {custom_id!r} is used by an earlier line")
+        message = f"line {number} has no custom_id (a non-empty string)"
+        return Rejected(index, number, None, "missing_custom_id", message)
     if item.get("method") != "POST":
-        return Rejected(number, custom_id, "invalid_method", f'line {number}: method must be "POST"')
+        return Rejected(index, number, custom_id, "invalid_method", f'line {number}: method must be "POST"')
     if item.get("url") != endpoint:
         message = f"line {number}: url {item.get('url')!r} is not the batch's endpoint {endpoint}"
-        return Rejected(number, custom_id, "invalid_url", message)
+        return Rejected(index, number, custom_id, "invalid_url", message)
     body = item.get("body")
     if not isinstance(body, dict):
-        return Rejected(number, custom_id, "invalid_body", f"line {number}: body must be a JSON object")
+        return Rejected(index, number, custom_id, "invalid_body", f"line {number}: body must be a JSON object")
     if body.get("stream"):
         message = f'line {number}: a batch line cannot stream; drop "stream"'
-        return Rejected(number, custom_id, "invalid_body", message)
-    return BatchLine(number, custom_id, body)
+        return Rejected(index, number, custom_id, "invalid_body", message)
+    return BatchLine(index, number, custom_id, body)
 
 
 def _line_id() -> str:
@@ -125,16 +179,3 @@ def succeeded(line: dict[str, Any]) -> bool:
     """Whether a line belongs in the output file (else the error file): the route answered 2xx."""
     response = line.get("response")
     return isinstance(response, dict) and 200 <= int(response.get("status_code", 0)) < 300
-
-
-def split_results(results: dict[int, str]) -> tuple[bytes, bytes]:
-    """The output and error files' contents, each line in input-file order."""
-    output: list[str] = []
-    errors: list[str] = []
-    for _, text in sorted(results.items()):
-        (output if succeeded(json.loads(text)) else errors).append(text)
-    return _jsonl(output), _jsonl(errors)
-
-
-def _jsonl(lines: Iterable[str]) -> bytes:
-    return "".join(f"{line}\n" for line in lines).encode()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.openai.files.protocol import ExpiresAfter
 from server.stores.batches import BatchRecord
 
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
@@ -18,7 +19,9 @@ class BatchCreateRequest(BaseModel):
     endpoint: Endpoint = Field(description="The route every line of the file is sent to.")
     completion_window: Literal["24h"] = Field(description="Lines not run within it end with `batch_expired`.")
     metadata: dict[str, str] | None = Field(None, description="At most 16 pairs; keys up to 64, values up to 512.")
-    output_expires_after: dict[str, Any] | None = Field(None, description="Accepted; outputs are kept until deleted.")
+    output_expires_after: ExpiresAfter | None = Field(
+        None, description="When the output and error files expire; without it they are kept until deleted."
+    )
 
     @field_validator("metadata")
     @classmethod

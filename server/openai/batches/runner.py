@@ -8,6 +8,11 @@ yet final in Redis, takes a lease on each it can, and runs it to the end.
 * **Resumable.** Everything lives in Redis (``server.stores.batches``): the status, the counts
   and each finished line's result. A resumed batch re-reads its input file and runs the lines
   that have no result yet; a line that was running when its server died runs again.
+* **Read, never held.** The input file is read from disk a piece at a time (``lines.InputReader``)
+  each time it is needed: once to validate it (rejected lines get their error line, the 50,000
+  cap is applied as it is read), once to run its lines, and once more if the window ends first.
+  A batch being run holds its running lines and one piece of the file, whatever the file's size;
+  its output and error files are written from Redis a slice of results at a time.
 * **Each line is a request to the app itself**, through an in-process ASGI transport: the route
   of the batch's endpoint validates and translates the body and answers exactly as it would over
   HTTP, so the output line's ``status_code`` and ``body`` are the route's own, and no family's
@@ -26,6 +31,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,23 +44,26 @@ from server.dispatch import batch_priority
 from server.openai.batches.lease import Leases
 from server.openai.batches.lines import (
     BatchLine,
+    InputReader,
     InvalidInputFile,
-    ParsedInput,
+    Rejected,
     error_line,
-    parse_input,
     rejected_line,
     response_line,
-    split_results,
     succeeded,
 )
-from server.stores.batches import BatchError, BatchRecord, BatchStore, Status
+from server.stores.batches import BatchError, BatchRecord, BatchStore, Done, Status
 from server.stores.files import FileStore, NoSuchFileError, derived_file_id
 
 log = logging.getLogger(__name__)
 
 _SCAN_SECONDS = 1.0
+# Expired files and batches, and orphaned .part files, are swept at start and this often.
+_SWEEP_SECONDS = 60.0
 _ATTEMPTS = 3
 _RETRY_SECONDS = 2.0
+# Result lines written to an output file per chunk.
+_WRITE_LINES = 200
 
 
 class BatchRunner:
@@ -67,11 +77,13 @@ class BatchRunner:
         *,
         concurrency: int,
         lease_seconds: float,
+        max_line_bytes: int,
         api_key: str | None,
     ) -> None:
         self.batches = batches
         self.files = files
         self.concurrency = concurrency
+        self.max_line_bytes = max_line_bytes
         self.leases = Leases(connection, keys, uuid.uuid4().hex, lease_seconds)
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # raise_app_exceptions=False: an unexpected error is the app's own 500 body, an error line.
@@ -102,8 +114,12 @@ class BatchRunner:
     # ---- finding batches -----------------------------------------------------------------------
 
     async def _scan(self) -> None:
+        swept = -_SWEEP_SECONDS
         while True:
             try:
+                if time.monotonic() - swept >= _SWEEP_SECONDS:
+                    await self._sweep()
+                    swept = time.monotonic()
                 for batch_id in await self.batches.active():
                     if batch_id not in self._driving and await self.leases.take(batch_id):
                         self._driving[batch_id] = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
@@ -112,6 +128,11 @@ class BatchRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=_SCAN_SECONDS)
             self._wake.clear()
+
+    async def _sweep(self) -> None:
+        files, batches = await self.files.sweep(), await self.batches.sweep()
+        if files or batches:
+            log.info("removed %d expired files and %d expired batches", files, batches)
 
     async def _keep(self, batch_id: str, driver: asyncio.Task[None]) -> None:
         """Renew the lease; once it cannot be (another server holds it, Redis was gone for the
@@ -180,20 +201,14 @@ class BatchRun:
         if record is None or record.final:
             await self.store.inactive(self.id)
             return
-        parsed: ParsedInput | None = None
-        if record.status in ("validating", "in_progress"):
-            parsed = await self._parse(record)
-            if parsed is None:
+        if record.status == "validating":
+            if not await self._validate(record):
                 return
-        if record.status == "validating" and parsed is not None:
-            for rejected in parsed.rejected:
-                await self._record(rejected.number, rejected_line(rejected))
-            await self.store.update(self.id, total=parsed.total)
             await self.store.move(self.id, "in_progress", from_=("validating",))
             record = await self._reread()
-        if record.status == "in_progress" and parsed is not None:
-            await self._run_lines(record, parsed)
-        await self._finish(parsed)
+        if record.status == "in_progress" and not await self._run_lines(record):
+            return
+        await self._finish()
 
     async def _reread(self) -> BatchRecord:
         record = await self.store.get(self.id)
@@ -201,48 +216,79 @@ class BatchRun:
             raise RuntimeError(f"batch {self.id} vanished from Redis while it ran")
         return record
 
-    async def _parse(self, record: BatchRecord) -> ParsedInput | None:
-        """The input file's lines; the batch fails (None) when the file cannot be a batch."""
+    async def _requests(
+        self, record: BatchRecord, *, validate: bool = False, skip: Done | None = None
+    ) -> AsyncGenerator[list[BatchLine | Rejected]]:
+        """The input file's requests a piece at a time, read in a thread (``skip``: those left out)."""
+        path = await self.runner.files.content(record.input_file_id)
+        reader = await asyncio.to_thread(_reader, path, record.endpoint, self.runner.max_line_bytes, validate, skip)
         try:
-            content = await self.runner.files.read(record.input_file_id)
-            return await asyncio.to_thread(parse_input, content, record.endpoint)
-        except NoSuchFileError as exc:
-            await self._fail("invalid_input_file", f"input_file_id: {exc.message}")
-        except InvalidInputFile as exc:
-            await self._fail(exc.code, exc.message)
-        return None
+            while piece := await asyncio.to_thread(reader.read):
+                yield piece
+        finally:
+            await asyncio.to_thread(reader.close)
 
-    async def _fail(self, code: str, message: str) -> None:
+    async def _validate(self, record: BatchRecord) -> bool:
+        """Read the whole file once: every rejected line gets its error line, the total is set.
+        False when the batch failed (the file is gone, or cannot be a batch)."""
+        total = 0
+        try:
+            async with contextlib.aclosing(self._requests(record, validate=True)) as pieces:
+                async for piece in pieces:
+                    total = piece[-1].index
+                    rejected = [_result(r.index, rejected_line(r)) for r in piece if isinstance(r, Rejected)]
+                    await self.store.record_all(self.id, rejected)
+        except (NoSuchFileError, InvalidInputFile) as exc:
+            await self._fail(exc)
+            return False
+        await self.store.update(self.id, total=total)
+        return True
+
+    async def _fail(self, exc: NoSuchFileError | InvalidInputFile) -> None:
+        if isinstance(exc, NoSuchFileError):
+            code, message = "invalid_input_file", f"input_file_id: {exc.message}"
+        else:
+            code, message = exc.code, exc.message
         errors = {"object": "list", "data": [BatchError(code=code, message=message, line=None).model_dump()]}
         await self.store.update(self.id, errors=errors)
-        await self.store.move(self.id, "failed", from_=("validating", "in_progress", "cancelling"))
+        if await self.store.move(self.id, "failed", from_=("validating", "in_progress", "cancelling")):
+            await self.store.drop_results(self.id)
 
-    async def _record(self, number: int, line: dict[str, Any]) -> None:
-        await self.store.record(self.id, number, json.dumps(line, ensure_ascii=False), succeeded(line))
+    async def _record(self, index: int, line: dict[str, Any]) -> None:
+        await self.store.record(self.id, *_result(index, line))
 
-    async def _run_lines(self, record: BatchRecord, parsed: ParsedInput) -> None:
-        done = await self.store.results(self.id)
-        pending = [line for line in parsed.lines if line.number not in done]
+    async def _run_lines(self, record: BatchRecord) -> bool:
+        """Run every request without a result, at most ``concurrency`` at once, until the batch is
+        cancelled or its window ends. False when the batch failed (its input file is gone)."""
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(stop))
         slots = asyncio.Semaphore(self.runner.concurrency)
 
         async def run(line: BatchLine) -> None:
             try:
-                await self._record(line.number, await self._attempts(record.endpoint, line))
+                await self._record(line.index, await self._attempts(record.endpoint, line))
             finally:
                 slots.release()
 
         try:
-            async with asyncio.TaskGroup() as group:
-                for line in pending:
-                    await slots.acquire()
-                    if stop.is_set():
-                        slots.release()
-                        break
-                    group.create_task(run(line))
+            skip = await self.store.done(self.id)
+            async with asyncio.TaskGroup() as group, contextlib.aclosing(self._requests(record, skip=skip)) as pieces:
+                async for piece in pieces:
+                    for request in piece:
+                        if isinstance(request, Rejected):  # recorded at validation; the file changed since
+                            await self._record(request.index, rejected_line(request))
+                            continue
+                        await slots.acquire()
+                        if stop.is_set():
+                            slots.release()
+                            return True
+                        group.create_task(run(request))
+        except (NoSuchFileError, InvalidInputFile) as exc:
+            await self._fail(exc)
+            return False
         finally:
             watcher.cancel()
+        return True
 
     async def _attempts(self, endpoint: str, line: BatchLine) -> dict[str, Any]:
         """A 503 is the service's state, not the line's fault (its worker died or was stopped
@@ -269,7 +315,7 @@ class BatchRun:
             if record is None or record.status != "in_progress" or _expired(record):
                 stop.set()
 
-    async def _finish(self, parsed: ParsedInput | None) -> None:
+    async def _finish(self) -> None:
         """Write the output and error files, then the final status (redone whole after a crash:
         the files keep their ids)."""
         while True:
@@ -281,8 +327,7 @@ class BatchRun:
                 await self.store.move(self.id, "finalizing", from_=("in_progress",))
                 continue
             if record.status == "in_progress":
-                if parsed is not None:
-                    await self._expire_rest(parsed)
+                await self._expire_rest(record)
                 target = "expired"
             elif record.status == "cancelling":
                 target = "cancelled"
@@ -290,28 +335,57 @@ class BatchRun:
                 target = "completed"
             else:
                 raise RuntimeError(f"batch {self.id} cannot finish from status {record.status}")
-            await self._write_files()
+            await self._write_files(await self._reread())
             if await self.store.move(self.id, target, from_=(record.status,)):
                 await self.store.drop_results(self.id)
                 log.info("batch %s %s", self.id, target)
                 return
 
-    async def _expire_rest(self, parsed: ParsedInput) -> None:
-        done = await self.store.results(self.id)
-        for line in parsed.lines:
-            if line.number not in done:
-                message = "the batch's completion window ended before this request ran"
-                await self._record(line.number, error_line(line.custom_id, "batch_expired", message))
+    async def _expire_rest(self, record: BatchRecord) -> None:
+        message = "the batch's completion window ended before this request ran"
+        skip = await self.store.done(self.id)
+        with contextlib.suppress(NoSuchFileError, InvalidInputFile):  # nothing more to say of lines never read
+            async with contextlib.aclosing(self._requests(record, skip=skip)) as pieces:
+                async for piece in pieces:
+                    expired = [
+                        (r.index, json.dumps(error_line(r.custom_id, "batch_expired", message)), False) for r in piece
+                    ]
+                    await self.store.record_all(self.id, expired)
 
-    async def _write_files(self) -> None:
-        output, errors = split_results(await self.store.results(self.id))
+    async def _write_files(self, record: BatchRecord) -> None:
+        """The output file (the lines that ran and answered 2xx) and the error file (the rest),
+        each in input-file order, streamed from Redis to disk."""
+        counts = record.request_counts
+        expires_after = await self.store.output_expires_after(self.id)
         ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
-        for field, kind, content in (("output_file_id", "output", output), ("error_file_id", "error", errors)):
-            if content:
+        files = (("output_file_id", "output", counts.completed), ("error_file_id", "error", counts.failed))
+        for field, kind, count in files:
+            if count:
                 file_id = derived_file_id(f"{self.id}:{kind}")
-                await self.runner.files.write(file_id, f"{self.id}_{kind}.jsonl", "batch_output", content)
+                lines = self._result_lines(counts.total, ok=kind == "output")
+                await self.runner.files.write(file_id, f"{self.id}_{kind}.jsonl", "batch_output", lines, expires_after)
                 ids[field] = file_id
         await self.store.update(self.id, **ids)
+
+    async def _result_lines(self, total: int, *, ok: bool) -> AsyncIterator[bytes]:
+        piece: list[str] = []
+        async for _, text in self.store.results(self.id, total):
+            if succeeded(json.loads(text)) == ok:
+                piece.append(f"{text}\n")
+                if len(piece) >= _WRITE_LINES:
+                    yield "".join(piece).encode()
+                    piece = []
+        if piece:
+            yield "".join(piece).encode()
+
+
+def _result(index: int, line: dict[str, Any]) -> tuple[int, str, bool]:
+    """A finished request as the store keeps it: its index, its line as JSON, whether it succeeded."""
+    return index, json.dumps(line, ensure_ascii=False), succeeded(line)
+
+
+def _reader(path: Path, endpoint: str, max_line_bytes: int, validate: bool, skip: Done | None) -> InputReader:
+    return InputReader(path, endpoint, max_line_bytes, check_duplicates=validate, skip=skip or ())
 
 
 def _expired(record: BatchRecord) -> bool:

@@ -7,7 +7,6 @@ import uuid
 
 from ollm.errors import InvalidRequestError, OllmError
 from server.openai.batches.protocol import BatchCreateRequest, BatchList
-from server.openai.pagination import page
 from server.services import Services
 from server.stores.batches import BatchRecord
 
@@ -18,6 +17,16 @@ class NoSuchBatchError(OllmError):
     status = 404
     code = "batch_not_found"
     kind = "invalid_request_error"
+
+
+class TooManyActiveBatchesError(OllmError):
+    """429, as OpenAI answers a limit that clears with time: the official clients back off and try
+    again by themselves, and a batch ending frees a place (409 would say the request itself
+    conflicts, and is never retried)."""
+
+    status = 429
+    code = "too_many_active_batches"
+    kind = "rate_limit_error"
 
 
 class BatchNotCancellableError(OllmError):
@@ -47,7 +56,13 @@ async def create_batch(services: Services, body: BatchCreateRequest) -> BatchRec
             param="input_file_id",
         )
     record = new_batch(body, int(time.time()))
-    await services.batches.create(record)
+    cap = services.settings.server.max_active_batches
+    expiry = body.output_expires_after.seconds if body.output_expires_after else None
+    if not await services.batches.create(record, max_active=cap, output_expires_after=expiry):
+        raise TooManyActiveBatchesError(
+            f"{cap} batches are already validating, running or finishing (server.max_active_batches); "
+            "wait for one to end, or cancel one, then create this batch again"
+        )
     return record
 
 
@@ -60,8 +75,7 @@ async def retrieve_batch(services: Services, batch_id: str) -> BatchRecord:
 
 async def list_batches(services: Services, after: str | None, limit: int) -> BatchList:
     """Newest first, as OpenAI lists them."""
-    records = list(reversed(await services.batches.listing()))
-    data, has_more = page(records, lambda r: r.id, after, limit)
+    data, has_more = await services.batches.listing(after, limit)
     return BatchList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
     )

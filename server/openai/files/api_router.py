@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import FileResponse
 
 from server.errors import ERROR_RESPONSES
 from server.openai.files import serving
@@ -23,9 +23,15 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=ClientInputRoute, 
     summary="Upload a JSONL file for the Batch API (multipart: `file`, `purpose` = batch)",
 )
 async def upload_file(
-    file: UploadFile = File(...), purpose: str = Form(...), svc: Services = Depends(services)
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    anchor: str | None = Form(None, alias="expires_after[anchor]", description="`created_at`"),
+    seconds: str | None = Form(
+        None, alias="expires_after[seconds]", description="3600 to 2592000; a `batch` file is kept 30 days by default"
+    ),
+    svc: Services = Depends(services),
 ) -> FileRecord:
-    return await serving.upload_file(svc, file, purpose)
+    return await serving.upload_file(svc, file, purpose, serving.expiry_seconds(anchor, seconds))
 
 
 @router.get("/files", response_model=FileList, summary="Files, newest first unless `order=asc`")
@@ -50,5 +56,6 @@ async def delete_file(file_id: str, svc: Services = Depends(services)) -> FileDe
 
 
 @router.get("/files/{file_id}/content", summary="A file's content (a batch's output or error lines: JSONL)")
-async def file_content(file_id: str, svc: Services = Depends(services)) -> Response:
-    return Response(await svc.files.read(file_id), media_type="application/jsonl")
+async def file_content(file_id: str, svc: Services = Depends(services)) -> FileResponse:
+    # Streamed from disk a chunk at a time: a file may be as large as server.max_file_bytes.
+    return FileResponse(await svc.files.content(file_id), media_type="application/jsonl")

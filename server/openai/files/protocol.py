@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from server.stores.files import FileRecord
+from server.stores.files import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS, FileRecord
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy of a file (an upload's ``expires_after``, a batch's
+    ``output_expires_after``): ``seconds`` after the file's creation."""
+
+    anchor: Literal["created_at"] = Field(description="Only `created_at`, as OpenAI.")
+    seconds: int = Field(ge=MIN_EXPIRY_SECONDS, le=MAX_EXPIRY_SECONDS, description="From 1 hour to 30 days.")
 
 
 class FileList(BaseModel):

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi import UploadFile
+from pydantic import ValidationError
 
 from ollm.errors import InvalidRequestError
-from server.openai.files.protocol import FileDeleted, FileList
-from server.openai.pagination import page
+from server.openai.files.protocol import ExpiresAfter, FileDeleted, FileList
 from server.services import Services
-from server.stores.files import FileRecord
+from server.stores.files import DEFAULT_EXPIRY, FileRecord
 
 _CHUNK = 1 << 20
 
@@ -21,22 +21,33 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def upload_file(services: Services, upload: UploadFile, purpose: str) -> FileRecord:
+def expiry_seconds(anchor: str | None, seconds: str | None) -> int | None:
+    """An upload's ``expires_after[anchor]`` and ``expires_after[seconds]`` (multipart fields, as
+    the official clients send them), checked as OpenAI checks them."""
+    if anchor is None and seconds is None:
+        return DEFAULT_EXPIRY["batch"]
+    try:
+        return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds}).seconds
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequestError(
+            f"expires_after {problem} (anchor 'created_at', seconds from 3600 to 2592000)", param="expires_after"
+        ) from None
+
+
+async def upload_file(services: Services, upload: UploadFile, purpose: str, expires_after: int | None) -> FileRecord:
     if purpose != "batch":
         raise InvalidRequestError(
             f"purpose {purpose!r} is not served: ollm keeps files for the Batch API; upload with purpose 'batch'",
             param="purpose",
         )
-    return await services.files.upload(upload.filename or "upload.jsonl", "batch", _chunks(upload))
+    return await services.files.upload(upload.filename or "upload.jsonl", "batch", _chunks(upload), expires_after)
 
 
 async def list_files(
     services: Services, purpose: str | None, after: str | None, limit: int, order: Literal["asc", "desc"]
 ) -> FileList:
-    records = await services.files.listing(purpose)
-    if order == "desc":
-        records.reverse()
-    data, has_more = page(records, lambda r: r.id, after, limit)
+    data, has_more = await services.files.listing(purpose, after, limit, newest_first=order == "desc")
     return FileList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
     )
