@@ -22,7 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from ollm.embeddings import Embedder
 from ollm.engine.audio_prompt import audio_inputs
-from ollm.engine.base import Engine, EventSink
+from ollm.engine.base import Engine, EventSink, refuse_audio
 from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
@@ -138,15 +138,6 @@ def _refuse_images(plan: RuntimePlan, request: GenerationRequest) -> None:
         )
 
 
-def _refuse_audio(plan: RuntimePlan, request: GenerationRequest) -> None:
-    if request.messages and any(m.audios() for m in request.messages):
-        raise InvalidRequestError(
-            f"model {plan.reference} does not accept audio (it has no audio capability); send text only "
-            "or use an audio model such as voxtral",
-            param="file" if request.transcription else "messages",
-        )
-
-
 def _decode_image(data: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
@@ -225,7 +216,7 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
 
         def build(request: GenerationRequest, sink: EventSink, submitted: float) -> Sequence:
             _refuse_images(plan, request)
-            _refuse_audio(plan, request)
+            refuse_audio(plan.reference, request)
             return factory.sequence(request, sink, submitted, render_ids(tokenizer, request))
 
         why_not = supports_batching(model)
@@ -265,7 +256,7 @@ def _seq2seq_engine(
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
         _refuse_images(plan, request)
-        _refuse_audio(plan, request)
+        refuse_audio(plan.reference, request)
         if request.prompt is None and not (request.chat_template or tokenizer.chat_template):
             # Encoder-decoder models rarely have chat templates: the encoder reads the text itself.
             text = "\n".join(m.text() for m in request.messages or [])
@@ -296,7 +287,7 @@ def _image_text_engine(
     factory = _SequenceFactory(plan, model, tokenizer, settings)
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
-        _refuse_audio(plan, request)
+        refuse_audio(plan.reference, request)
         images = [_decode_image(data) for m in request.messages or [] for data in m.images()]
         text = render_text(tokenizer, request, image_placeholders=True)
         try:

@@ -27,7 +27,8 @@ from ollm.errors import OllmError
 
 _FILE_ID = re.compile(r"file-[0-9a-f]{32}")
 
-Purpose = Literal["batch", "batch_output"]
+# user_data / assistants: files a request names as input (server/documents.py reads them).
+Purpose = Literal["batch", "batch_output", "user_data", "assistants"]
 
 
 class NoSuchFileError(OllmError):

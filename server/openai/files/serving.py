@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, cast
 
 from fastapi import UploadFile
 
@@ -11,7 +11,7 @@ from ollm.errors import InvalidRequestError
 from server.openai.files.protocol import FileDeleted, FileList
 from server.openai.pagination import page
 from server.services import Services
-from server.stores.files import FileRecord
+from server.stores.files import FileRecord, Purpose
 
 _CHUNK = 1 << 20
 
@@ -21,13 +21,17 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+_UPLOAD_PURPOSES: tuple[Purpose, ...] = ("batch", "user_data", "assistants")
+
+
 async def upload_file(services: Services, upload: UploadFile, purpose: str) -> FileRecord:
-    if purpose != "batch":
+    if purpose not in _UPLOAD_PURPOSES:
         raise InvalidRequestError(
-            f"purpose {purpose!r} is not served: ollm keeps files for the Batch API; upload with purpose 'batch'",
+            f"purpose {purpose!r} is not served: upload with purpose 'batch' (Batch API input) or 'user_data' / "
+            "'assistants' (files named by input_file and input_image parts)",
             param="purpose",
         )
-    return await services.files.upload(upload.filename or "upload.jsonl", "batch", _chunks(upload))
+    return await services.files.upload(upload.filename or "upload", cast(Purpose, purpose), _chunks(upload))
 
 
 async def list_files(
