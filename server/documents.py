@@ -79,19 +79,24 @@ def file_part(file: UploadedFile, param: str) -> ContentPart:
             type="image", image=f"data:{_IMAGE_SUFFIX[suffix]};base64,{base64.b64encode(file.content).decode()}"
         )
     if suffix == ".pdf" or file.content.startswith(b"%PDF-"):
-        return ContentPart(type="text", text=f"[file: {name}]\n{_pdf_text(file, param)}")
+        return _text_part(name, _pdf_text(file, param))
     guessed = mimetypes.guess_type(name)[0] or ""
     if suffix in _TEXT_SUFFIX or guessed.startswith(_TEXT_MIME):
         try:
             text = file.content.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidRequestError(f"file {name!r} is not UTF-8 text: {exc}", param=param) from None
-        return ContentPart(type="text", text=f"[file: {name}]\n{text}")
+        return _text_part(name, text)
     raise InvalidRequestError(
         f"file {name!r} is of a kind ollm does not read; send text files (txt, md, json, csv, code), PDFs or "
         "images (png, jpeg, gif, webp)",
         param=param,
     )
+
+
+def _text_part(name: str, text: str) -> ContentPart:
+    # Named, and closed by a blank line: the part after it (more text, another file) starts apart.
+    return ContentPart(type="text", text=f"[file: {name}]\n{text.rstrip()}\n\n")
 
 
 def _pdf_text(file: UploadedFile, param: str) -> str:

@@ -9,6 +9,7 @@ Float32, so greedy tokens are equal on every CPU.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ def test_plan_is_audio_text_and_says_why_not_optimized(models: dict[str, Path], 
     assert (plan.kind, plan.model_type, plan.specialization_provider) == ("audio-text", "voxtral", "voxtral")
     assert plan.backend == "transformers-generic" and plan.specialization_state == "planned"
     assert plan.fallback_reason is not None and "voxtral.audio-encoder-offload" in plan.fallback_reason
+    # Why, in bytes: what stays resident without the passes.
+    resident = r"audio encoder and projector \([\d.]+ KiB\) stay resident beside the decoder \([\d.]+ KiB\)"
+    assert re.search(resident, plan.fallback_reason)
     assert plan.context_length == 2048
 
 

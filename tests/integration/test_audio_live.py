@@ -8,6 +8,7 @@ gives the same text on every request, streamed or not.
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from collections.abc import Iterator
@@ -161,4 +162,23 @@ def test_audio_errors_are_400s(stack: AudioStack) -> None:
             file=_wav(1.0),
             response_format="srt",
             stream=True,  # type: ignore[call-overload]
+        )
+
+
+def test_files_over_the_context_and_images_by_file_id(stack: AudioStack) -> None:
+    # The tiny Voxtral's tokenizer is byte-level and its context 2048 tokens: a 3000-byte file overflows it.
+    big = stack.client.files.create(file=("big.txt", b"a" * 3000, "text/plain"), purpose="user_data")
+    with pytest.raises(openai.BadRequestError) as too_long:
+        stack.client.responses.create(
+            model=stack.model, input=[{"role": "user", "content": [{"type": "input_file", "file_id": big.id}]}]
+        )
+    assert re.search(r"the prompt is \d{4} tokens; model \S+ has a context of 2048 tokens", str(too_long.value))
+    # An image by file_id becomes an image part: this audio model has no vision, and says so.
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
+    image = stack.client.files.create(file=("dot.png", png, "image/png"), purpose="user_data")
+    with pytest.raises(openai.BadRequestError, match="does not accept images"):
+        stack.client.responses.create(
+            model=stack.model, input=[{"role": "user", "content": [{"type": "input_image", "file_id": image.id}]}]
         )
