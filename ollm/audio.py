@@ -23,6 +23,7 @@ from ollm.errors import InvalidRequestError
 from ollm.settings import AudioSettings
 
 SAMPLE_RATE = 16_000  # what Whisper-style audio encoders (Voxtral's) read
+_MAX_DECODED_RATE = 2 * 48_000  # samples a second ollm decodes at most: 48 kHz stereo
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,24 @@ def decode_audio(raw: bytes, limits: AudioSettings, param: str) -> Clip:
             param=param,
         )
     try:
-        samples, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(raw)) as file:
+            rate, frames, channels = file.samplerate, file.frames, file.channels
+            # The header's claims are checked before anything is decoded: a forged length must not
+            # make the decoder allocate gigabytes.
+            seconds = frames / rate if rate else 0.0
+            if seconds > limits.max_seconds:
+                raise InvalidRequestError(
+                    f"the audio lasts {seconds:.1f} s, longer than the limit of {limits.max_seconds:g} s "
+                    "(audio.max_seconds); send a shorter file",
+                    param=param,
+                )
+            if frames * channels > limits.max_seconds * _MAX_DECODED_RATE:
+                raise InvalidRequestError(
+                    f"the audio decodes to {frames} frames of {channels} channels, more than ollm reads "
+                    f"({limits.max_seconds:g} s of 48 kHz stereo); send mono or stereo audio",
+                    param=param,
+                )
+            samples = file.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         # error_string: libsndfile's own words, without the repr of our in-memory file.
         reason = getattr(exc, "error_string", None) or str(exc)
@@ -78,13 +96,6 @@ def decode_audio(raw: bytes, limits: AudioSettings, param: str) -> Clip:
             f"the audio ({len(raw)} bytes) could not be decoded ({reason}); send wav, flac, mp3 or ogg",
             param=param,
         ) from exc
-    seconds = len(samples) / rate if rate else 0.0
-    if seconds > limits.max_seconds:
-        raise InvalidRequestError(
-            f"the audio lasts {seconds:.1f} s, longer than the limit of {limits.max_seconds:g} s "
-            "(audio.max_seconds); send a shorter file",
-            param=param,
-        )
     if len(samples) == 0:
         raise InvalidRequestError("the audio holds no samples", param=param)
     mono = samples.mean(axis=1)

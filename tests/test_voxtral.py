@@ -8,7 +8,6 @@ Float32, so greedy tokens are equal on every CPU.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from ollm.generation import (
 )
 from ollm.plan import plan_model
 from ollm.settings import Settings, load_settings
+from tests.spies import spy
 from tests.test_tiny_models import _llama
 from tests.tiny_voxtral import AUDIO_TOKEN, TOKENS_PER_WINDOW, TRANSCRIBE, build_voxtral, tone_b64
 
@@ -68,20 +68,18 @@ class _EncoderSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.features: list[torch.Tensor] = []
         self.forward_ids: list[list[int]] = []
-        features, forward = VoxtralModel.get_audio_features, VoxtralModel.forward
-
-        @functools.wraps(features)
-        def spy_features(model: VoxtralModel, input_features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.features.append(input_features)
-            return features(model, input_features, *args, **kwargs)
-
-        @functools.wraps(forward)
-        def spy_forward(model: VoxtralModel, *args: Any, **kwargs: Any) -> Any:
-            self.forward_ids.append(kwargs["input_ids"][0].tolist())
-            return forward(model, *args, **kwargs)
-
-        monkeypatch.setattr(VoxtralModel, "get_audio_features", spy_features)
-        monkeypatch.setattr(VoxtralModel, "forward", spy_forward)
+        spy(
+            monkeypatch,
+            VoxtralModel,
+            "get_audio_features",
+            lambda _model, features, *a, **k: self.features.append(features),
+        )
+        spy(
+            monkeypatch,
+            VoxtralModel,
+            "forward",
+            lambda _model, **k: self.forward_ids.append(k["input_ids"][0].tolist()),
+        )
 
 
 def _audio_message(audio: str, text: str = "what is it?") -> ChatMessage:
