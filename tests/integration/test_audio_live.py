@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.integration.harness import Server, Worker, new_namespace
+from tests.integration.test_metrics import scrape, total
 from tests.tiny_voxtral import TOKENS_PER_WINDOW, build_voxtral, tone, tone_b64
 from workers.redis_server import RedisServer
 
@@ -88,7 +89,13 @@ def test_transcriptions_in_every_format_agree(stack: AudioStack) -> None:
 
 
 def test_streamed_transcription_sends_deltas_then_done(stack: AudioStack) -> None:
+    before = scrape(stack.server)
     expected = stack.client.audio.transcriptions.create(model=stack.model, file=_wav(), language="en").text
+    # Each window was a job of the model, counted like every other request's.
+    after = scrape(stack.server)
+    jobs = {"model": stack.model, "kind": "generate"}
+    moved = total(after, "ollm_model_requests_total", **jobs) - total(before, "ollm_model_requests_total", **jobs)
+    assert moved == WINDOWS
     events = list(stack.client.audio.transcriptions.create(model=stack.model, file=_wav(), language="en", stream=True))
     *deltas, done = events
     assert all(e.type == "transcript.text.delta" for e in deltas) and deltas
