@@ -115,7 +115,7 @@ def test_translation_runs_as_a_chat_turn(stack: AudioStack) -> None:
         )
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["language"] == "english" and body["duration"] == 1.0
+    assert body["language"] == "en" and body["duration"] == 1.0
     assert [(s["start"], s["end"]) for s in body["segments"]] == [(0.0, 1.0)]
 
 

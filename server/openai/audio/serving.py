@@ -188,8 +188,8 @@ def _respond(form: AudioForm, task: Task, clip: Clip, pieces: list[_Window], don
     if form.response_format == "verbose_json":
         verbose = TranscriptionVerbose(
             duration=clip.seconds,
-            # The language asked for (translations: English); "unknown" when the model detected it unsaid.
-            language="english" if task == "translate" else (form.language or "unknown"),
+            # The ISO-639-1 code asked for (translations: en); "unknown" when the model detected it unsaid.
+            language="en" if task == "translate" else (form.language or "unknown"),
             text=text,
             segments=segments,
             usage=DurationUsage(type="duration", seconds=clip.seconds),
