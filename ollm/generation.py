@@ -23,10 +23,12 @@ class Strict(BaseModel):
 
 
 class ContentPart(Strict):
-    type: Literal["text", "image"]
+    type: Literal["text", "image", "audio"]
     text: str | None = None
     # Base64 image bytes or a data: URI.
     image: str | None = None
+    # Base64 bytes of an audio file (wav, flac, mp3, ogg): decoded by the model's engine (ollm.audio).
+    audio: str | None = None
 
 
 class ToolCall(Strict):
@@ -52,6 +54,11 @@ class ChatMessage(Strict):
         if isinstance(self.content, str):
             return []
         return [part.image for part in self.content if part.type == "image" and part.image]
+
+    def audios(self) -> list[str]:
+        if isinstance(self.content, str):
+            return []
+        return [part.audio for part in self.content if part.type == "audio" and part.audio]
 
 
 # A sampling seed: what a 64-bit generator takes (torch refuses larger ones at sampling time, a
@@ -96,6 +103,13 @@ class Constraint(Strict):
         return self
 
 
+class Transcription(Strict):
+    """Transcribe the request's one audio part in the model's own transcription format (not a chat)."""
+
+    # ISO-639-1 code; None lets the model detect the language.
+    language: str | None = Field(None, min_length=2, max_length=2)
+
+
 class GenerationRequest(Strict):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     model: str
@@ -107,11 +121,14 @@ class GenerationRequest(Strict):
     chat_template: str | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     constraint: Constraint | None = None
+    transcription: Transcription | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
+        if self.transcription is not None and sum(len(m.audios()) for m in self.messages or []) != 1:
+            raise ValueError("a transcription needs messages holding exactly one audio part")
         return self
 
 

@@ -242,6 +242,23 @@ class WorkerSettings(Section):
         return None if size == "auto" else int(size)
 
 
+class AudioSettings(Section):
+    """Audio in requests (chat ``input_audio``, ``/v1/audio/transcriptions``); read wherever audio is decoded."""
+
+    max_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest audio file one request may carry (encoded bytes); 400 above."
+    )
+    max_seconds: float = Field(
+        1800.0, gt=0, description="Longest audio one request may carry once decoded; 400 above."
+    )
+    window_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Transcriptions cut longer audio into windows of this length, one generation each, and join "
+        "their text (Voxtral's audio encoder reads 30-second windows).",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -255,6 +272,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    audio: AudioSettings = Field(default_factory=AudioSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -24,6 +24,7 @@ from server.metrics.requests import RequestMetrics, endpoints
 from server.middleware import ApiKeyAuth, BodyLimit
 from server.native.api_router import router as native_router
 from server.ollama.api_router import router as ollama_router
+from server.openai.audio.api_router import router as audio_router
 from server.openai.batches.api_router import router as batches_router
 from server.openai.batches.runner import BatchRunner
 from server.openai.chat_completion.api_router import router as chat_completion_router
@@ -42,6 +43,7 @@ ROUTERS: list[APIRouter] = [
     models_router,
     responses_router,
     files_router,
+    audio_router,
     batches_router,
     anthropic_router,
     ollama_router,

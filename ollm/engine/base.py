@@ -7,7 +7,7 @@ import queue
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
-from ollm.errors import OllmError
+from ollm.errors import InvalidRequestError, OllmError
 from ollm.generation import ErrorEvent, Event, ExecutionInfo, FinalEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -69,3 +69,13 @@ def prepared(build: Callable[[], T], sink: EventSink) -> T | None:
         log.exception("preparing the request failed")
         sink(ErrorEvent(message=f"the request could not be prepared: {exc}", status=500))
     return None
+
+
+def refuse_audio(model: str, request: GenerationRequest) -> None:
+    """The 400 of every engine whose model has no audio capability, for a request that carries audio."""
+    if request.messages and any(m.audios() for m in request.messages):
+        raise InvalidRequestError(
+            f"model {model} does not accept audio (it has no audio capability); send text only "
+            "or use an audio model such as voxtral",
+            param="file" if request.transcription else "messages",
+        )

@@ -15,7 +15,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from ollm.engine.base import EventSink
+from ollm.engine.base import EventSink, refuse_audio
+from ollm.errors import OllmError
 from ollm.generation import (
     ErrorEvent,
     ExecutionInfo,
@@ -81,6 +82,11 @@ class EchoEngine:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
+        try:
+            refuse_audio(self.info.model, request)
+        except OllmError as exc:
+            sink(ErrorEvent.from_error(exc))
+            return
         if request.messages is not None:
             users = [m for m in request.messages if m.role == "user"]
             text = users[-1].text() if users else ""

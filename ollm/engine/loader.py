@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoModelForSeq2SeqLM,
     AutoProcessor,
     AutoTokenizer,
@@ -20,7 +21,8 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from ollm.embeddings import Embedder
-from ollm.engine.base import Engine, EventSink
+from ollm.engine.audio_prompt import audio_inputs
+from ollm.engine.base import Engine, EventSink, refuse_audio
 from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
@@ -214,6 +216,7 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
 
         def build(request: GenerationRequest, sink: EventSink, submitted: float) -> Sequence:
             _refuse_images(plan, request)
+            refuse_audio(plan.reference, request)
             return factory.sequence(request, sink, submitted, render_ids(tokenizer, request))
 
         why_not = supports_batching(model)
@@ -238,6 +241,8 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
         )
     if plan.kind == "seq2seq":
         return _seq2seq_engine(plan, settings, info, dtype, started)
+    if plan.kind == "audio-text":
+        return _audio_text_engine(plan, settings, info, dtype, started)
     return _image_text_engine(plan, settings, info, dtype, started)
 
 
@@ -251,6 +256,7 @@ def _seq2seq_engine(
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
         _refuse_images(plan, request)
+        refuse_audio(plan.reference, request)
         if request.prompt is None and not (request.chat_template or tokenizer.chat_template):
             # Encoder-decoder models rarely have chat templates: the encoder reads the text itself.
             text = "\n".join(m.text() for m in request.messages or [])
@@ -281,6 +287,7 @@ def _image_text_engine(
     factory = _SequenceFactory(plan, model, tokenizer, settings)
 
     def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+        refuse_audio(plan.reference, request)
         images = [_decode_image(data) for m in request.messages or [] for data in m.images()]
         text = render_text(tokenizer, request, image_placeholders=True)
         try:
@@ -304,6 +311,33 @@ def _image_text_engine(
         # prompt_ids include the image placeholder tokens the processor expanded: they fill the context too.
         seq = factory.sequence(request, sink, submitted, prompt_ids)
         return seq, dict(inputs)
+
+    return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
+
+
+def _audio_text_engine(
+    plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
+) -> Engine:
+    """Voxtral: a Whisper-style audio encoder and projector in front of a Mistral decoder.
+
+    The audio encoder runs once per request, inside the prefill forward; decode steps read the cache.
+    """
+    assert plan.path is not None
+    model = AutoModelForMultimodalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
+    processor = AutoProcessor.from_pretrained(plan.path)
+    tokenizer = processor.tokenizer
+    factory = _SequenceFactory(plan, model, tokenizer, settings)
+
+    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+        _refuse_images(plan, request)
+        inputs = audio_inputs(processor, request, settings.audio, plan.reference)
+        if not inputs.prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        seq = factory.sequence(request, sink, submitted, inputs.prompt_ids)
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([inputs.prompt_ids], device=model.device)}
+        if inputs.input_features is not None:
+            kwargs["input_features"] = inputs.input_features.to(model.device, dtype)
+        return seq, kwargs
 
     return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
 

@@ -54,7 +54,7 @@ async def plan(body: PlanRequest, svc: Services = Depends(services)) -> dict[str
 
 def _prompt_request(svc: Services, body: PromptRequest) -> Any:
     model = body.model or svc.settings.runtime.model_reference
-    messages = serving.prompt_messages(body.prompt, body.system)
+    messages = serving.prompt_messages(body.prompt, body.system, body.audio)
     return serving.to_generation_request(model, messages, body, svc.settings.generation)
 
 

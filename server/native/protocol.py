@@ -39,6 +39,10 @@ class PromptRequest(SamplingOptions):
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, description="Defaults to runtime.model_reference.")
     system: str | None = None
+    audio: list[str] = Field(
+        default_factory=list,
+        description="Base64 audio files (wav, flac, mp3, ogg) heard before the prompt (audio models).",
+    )
 
 
 class SessionCreateRequest(_Body):

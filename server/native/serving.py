@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from ollm import catalogue
 from ollm.contract import WorkerInfo
 from ollm.errors import ModelNotFoundError
-from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
+from ollm.generation import ChatMessage, ContentPart, ErrorEvent, Event, FinalEvent, GenerationRequest, TokenEvent
 from ollm.redis_tls import explain
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings, RuntimeSettings
@@ -44,9 +44,12 @@ def to_generation_request(
     )
 
 
-def prompt_messages(prompt: str, system: str | None) -> list[ChatMessage]:
+def prompt_messages(prompt: str, system: str | None, audio: list[str] | None = None) -> list[ChatMessage]:
     system_messages = [ChatMessage(role="system", content=system)] if system else []
-    return [*system_messages, ChatMessage(role="user", content=prompt)]
+    content: str | list[ContentPart] = prompt
+    if audio:
+        content = [*(ContentPart(type="audio", audio=data) for data in audio), ContentPart(type="text", text=prompt)]
+    return [*system_messages, ChatMessage(role="user", content=content)]
 
 
 def to_prompt_response(request: GenerationRequest, final: FinalEvent, session_id: str | None = None) -> PromptResponse:

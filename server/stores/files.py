@@ -39,14 +39,15 @@ _YOUNG_SECONDS = 5.0
 # Expired files removed per Redis round trip of a sweep.
 _SWEEP_BATCH = 100
 
-Purpose = Literal["batch", "batch_output"]
+# user_data / assistants: files a request names as input (server/documents.py reads them).
+Purpose = Literal["batch", "batch_output", "user_data", "assistants"]
 PURPOSES: tuple[str, ...] = get_args(Purpose)
 
 # OpenAI's: a file may be kept from 1 hour to 30 days; files with purpose ``batch`` expire after
 # 30 days unless the upload says otherwise, others are kept until deleted.
 MIN_EXPIRY_SECONDS = 3600
 MAX_EXPIRY_SECONDS = 30 * 24 * 3600
-DEFAULT_EXPIRY: dict[str, int | None] = {"batch": MAX_EXPIRY_SECONDS, "batch_output": None}
+DEFAULT_EXPIRY: dict[str, int | None] = {"batch": MAX_EXPIRY_SECONDS}
 
 
 class NoSuchFileError(OllmError):

@@ -18,10 +18,23 @@ class ImageURL(_Lenient):
     url: str
 
 
+class InputAudio(_Lenient):
+    data: str = Field(description="Base64-encoded audio file")
+    format: Literal["wav", "mp3", "flac", "ogg"] = Field(description="Informative: the file's own header is read")
+
+
+class FileRef(_Lenient):
+    file_id: str | None = Field(None, description="A /v1/files upload (purpose user_data or assistants)")
+    file_data: str | None = Field(None, description="Base64 bytes or a data: URI")
+    filename: str | None = None
+
+
 class ContentPart(_Lenient):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "input_audio", "file"]
     text: str | None = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
+    file: FileRef | None = None
 
 
 class FunctionCall(_Lenient):

@@ -42,8 +42,9 @@ from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from ollm.tools import ToolPlan, split_tool_calls, tool_call_parser, tool_plan
 from server.dispatch import Completed
+from server.documents import UploadedFile, referenced_file, uploaded_files
 from server.errors import error_body
-from server.openai.chat_completion.protocol import ChatCompletionRequest, Message, NamedToolChoice
+from server.openai.chat_completion.protocol import ChatCompletionRequest, FileRef, Message, NamedToolChoice
 from server.openai.common import (
     arguments_json,
     completion_usage,
@@ -62,7 +63,7 @@ from server.translation import image_part, json_constraint
 # ---- pure translation ------------------------------------------------------------------------
 
 
-def from_message(message: Message, index: int) -> ChatMessage:
+def from_message(message: Message, index: int, files: dict[str, UploadedFile] | None = None) -> ChatMessage:
     content: str | list[ContentPart]
     if message.content is None or isinstance(message.content, str):
         content = message.content or ""
@@ -71,6 +72,16 @@ def from_message(message: Message, index: int) -> ChatMessage:
         for part in message.content:
             if part.type == "text":
                 content.append(ContentPart(type="text", text=part.text or ""))
+            elif part.type == "file":
+                ref = part.file or FileRef()
+                param = f"messages.{index}.content"
+                content.append(referenced_file(ref.file_id, ref.file_data, ref.filename, files or {}, param))
+            elif part.type == "input_audio":
+                if part.input_audio is None:
+                    raise InvalidRequestError(
+                        "an input_audio part needs input_audio.data and .format", param=f"messages.{index}.content"
+                    )
+                content.append(ContentPart(type="audio", audio=part.input_audio.data))
             elif part.image_url is not None:
                 content.append(image_part(part.image_url.url, f"messages.{index}.content"))
             else:
@@ -103,7 +114,21 @@ def plan_of(request: ChatCompletionRequest) -> ToolPlan:
     return tool_plan(tools, name)
 
 
-def from_chat_request(request: ChatCompletionRequest, defaults: GenerationSettings) -> GenerationRequest:
+def file_ids(request: ChatCompletionRequest) -> set[str]:
+    """The /v1/files uploads this request's file parts name (read before translating)."""
+    return {
+        part.file.file_id
+        for message in request.messages
+        if isinstance(message.content, list)
+        for part in message.content
+        if part.file is not None and part.file.file_id is not None
+    }
+
+
+def from_chat_request(
+    request: ChatCompletionRequest, defaults: GenerationSettings, files: dict[str, UploadedFile] | None = None
+) -> GenerationRequest:
+    """``files``: the uploads the request names by file_id (``file_ids``), already read."""
     sampling = sampling_params(
         defaults,
         max_new_tokens=request.max_completion_tokens or request.max_tokens,
@@ -120,7 +145,7 @@ def from_chat_request(request: ChatCompletionRequest, defaults: GenerationSettin
     plan = plan_of(request)
     return GenerationRequest(
         model=request.model,
-        messages=[from_message(message, i) for i, message in enumerate(request.messages)],
+        messages=[from_message(message, i, files) for i, message in enumerate(request.messages)],
         tools=plan.tools,
         sampling=sampling,
         # A forced tool call wins over response_format: the call's arguments follow the tool's schema.
@@ -269,7 +294,8 @@ async def stream_choices(
 
 
 async def create_chat_completion(services: Services, http: Request, body: ChatCompletionRequest) -> Response:
-    request = from_chat_request(body, services.settings.generation)
+    files = await uploaded_files(services.files, file_ids(body))
+    request = from_chat_request(body, services.settings.generation, files)
     created = int(time.time())
     if not body.stream:
         done, *more = await generate_all(services.dispatcher, fan_out(request, body.n), http.is_disconnected)

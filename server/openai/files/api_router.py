@@ -20,7 +20,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=ClientInputRoute, 
 @router.post(
     "/files",
     response_model=FileRecord,
-    summary="Upload a JSONL file for the Batch API (multipart: `file`, `purpose` = batch)",
+    summary="Upload a file (multipart: `file`, `purpose` = batch for the Batch API, user_data or assistants for "
+    "input_file / input_image parts)",
 )
 async def upload_file(
     file: UploadFile = File(...),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, cast
 
 from fastapi import UploadFile
 from pydantic import ValidationError
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ollm.errors import InvalidRequestError
 from server.openai.files.protocol import ExpiresAfter, FileDeleted, FileList
 from server.services import Services
-from server.stores.files import DEFAULT_EXPIRY, FileRecord
+from server.stores.files import DEFAULT_EXPIRY, FileRecord, Purpose
 
 _CHUNK = 1 << 20
 
@@ -23,9 +23,9 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 def expiry_seconds(anchor: str | None, seconds: str | None) -> int | None:
     """An upload's ``expires_after[anchor]`` and ``expires_after[seconds]`` (multipart fields, as
-    the official clients send them), checked as OpenAI checks them."""
+    the official clients send them), checked as OpenAI checks them; None when the upload sets none."""
     if anchor is None and seconds is None:
-        return DEFAULT_EXPIRY["batch"]
+        return None
     try:
         return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds}).seconds
     except ValidationError as exc:
@@ -35,13 +35,20 @@ def expiry_seconds(anchor: str | None, seconds: str | None) -> int | None:
         ) from None
 
 
+_UPLOAD_PURPOSES: tuple[Purpose, ...] = ("batch", "user_data", "assistants")
+
+
 async def upload_file(services: Services, upload: UploadFile, purpose: str, expires_after: int | None) -> FileRecord:
-    if purpose != "batch":
+    if purpose not in _UPLOAD_PURPOSES:
         raise InvalidRequestError(
-            f"purpose {purpose!r} is not served: ollm keeps files for the Batch API; upload with purpose 'batch'",
+            f"purpose {purpose!r} is not served: upload with purpose 'batch' (Batch API input) or 'user_data' / "
+            "'assistants' (files named by input_file and input_image parts)",
             param="purpose",
         )
-    return await services.files.upload(upload.filename or "upload.jsonl", "batch", _chunks(upload), expires_after)
+    chosen = cast(Purpose, purpose)
+    # Without expires_after, OpenAI's defaults: batch input files 30 days, other files until deleted.
+    expiry = expires_after if expires_after is not None else DEFAULT_EXPIRY.get(chosen)
+    return await services.files.upload(upload.filename or "upload", chosen, _chunks(upload), expiry)
 
 
 async def list_files(

@@ -8,8 +8,6 @@ Streamed and non-streamed responses are built by the same ``ResponseBuilder`` an
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 import uuid
 from collections.abc import Iterable
@@ -35,6 +33,7 @@ from ollm.generation import (
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
 from ollm.tools import ToolCallParser, ToolPlan, split_tool_calls, tool_call_parser, tool_plan
+from server.documents import UploadedFile, referenced_file, uploaded_files
 from server.openai.common import arguments_json, parse_arguments
 from server.openai.responses.protocol import (
     FunctionCallItem,
@@ -51,10 +50,6 @@ from server.services import Services
 from server.sse import event_stream, first_event, sse
 from server.stores.responses import ResponseStore, StoredResponse
 from server.translation import image_part, json_constraint
-
-# Files whose bytes are text the model can read; anything else needs a modality ollm lacks.
-_TEXT_MIME = ("text/", "application/json", "application/xml", "application/x-yaml", "application/yaml")
-_TEXT_SUFFIX = (".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".py", ".html", ".log", ".tsv")
 
 
 class ResponseNotFoundError(OllmError):
@@ -86,28 +81,18 @@ def new_id(prefix: str) -> str:
 # ---- input -----------------------------------------------------------------------------------
 
 
-def _file_text(part: InputFile, param: str) -> str:
-    if part.file_data is None:
-        raise InvalidRequestError(
-            "input_file needs file_data (inline base64); ollm has no files API to resolve file_id or file_url",
-            param=param,
-        )
-    mime, _, data = part.file_data.partition(",") if part.file_data.startswith("data:") else ("", "", part.file_data)
-    mime = mime.removeprefix("data:").split(";")[0]
-    name = part.filename or "file"
-    if not (mime.startswith(_TEXT_MIME) or (not mime and name.lower().endswith(_TEXT_SUFFIX))):
-        raise InvalidRequestError(
-            f"input_file {name!r} ({mime or 'unknown type'}) is not a text file; ollm reads text files only",
-            param=param,
-        )
-    try:
-        text = base64.b64decode(data, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"input_file {name!r} is not base64-encoded UTF-8 text: {exc}", param=param) from None
-    return f"[file: {name}]\n{text}"
+def file_ids(body: ResponseRequest) -> set[str]:
+    """The /v1/files uploads this request's parts name (read before translating)."""
+    return {
+        part.file_id
+        for item in input_of(body)
+        if isinstance(item, MessageItem) and not isinstance(item.content, str)
+        for part in item.content
+        if isinstance(part, InputFile | InputImage) and part.file_id is not None
+    }
 
 
-def _content(item: MessageItem, param: str) -> str | list[ContentPart]:
+def _content(item: MessageItem, files: dict[str, UploadedFile], param: str) -> str | list[ContentPart]:
     if isinstance(item.content, str):
         return item.content
     parts: list[ContentPart] = []
@@ -117,14 +102,12 @@ def _content(item: MessageItem, param: str) -> str | list[ContentPart]:
             parts.append(ContentPart(type="text", text=part.text))
         elif isinstance(part, Refusal):
             parts.append(ContentPart(type="text", text=part.refusal))
-        elif isinstance(part, InputImage):
-            if part.image_url is None:
-                raise InvalidRequestError(
-                    "input_image needs image_url (a data: URI); file_id is not supported", param=where
-                )
+        elif isinstance(part, InputImage) and part.image_url is not None:
             parts.append(image_part(part.image_url, where))
-        elif isinstance(part, InputFile):
-            parts.append(ContentPart(type="text", text=_file_text(part, where)))
+        elif isinstance(part, InputImage):
+            parts.append(referenced_file(part.file_id, None, None, files, where))
+        else:
+            parts.append(referenced_file(part.file_id, part.file_data, part.filename, files, where))
     return parts
 
 
@@ -132,13 +115,15 @@ def _call_names(messages: list[ChatMessage]) -> dict[str, str]:
     return {call.id: call.name for message in messages for call in message.tool_calls}
 
 
-def to_messages(items: list[InputItem], prior: list[ChatMessage]) -> list[ChatMessage]:
+def to_messages(
+    items: list[InputItem], prior: list[ChatMessage], files: dict[str, UploadedFile] | None = None
+) -> list[ChatMessage]:
     """Input items as internal messages; consecutive function calls share one assistant turn."""
     out: list[ChatMessage] = []
     for i, item in enumerate(items):
         param = f"input.{i}"
         if isinstance(item, MessageItem):
-            out.append(ChatMessage(role=item.role, content=_content(item, param)))
+            out.append(ChatMessage(role=item.role, content=_content(item, files or {}, param)))
         elif isinstance(item, FunctionCallItem):
             call = ToolCall(id=item.call_id, name=item.name, arguments=parse_arguments(item.arguments, param))
             # Calls following an assistant message (or each other) belong to that same turn.
@@ -204,9 +189,15 @@ class Translation:
     created_at: float = field(default_factory=time.time)
 
 
-def from_response_request(body: ResponseRequest, prior: list[ChatMessage], defaults: GenerationSettings) -> Translation:
+def from_response_request(
+    body: ResponseRequest,
+    prior: list[ChatMessage],
+    defaults: GenerationSettings,
+    files: dict[str, UploadedFile] | None = None,
+) -> Translation:
+    """``files``: the uploads the request names by file_id (``file_ids``), already read."""
     items = input_of(body)
-    conversation = prior + to_messages(items, prior)
+    conversation = prior + to_messages(items, prior, files)
     instructions = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
     plan = plan_of(body)
     text_format = body.text.format if body.text else None
@@ -461,8 +452,9 @@ class StreamFrames:
 
 async def create_response(services: Services, http: Request, body: ResponseRequest) -> Response:
     store = services.responses
+    files = await uploaded_files(services.files, file_ids(body))
     translation = from_response_request(
-        body, await _prior(store, body.previous_response_id), services.settings.generation
+        body, await _prior(store, body.previous_response_id), services.settings.generation, files
     )
     builder = ResponseBuilder(translation)
     keep = store if body.store and store.enabled else None
