@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from bench.families import FAMILIES, WINDOW, build_tiny
 from ollm.engine.base import stream
 from ollm.engine.batching import BatchingEngine
 from ollm.engine.loader import load_engine
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
 from ollm.plan import plan_model
 from ollm.settings import Settings, load_settings
-from tests.tiny_families import FAMILIES, WINDOW, build_tiny
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.families import build_tiny
 from tests.integration.conftest import ServerFactory, WorkerFactory
-from tests.tiny_families import build_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
