@@ -204,7 +204,7 @@ class BatchingEngine:
         ids = job.seq.prompt_ids[job.done : job.done + self.scheduler.step_tokens]
         try:
             mask, logits = self.runner.prefill_chunk(ids, job.done, job.cache)
-            self.caches.after_forward(job.cache)
+            self.caches.count(job.cache)
             job.done += len(ids)
             if job.done < len(job.seq.prompt_ids):
                 return
@@ -221,7 +221,7 @@ class BatchingEngine:
         self._prefilling = group
         try:
             mask, logits = self.runner.prefill([s.prompt_ids for s in group], cache)
-            self.caches.after_forward(cache)
+            self.caches.count(cache)
             fresh = self._first_tokens(group, cache, mask, logits)
         except Exception as exc:
             self._fail("prefill", exc, group, cache)
@@ -263,7 +263,7 @@ class BatchingEngine:
             return
         try:
             batch.mask, logits = self.runner.decode(batch.next_tokens, batch.mask, batch.cache)
-            self.caches.after_forward(batch.cache)
+            self.caches.count(batch.cache)
             batch.next_tokens = self._choose(batch.seqs, logits)
         except Exception as exc:
             self._batch = None

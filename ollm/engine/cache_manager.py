@@ -205,7 +205,7 @@ class CacheManager:
             raise ValueError(unsupported_layers(config))
         self._kinds: list[LayerKind] = [kind for kind in kinds if kind is not None]
         self.padded_prefill = all(kind.padded_prefill for kind in self._kinds)
-        # The most memory each kind held at once, in bytes (a test and `ollm doctor` read it).
+        # The most memory each layer kind held at once, in bytes: what the engine really used.
         self.peak_bytes: dict[str, int] = {}
 
     def new_cache(self) -> DynamicCache:
@@ -218,7 +218,7 @@ class CacheManager:
         for kind, a, b in zip(self._kinds, old.layers, new.layers, strict=True):
             kind.join(a, b, columns)
         release(new)
-        self._account(old)
+        self.count(old)
 
     def keep(self, cache: DynamicCache, rows: torch.Tensor, first: int) -> None:
         for kind, layer in zip(self._kinds, cache.layers, strict=True):
@@ -237,10 +237,7 @@ class CacheManager:
             totals[kind.name] = totals.get(kind.name, 0) + kind.nbytes(layer)
         return totals
 
-    def _account(self, cache: DynamicCache) -> None:
+    def count(self, cache: DynamicCache) -> None:
+        """Record what ``cache`` holds now in ``peak_bytes`` (after every forward or join that grew it)."""
         for name, size in self.bytes_by_kind(cache).items():
             self.peak_bytes[name] = max(size, self.peak_bytes.get(name, 0))
-
-    def after_forward(self, cache: DynamicCache) -> None:
-        """Record what the cache holds now (called after every forward that grew it)."""
-        self._account(cache)
