@@ -39,7 +39,8 @@ def test_gemma3_requests_batch_in_a_live_worker_and_answer_as_alone(
     models = tmp_path / "models"
     model = str(build_tiny("gemma3", models / "tiny-gemma3", default_model_dir))
     env = {"OLLM_RUNTIME__MODELS_DIR": str(models), "OLLM_RUNTIME__DTYPE": "float32"}
-    start_worker(model, OLLM_WORKER__MAX_BATCH="8", OLLM_WORKER__HEARTBEAT_SECONDS="0.2", **env).wait_ready(300)
+    worker = start_worker(model, wait=False, OLLM_WORKER__MAX_BATCH="8", OLLM_WORKER__HEARTBEAT_SECONDS="0.2", **env)
+    worker.wait_ready(timeout=300)
     server = start_server(**env)
     client = server.openai_client(timeout=300)
 
