@@ -14,7 +14,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel) -> None:
-        self._model = model
+        self.model = model
         self._device = model.device
 
     def prefill(self, prompts: list[list[int]], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ class ModelRunner:
         cache: DynamicCache,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        out = self._model(
+        out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
