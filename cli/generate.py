@@ -80,7 +80,7 @@ def _load(settings: Settings, plan: RuntimePlan) -> Engine:
             # Like `ollama run`: a model that is not here yet is pulled first.
             stderr.print(f"[dim]{plan.reference} is not materialized; pulling it…[/dim]")
             pull_model(plan.reference, settings.runtime)
-            plan = plan_model(plan.reference, settings.runtime)
+            plan = _plan(settings)
         with stderr.status(f"Loading {plan.reference} ({plan.backend}, {plan.device}, {plan.dtype})…"):
             return load_engine(plan, settings)
     except OllmError as exc:

@@ -70,7 +70,7 @@ def _answers(
     engine = load_engine(plan_model(settings.runtime.model_reference, settings.runtime), settings)
     try:
         finals = _run_together(engine, [_request(str(path), prompt, chat) for prompt in prompts])
-        streamer = streamer_of(engine._model)  # type: ignore[attr-defined]
+        streamer = streamer_of(engine.runner.model)  # type: ignore[attr-defined]
         fills = streamer.fills if streamer else 0
     finally:
         engine.close()

@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 
 def load_models(references: list[str], settings: Settings) -> tuple[dict[str, Engine], dict[str, Embedder]]:
     from ollm.engine import loader
-    from ollm.plan import plan_model
+    from workers.memory import plan_for
 
     engines: dict[str, Engine] = {}
     embedders: dict[str, Embedder] = {}
     for reference in references:
-        plan = plan_model(reference, settings.runtime)
+        # The plan the worker's memory accounting uses too: its real batch size and prefill step.
+        plan = plan_for(reference, settings)
         names = list(dict.fromkeys([reference, plan.resolved_reference]))
         log.info("loading %s (%s, %s on %s)", reference, plan.kind, plan.backend, plan.device)
         if plan.kind == "embedding":

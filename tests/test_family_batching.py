@@ -1,0 +1,214 @@
+"""Every seed family batched continuously on the engine core, on tiny random checkpoints.
+
+For gemma3 (sliding-window layers), gpt-oss (sliding window, attention sinks, MoE) and qwen3-next
+(linear-attention state, MoE), requests of different prompt lengths join a running batch and leave
+it mid-stream, and each one's greedy tokens equal the tokens it gets alone (float32). A
+sliding-window layer holds its window whatever the context; a failing step ends the requests it
+touched and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.families import FAMILIES, WINDOW, build_tiny
+from ollm.engine.base import stream
+from ollm.engine.batching import BatchingEngine
+from ollm.engine.loader import load_engine
+from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
+from ollm.plan import plan_model
+from ollm.settings import Settings, load_settings
+
+pytestmark = pytest.mark.timeout(300)
+
+# Prompt lengths around and past the window; the longest is chunked (max_tokens_per_step below).
+PROMPT_WORDS = (2, 9, 30, 5, 17, 60)
+NEW_TOKENS = (10, 4, 8, 12, 6, 9)
+STEP_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {family: build_tiny(family, root / family, default_model_dir) for family in FAMILIES}
+
+
+def _settings(tmp_path_factory: pytest.TempPathFactory, **worker: int) -> Settings:
+    return load_settings(
+        {
+            "runtime": {"models_dir": tmp_path_factory.mktemp("models-dir"), "dtype": "float32"},
+            "worker": {"max_batch": 8, "max_tokens_per_step": STEP_TOKENS} | worker,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def engines(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Any]]:
+    settings = _settings(tmp_path_factory)
+    loaded: dict[str, BatchingEngine] = {}
+
+    def get(family: str) -> BatchingEngine:
+        if family not in loaded:
+            engine = load_engine(plan_model(str(tiny[family]), settings.runtime), settings)
+            assert isinstance(engine, BatchingEngine)
+            loaded[family] = engine
+        return loaded[family]
+
+    yield get
+    for engine in loaded.values():
+        engine.close()
+
+
+def _request(words: int, new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        model="tiny",
+        prompt=" ".join(f"w{i % 7}" for i in range(words)),
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True),
+    )
+
+
+def _answer(events: list[Event]) -> tuple[str, int]:
+    """The text and the number of tokens generated (a token whose text is held back streams no event)."""
+    final = events[-1]
+    assert isinstance(final, FinalEvent), final
+    return final.text, final.usage.completion_tokens
+
+
+class _Collector:
+    """One request's events, delivered by the engine thread."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.first_token = threading.Event()
+        self.ended = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, TokenEvent):
+            self.first_token.set()
+        if isinstance(event, FinalEvent | ErrorEvent):
+            self.ended.set()
+
+
+def _concurrently(engine: BatchingEngine, requests: list[GenerationRequest]) -> tuple[list[list[Event]], int]:
+    """The first two requests start a batch; the rest join once it decodes. Returns the largest batch seen."""
+    collectors = [_Collector() for _ in requests]
+    largest = 0
+    engine.submit(requests[0], collectors[0])
+    engine.submit(requests[1], collectors[1])
+    assert collectors[0].first_token.wait(60)
+    for request, collector in zip(requests[2:], collectors[2:], strict=True):
+        engine.submit(request, collector)
+    while not all(c.ended.wait(0.005) for c in collectors):
+        largest = max(largest, engine.batch_size())
+    return [c.events for c in collectors], largest
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_greedy_tokens_equal_each_request_alone(family: str, engines: Callable[[str], Any]) -> None:
+    engine = engines(family)
+    assert engine.info.fallback_reason is None or "one at a time" not in engine.info.fallback_reason
+    requests = [_request(w, n) for w, n in zip(PROMPT_WORDS, NEW_TOKENS, strict=True)]
+    alone = [_answer(list(stream(engine, r))) for r in requests]
+    together, largest = _concurrently(engine, [r.model_copy(update={"id": f"{r.id}-b"}) for r in requests])
+    assert [_answer(events) for events in together] == alone
+    assert [count for _, count in alone] == list(NEW_TOKENS)
+    assert largest >= 3, "the requests never decoded together"
+    assert engine.active() == 0
+
+
+def test_a_sliding_window_layer_holds_its_window_at_any_context(
+    tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory, max_tokens_per_step=1024)
+    engine = load_engine(plan_model(str(tiny["gemma3"]), settings.runtime), settings)
+    assert isinstance(engine, BatchingEngine)
+    try:
+        final = list(stream(engine, _request(8 * WINDOW, 4)))[-1]
+        assert isinstance(final, FinalEvent)
+        context = final.usage.prompt_tokens + final.usage.completion_tokens - 1  # the last token is never cached
+        assert final.usage.prompt_tokens >= 8 * WINDOW
+        # gemma3 tiny: 3 sliding layers and 1 full layer, 2 KV heads of 16 float32 values, keys and values.
+        per_column = 2 * 16 * 4 * 2
+        assert engine.caches.peak_bytes == {
+            "sliding_attention": 3 * (WINDOW - 1) * per_column,
+            "full_attention": 1 * context * per_column,
+        }
+        # Admission counts what a row really holds: its full layers' columns.
+        assert engine.caches.columns_held(8 * WINDOW) == 8 * WINDOW
+    finally:
+        engine.close()
+
+
+def _raising_once(call: Callable[..., Any], at: int) -> Callable[..., Any]:
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == at:
+            raise RuntimeError("injected failure")
+        return call(*args, **kwargs)
+
+    return wrapped
+
+
+# (object, method, which call raises): each step of the loop in turn.
+STEPS = [
+    ("runner", "prefill", 2),
+    ("runner", "prefill_chunk", 1),
+    ("engine", "_choose", 3),
+    ("caches", "join", 1),
+    ("runner", "decode", 3),
+    ("caches", "keep", 1),
+]
+
+
+@pytest.mark.parametrize(("owner", "method", "at"), STEPS, ids=[f"{o}.{m}" for o, m, _ in STEPS])
+def test_a_failing_step_ends_every_request_it_touched_and_the_rest_go_on(
+    owner: str, method: str, at: int, engines: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engines("gemma3")
+    target = engine if owner == "engine" else getattr(engine, owner)
+    monkeypatch.setattr(target, method, _raising_once(getattr(target, method), at))
+    requests = [_request(w, n) for w, n in zip(PROMPT_WORDS, NEW_TOKENS, strict=True)]
+    together, _ = _concurrently(engine, requests)
+    ends = [events[-1] for events in together]
+    assert all(isinstance(end, FinalEvent | ErrorEvent) for end in ends)
+    assert [sum(isinstance(e, FinalEvent | ErrorEvent) for e in events) for events in together] == [1] * len(ends)
+    failed = [end for end in ends if isinstance(end, ErrorEvent)]
+    assert failed and all("injected failure" in end.message for end in failed)
+    assert len(failed) < len(ends), "a failing step ended requests it did not touch"
+    # Memory released, nothing held: the engine is empty and serves the next request.
+    assert engine.active() == 0 and engine.batch_size() == 0
+    assert isinstance(list(stream(engine, _request(5, 3)))[-1], FinalEvent)
+
+
+def test_the_kv_budget_counts_the_padding_of_mixed_prompt_lengths(
+    tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # One long request (120 prompt tokens + 24 new = 144 columns) beside short ones (4 + 6): the
+    # batch is left-padded to the long row, so each row costs 144 slots and 4 rows fill 600.
+    settings = _settings(tmp_path_factory, max_tokens_per_step=1024, kv_cache_max_tokens=600)
+    engine = load_engine(plan_model(str(tiny["gemma3"]), settings.runtime), settings)
+    assert isinstance(engine, BatchingEngine)
+    try:
+        long = _Collector()
+        engine.submit(_request(60, 24), long)
+        assert long.first_token.wait(60)
+        shorts = [_Collector() for _ in range(7)]
+        for collector in shorts:
+            engine.submit(_request(2, 6), collector)
+        largest_beside_long = 0
+        while not long.ended.wait(0.002):
+            largest_beside_long = max(largest_beside_long, engine.batch_size())
+        assert all(c.ended.wait(60) for c in shorts)
+        assert all(isinstance(c.events[-1], FinalEvent) for c in [long, *shorts])
+        # Counting prompt + max tokens per row (10 for a short one) would have let all 8 in.
+        assert 2 <= largest_beside_long <= 4
+    finally:
+        engine.close()
