@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from types import FrameType
 from typing import Annotated, Any
@@ -215,3 +216,10 @@ def worker(
         residency.stop()
         for engine in {id(e): e for e in list(residency.engines.values())}.values():
             engine.close()
+    # Drained, deregistered, every engine closed: nothing is left to do. The interpreter's own
+    # finalization would garbage-collect torch's and transformers' whole module graph, 1 s alone
+    # and 10-15 s on a loaded machine (measured), while supervisors wait for the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
