@@ -95,10 +95,8 @@ def real_stack(
     for a test with a stack of its own)."""
     from tests.integration.harness import Live
 
-    stack = Live(
-        redis_server.url, tmp_path_factory.mktemp("real-stack"), [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL],
-        OLLM_SERVER__WORKER_LOST_SECONDS="2",
-    )  # fmt: skip
+    models = [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL]
+    stack = Live(redis_server.url, tmp_path_factory.mktemp("real-stack"), models)
     try:
         yield stack.start()
     finally:
