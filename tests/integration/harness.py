@@ -158,7 +158,8 @@ class Server(Process):
         command = [*OLLM, "serve", "--redis-url", redis_url, "--port", str(self.port), "--log-level", "warning"]
         super().__init__(command, base_env(namespace, **env), log)
 
-    def wait_ready(self, timeout: float = 60.0) -> Server:
+    def wait_ready(self, timeout: float = 180.0) -> Server:
+        # Generous: on a busy shared machine `ollm serve`'s imports alone took over 60 s (measured).
         def ready() -> bool:
             if not self.alive():
                 raise RuntimeError(f"server exited:\n{self.output()}")
