@@ -27,10 +27,6 @@ class OllamaStack:
         return ollama.Client(host=self.server.url, timeout=120)
 
 
-def ollama_stack(live: Live) -> OllamaStack:
-    return OllamaStack(live.server, live.worker, live.namespace, live.redis_url)
-
-
 @pytest.fixture
 def stack(real_stack: Live) -> OllamaStack:
-    return ollama_stack(real_stack)
+    return OllamaStack(real_stack.server, real_stack.worker, real_stack.namespace, real_stack.redis_url)

@@ -21,8 +21,8 @@ import ollama
 import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
-from tests.integration.harness import Live, wait_until
-from tests.ollama.conftest import OllamaStack, ollama_stack
+from tests.integration.harness import Server, Worker, new_namespace, stop_all, wait_until
+from tests.ollama.conftest import OllamaStack
 from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -258,14 +258,19 @@ def _running(client: ollama.Client) -> dict[str, ollama.ProcessResponse.Model]:
 
 
 @pytest.fixture
-def own_stack(tmp_path: Path, redis_server: RedisServer, default_model_dir: Path) -> Iterator[OllamaStack]:
+def own_stack(
+    tmp_path: Path, redis_server: RedisServer, default_model_dir: Path, embedding_model_dir: Path
+) -> Iterator[OllamaStack]:
     """A stack of its own: the test unloads the model and sets keep-alives, which the shared one
-    must not see."""
-    live = Live(redis_server.url, tmp_path, [MODEL])
+    must not see. The worker is the one Ollama users run: both default models, default modes."""
+    ns = new_namespace()
+    worker = Worker(redis_server.url, ns, [MODEL, DEFAULT_EMBEDDING_MODEL], tmp_path / "worker.log")
+    server = Server(redis_server.url, ns, tmp_path / "server.log")
     try:
-        yield ollama_stack(live.start())
+        worker.wait_ready(timeout=300)
+        yield OllamaStack(server.wait_ready(), worker, ns, redis_server.url)
     finally:
-        live.stop()
+        stop_all([server, worker])
 
 
 def test_ps_and_keep_alive(own_stack: OllamaStack) -> None:
