@@ -72,7 +72,7 @@ def _plan(settings: Settings) -> RuntimePlan:
 
 
 def _load(settings: Settings, plan: RuntimePlan) -> Engine:
-    from ollm.engine.loader import load_engine
+    from ollm.engine import load_engine
     from ollm.pull import pull_model
 
     try:

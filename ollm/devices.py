@@ -20,11 +20,11 @@ def _torch() -> ModuleType:
 
 
 def resolve_device(setting: str) -> str:
-    """``auto`` picks CUDA, then MPS, then CPU; explicit values must exist on this machine."""
-    torch = _torch()
+    """``auto`` picks CUDA, then MPS, then CPU; explicit values must exist on this machine.
+    ``cpu`` needs no probe: it resolves without importing torch (an echo worker never does)."""
     value = setting.strip().lower()
     if value == "auto":
-        if torch.cuda.is_available():
+        if _torch().cuda.is_available():
             return "cuda"
         return "mps" if _mps_available() else "cpu"
     if not _EXPLICIT_DEVICE.match(value):
@@ -32,6 +32,7 @@ def resolve_device(setting: str) -> str:
             f"runtime.device: {setting!r} is not a device; use auto, cpu, cuda, cuda:N or mps", param="device"
         )
     if value.startswith("cuda"):
+        torch = _torch()
         if not torch.cuda.is_available():
             raise SettingsError(
                 f"runtime.device: {setting!r} requested but CUDA is not available", param="device"
@@ -53,9 +54,8 @@ def resolve_dtype(setting: str, device: str) -> str:
     chosen automatically: its range overflows in some models' activations)."""
     if setting != "auto":
         return setting
-    torch = _torch()
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if _torch().cuda.is_bf16_supported() else "float32"
     if device == "mps":
         return "float32"
     return "bfloat16" if cpu_has_native_bf16() else "float32"

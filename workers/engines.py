@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def load_models(references: list[str], settings: Settings) -> tuple[dict[str, Engine], dict[str, Embedder]]:
-    from ollm.engine import loader
+    from ollm.engine import load_engine
     from workers.memory import plan_for
 
     engines: dict[str, Engine] = {}
@@ -27,9 +27,11 @@ def load_models(references: list[str], settings: Settings) -> tuple[dict[str, En
         names = list(dict.fromkeys([reference, plan.resolved_reference]))
         log.info("loading %s (%s, %s on %s)", reference, plan.kind, plan.backend, plan.device)
         if plan.kind == "embedding":
+            from ollm.engine import loader
+
             embedder: Embedder = loader.load_embedder(plan, settings)
             embedders.update(dict.fromkeys(names, embedder))
         else:
-            engine = loader.load_engine(plan, settings)
+            engine = load_engine(plan, settings)
             engines.update(dict.fromkeys(names, engine))
     return engines, embedders

@@ -8,6 +8,7 @@ weights can still run out of memory once its cache fills.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -42,9 +43,10 @@ def default_budget(device: str, sharing: int = 1) -> int:
 def resident_bytes(model: Any) -> int | None:
     """Bytes of the torch parameters and buffers a loaded engine or embedder holds, counted once
     each; None when it holds no torch module (the echo engine)."""
-    try:
-        import torch
-    except ImportError:
+    # Not imported here: a process that never imported torch holds no torch module, and an echo
+    # worker must not pay torch's start-up to learn so.
+    torch = sys.modules.get("torch")
+    if torch is None:
         return None
     modules = [value for value in _attributes(model) if isinstance(value, torch.nn.Module)]
     if not modules:

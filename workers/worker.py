@@ -118,6 +118,9 @@ class GenerationWorker(SimpleWorker):
         self._cancel_thread: PubSubWorkerThread | None = None
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        # RQ installs its handlers only after bootstrap, where this worker already registers: a
+        # SIGTERM in between would kill it with its registration left behind, not drain it.
+        self._install_signal_handlers()
         super().bootstrap(*args, **kwargs)
         self._listen_for_cancels()
         # Registered last: the server routes here only once this worker can take jobs.
@@ -324,8 +327,9 @@ class GenerationWorker(SimpleWorker):
     def _listen_for_cancels(self) -> None:
         self._cancel_pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
         self._cancel_pubsub.subscribe(**{self.context.keys.cancel_channel: self._on_cancel})
+        # sleep_time bounds each read, and so how long teardown waits for this thread to stop.
         self._cancel_thread = self._cancel_pubsub.run_in_thread(
-            sleep_time=1.0, daemon=True, exception_handler=_log_pubsub_error
+            sleep_time=0.1, daemon=True, exception_handler=_log_pubsub_error
         )
 
     def _on_cancel(self, message: dict[str, Any]) -> None:

@@ -186,10 +186,7 @@ def _contiguous_head_input(model: Any) -> None:
 
 
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
-    if plan.kind == "echo":
-        from ollm.engine.echo import EchoEngine
-
-        return EchoEngine(plan)
+    """A model with weights (echo is built by ``ollm.engine.load_engine``, without torch)."""
     if plan.kind == "embedding":
         raise UnsupportedModelError(f"{plan.reference} is an embedding model; it cannot generate text")
     if plan.path is None:

@@ -1,28 +1,18 @@
-"""A live stack per test module (the OpenAI suite's ``Live``): real redis-server, one `ollm worker` serving
-the real default chat model, and `ollm serve`; tests talk to it through the `anthropic` SDK."""
+"""The Anthropic suite talks to the session's real stack (``real_stack`` in tests/conftest.py: real
+redis-server, one `ollm worker` serving the real default models, and `ollm serve`) through the
+`anthropic` SDK."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import pytest
 
-from tests.conftest import DEFAULT_CHAT_MODEL
-from tests.openai.conftest import Live
-from workers.redis_server import RedisServer
+from tests.integration.harness import Live
 
 
-@pytest.fixture(scope="module")
-def live(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, default_model_dir: Path
-) -> Iterator[Live]:
-    stack = Live(redis_server.url, tmp_path_factory.mktemp("anthropic-live"), [DEFAULT_CHAT_MODEL])
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+@pytest.fixture
+def live(real_stack: Live) -> Live:
+    return real_stack
 
 
 def sdk_client(url: str, **credentials: str) -> anthropic.Anthropic:

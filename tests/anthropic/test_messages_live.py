@@ -17,8 +17,7 @@ from anthropic.types import TextBlock, ToolUseBlock
 
 from tests.anthropic.conftest import sdk_client
 from tests.conftest import CITY_SCHEMA, DEFAULT_CHAT_MODEL
-from tests.integration.harness import Server, sse_events
-from tests.openai.conftest import Live
+from tests.integration.harness import Live, Server, sse_events
 
 pytestmark = pytest.mark.slow
 

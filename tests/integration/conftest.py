@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, Worker, new_namespace
+from tests.integration.harness import Server, Worker, new_namespace, stop_all
 from workers.redis_server import RedisServer
 
 
@@ -34,8 +34,7 @@ def start_worker(tmp_path: Path, redis_server: RedisServer, namespace: str) -> I
         return worker.wait_ready() if wait else worker
 
     yield start
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 @pytest.fixture
@@ -49,8 +48,7 @@ def start_server(tmp_path: Path, redis_server: RedisServer, namespace: str) -> I
         return server.wait_ready()
 
     yield start
-    for server in started:
-        server.stop()
+    stop_all(started)
 
 
 class Stack:
@@ -78,5 +76,4 @@ def echo_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServ
         server.wait_ready()
         yield Stack(server, worker, ns, redis_server.url)
     finally:
-        server.stop()
-        worker.stop()
+        stop_all([server, worker])

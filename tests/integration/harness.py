@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Process:
         self.popen = subprocess.Popen(
             command, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -91,16 +92,29 @@ class Process:
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait()
 
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one would make a worker's warm shutdown a cold one."""
+        if not self._terminated and self.popen.poll() is None:
+            self._terminated = True
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.terminate()
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
         self._log.close()
         return self.popen.returncode
+
+
+def stop_all(processes: Sequence[Process]) -> None:
+    """Stop several processes together: all are signalled first, so their shutdowns overlap."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
 
 
 class Worker(Process):
@@ -108,6 +122,11 @@ class Worker(Process):
         command = [*OLLM, "worker", "--redis-url", redis_url]
         for model in models:
             command += ["--model", model]
+        if set(models) <= {"echo"}:
+            # An explicit device needs no torch to resolve: a worker that pins only echo registers
+            # without importing it (seconds per worker on this suite's busy machine). "auto" would
+            # pick the CPU here all the same.
+            env = {"OLLM_RUNTIME__DEVICE": "cpu", **env}
         super().__init__(command, base_env(namespace, **env), log)
         self.models = models
         self.redis_url = redis_url
@@ -121,6 +140,18 @@ class Worker(Process):
                 if pid is not None and int(pid) == self.pid:
                     return str(name)
             return None
+        finally:
+            client.close()
+
+    def advertised(self) -> list[str] | None:
+        """The models this worker's registration offers now; None while it is not registered."""
+        name = self.registered_name()
+        if name is None:
+            return None
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            models = client.hget(f"{self.namespace}:worker:{name}", "models")
+            return None if models is None else list(json.loads(str(models)))
         finally:
             client.close()
 
@@ -141,7 +172,8 @@ class Server(Process):
         command = [*OLLM, "serve", "--redis-url", redis_url, "--port", str(self.port), "--log-level", "warning"]
         super().__init__(command, base_env(namespace, **env), log)
 
-    def wait_ready(self, timeout: float = 60.0) -> Server:
+    def wait_ready(self, timeout: float = 180.0) -> Server:
+        # Generous: on a busy shared machine `ollm serve`'s imports alone took over 60 s (measured).
         def ready() -> bool:
             if not self.alive():
                 raise RuntimeError(f"server exited:\n{self.output()}")
@@ -159,6 +191,39 @@ class Server(Process):
     def openai_client(self, timeout: float = 120) -> openai.OpenAI:
         """The official client, as a user points it at this server (no retries: a failure shows)."""
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+class Live:
+    """A real stack in a namespace of its own: `ollm serve` and one `ollm worker` serving ``models``.
+
+    The session's shared one is the ``real_stack`` fixture (tests/conftest.py)."""
+
+    def __init__(self, redis_url: str, logs: Path, models: list[str], **server_env: str) -> None:
+        self.redis_url = redis_url
+        self.logs = logs
+        self.namespace = new_namespace()
+        self.server_env = server_env
+        # Seeded n=2 choices run side by side in whatever batch they land in: only the batch-invariant
+        # mode promises the same tokens whatever the batch holds (docs/engine.md).
+        invariant = {"OLLM_RUNTIME__BATCH_INVARIANT": "true"}
+        self.worker = Worker(redis_url, self.namespace, models, logs / "worker.log", **invariant)
+        self.server = Server(redis_url, self.namespace, logs / "server.log", **server_env)
+
+    def start(self) -> Live:
+        self.server.wait_ready()
+        self.worker.wait_ready(timeout=300)
+        return self
+
+    def own_server(self, log: Path, **env: str) -> Server:
+        """Another `ollm serve` over this stack's worker (the shared server's settings unless ``env``
+        says otherwise), for a test that restarts or reconfigures it; the test stops it."""
+        return Server(self.redis_url, self.namespace, log, **{**self.server_env, **env}).wait_ready()
+
+    def client(self) -> openai.OpenAI:
+        return self.server.openai_client()
+
+    def stop(self) -> None:
+        stop_all([self.server, self.worker])
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:

@@ -115,7 +115,8 @@ def test_a_worker_stopping_finishes_its_requests_and_takes_no_new_ones(
         next(e for _, e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
         worker.popen.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        time.sleep(0.5)
+        # Draining, it advertises no models: the server routes by that.
+        wait_until(lambda: worker.advertised() == [], 10, "the stopping worker to advertise no models")
         refused = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +21,9 @@ import ollama
 import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
-from tests.integration.harness import wait_until
+from tests.integration.harness import Server, Worker, new_namespace, stop_all, wait_until
 from tests.ollama.conftest import OllamaStack
+from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -254,7 +257,24 @@ def _running(client: ollama.Client) -> dict[str, ollama.ProcessResponse.Model]:
     return {m.model or "": m for m in client.ps().models}
 
 
-def test_ps_and_keep_alive(stack: OllamaStack) -> None:
+@pytest.fixture
+def own_stack(
+    tmp_path: Path, redis_server: RedisServer, default_model_dir: Path, embedding_model_dir: Path
+) -> Iterator[OllamaStack]:
+    """A stack of its own: the test unloads the model and sets keep-alives, which the shared one
+    must not see. The worker is the one Ollama users run: both default models, default modes."""
+    ns = new_namespace()
+    worker = Worker(redis_server.url, ns, [MODEL, DEFAULT_EMBEDDING_MODEL], tmp_path / "worker.log")
+    server = Server(redis_server.url, ns, tmp_path / "server.log")
+    try:
+        worker.wait_ready(timeout=300)
+        yield OllamaStack(server.wait_ready(), worker, ns, redis_server.url)
+    finally:
+        stop_all([server, worker])
+
+
+def test_ps_and_keep_alive(own_stack: OllamaStack) -> None:
+    stack = own_stack
     client = stack.client()
     client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1}, keep_alive="10m")
 

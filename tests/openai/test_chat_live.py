@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import CITY_SCHEMA, DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
-from tests.openai.conftest import Live
+from tests.integration.harness import Live
 
 pytestmark = pytest.mark.slow
 

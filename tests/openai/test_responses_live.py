@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,8 +13,8 @@ import openai
 import pytest
 
 from tests.conftest import DEFAULT_CHAT_MODEL
-from tests.integration.harness import Server
-from tests.openai.conftest import Live
+from tests.integration.harness import Live, Server, Worker, new_namespace
+from workers.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -164,10 +165,21 @@ def test_streamed_function_call_round_trip(client: openai.OpenAI) -> None:
         )
 
 
-def test_chaining_survives_a_server_restart(live: Live) -> None:
-    before = live.client().responses.create(model=MODEL, input="I live in Lisbon.", max_output_tokens=8, temperature=0)
-    live.restart_server()
-    client = live.client()
+def test_chaining_survives_a_server_restart(live: Live, tmp_path: Path) -> None:
+    # A server of its own to restart, over the shared worker and Redis.
+    server = live.own_server(tmp_path / "server0.log")
+    try:
+        before = server.openai_client().responses.create(
+            model=MODEL, input="I live in Lisbon.", max_output_tokens=8, temperature=0
+        )
+        server.stop()
+        server = live.own_server(tmp_path / "server1.log")
+        _chain_after_restart(server.openai_client(), before)
+    finally:
+        server.stop()
+
+
+def _chain_after_restart(client: openai.OpenAI, before: Any) -> None:
     assert client.responses.retrieve(before.id).output_text == before.output_text
     cities = name_format(["Paris", "London", "Lisbon", "Berlin"])
     after = client.responses.create(
@@ -188,18 +200,31 @@ def test_chaining_survives_a_server_restart(live: Live) -> None:
     assert after.output_text == explicit.output_text
 
 
-def test_worker_death_mid_stream_ends_with_response_failed(live: Live, client: openai.OpenAI) -> None:
-    worker = live.add_worker(["echo"], OLLM_ECHO_TOKEN_DELAY="0.1")
-    long_input = " ".join(f"word{i}" for i in range(200))
-    events: list[Any] = []
-    stream = client.responses.create(model="echo", input=long_input, stream=True)
-    for event in stream:
-        events.append(event)
-        if sum(e.type == "response.output_text.delta" for e in events) == 3:
-            threading.Thread(target=worker.kill9).start()
+def test_worker_death_mid_stream_ends_with_response_failed(redis_server: RedisServer, tmp_path: Path) -> None:
+    # Processes of its own: the worker it kills must not linger in the shared stack's namespace.
+    ns = new_namespace()
+    worker = Worker(redis_server.url, ns, ["echo"], tmp_path / "worker.log", OLLM_ECHO_TOKEN_DELAY="0.1")
+    server = Server(redis_server.url, ns, tmp_path / "server.log", OLLM_SERVER__WORKER_LOST_SECONDS="2")
+    try:
+        worker.wait_ready()
+        events = _stream_until_killed(server.wait_ready().openai_client(), worker)
+    finally:
+        server.stop()
+        worker.stop()
     assert events[0].type == "response.created" and events[-1].type == "response.failed"
     failed = events[-1].response
     assert failed.status == "failed" and failed.error is not None and "stopped responding" in failed.error.message
+
+
+def _stream_until_killed(client: openai.OpenAI, worker: Worker) -> list[Any]:
+    """A long echo stream whose worker is killed after its third delta; every event the client saw."""
+    long_input = " ".join(f"word{i}" for i in range(200))
+    events: list[Any] = []
+    for event in client.responses.create(model="echo", input=long_input, stream=True):
+        events.append(event)
+        if sum(e.type == "response.output_text.delta" for e in events) == 3:
+            threading.Thread(target=worker.kill9).start()
+    return events
 
 
 def test_store_disabled_names_the_setting(live: Live, tmp_path: Any) -> None:
