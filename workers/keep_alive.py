@@ -49,9 +49,13 @@ class KeepAliveSweeper:
         self.loaded_key = keys.loaded(socket.gethostname(), os.getpid())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ollm-keep-alive", daemon=True)
+        # Planning imports transformers (seconds) and cannot be interrupted: on a thread of its own,
+        # which stop() does not wait for, so neither the reports nor a stopping worker wait on it.
+        self._planner = threading.Thread(target=self._plan, name="ollm-plan-peaks", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._planner.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -68,7 +72,6 @@ class KeepAliveSweeper:
         next_sweep = 0.0
         while not self._stop.is_set():
             try:
-                self.residency.refresh_peaks()
                 if pubsub is None:
                     pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.keys.residency_channel)
@@ -94,6 +97,14 @@ class KeepAliveSweeper:
                 self._stop.wait(TICK)
         if pubsub is not None:
             pubsub.close()
+
+    def _plan(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.residency.refresh_peaks()
+            except Exception:
+                log.exception("planning the models' peaks failed")
+            self._stop.wait(TICK)
 
     def sweep(self, requests: list[tuple[str, str]] = []) -> None:  # noqa: B006 (never mutated)
         """Start the loads asked for, unload expired idle models, then publish what is loaded."""

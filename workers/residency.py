@@ -379,8 +379,8 @@ class Residency:
     def refresh_peaks(self) -> None:
         """Plan the models under models_dir again if they changed since the last time.
 
-        On the sweeper thread: planning imports transformers (a second or two), which must not
-        delay the worker's registration. Until then the scheduler counts weights here."""
+        On a thread of the sweeper's: planning imports transformers (a second or two), which must
+        not delay the worker's registration. Until then the scheduler counts weights here."""
         if self.settings is None or not self.settings.worker.on_demand:
             # Only a worker that loads on demand is ever sized by the scheduler.
             return
