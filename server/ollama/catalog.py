@@ -17,7 +17,10 @@ from server.ollama.serving import display_name
 
 # Ollama shows a model kept forever as expiring at the largest time.Duration from now.
 _FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
-_CAPABILITIES = {"completion": "completion", "chat": "completion", "embeddings": "embedding", "vision": "vision"}
+_CAPABILITIES = {
+    "completion": "completion", "chat": "completion", "embeddings": "embedding", "vision": "vision",
+    "thinking": "thinking",
+}  # fmt: skip
 _DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
