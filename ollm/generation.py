@@ -76,6 +76,8 @@ class SamplingParams(Strict):
     seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    # Tokens (prompt and output) the repetition penalty looks back over: -1 all, 0 none (Ollama's).
+    repeat_last_n: int = Field(-1, ge=-1)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False

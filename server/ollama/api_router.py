@@ -17,6 +17,7 @@ from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
 from ollm.references import parse_reference
+from ollm.sampling_defaults import effective_defaults
 from server.dispatch import JobStream
 from server.ollama import catalog, residency
 from server.ollama.errors import ERROR_RESPONSES, OllamaModelNotFound, OllamaRoute, message_of
@@ -242,15 +243,16 @@ async def ps(svc: Services = Depends(services)) -> dict[str, Any]:
 async def show(body: ModelRequest, svc: Services = Depends(services)) -> dict[str, Any]:
     resolved = await resolve(svc, body.model)
 
-    def facts() -> tuple[dict[str, Any], dict[str, Any], str]:
+    def facts() -> tuple[dict[str, Any], dict[str, Any], str, dict[str, Any]]:
         info = catalogue.model_info(resolved.base, svc.settings.runtime)
         path = catalogue.materialized_path(resolved.base, svc.settings.runtime)
         config = (catalogue.read_json(path / "config.json") or {}) if path else {}
         template = (catalogue.chat_template(path) or "") if path else ""
-        return info, config, template
+        derived = resolved.derived.sampling_defaults() if resolved.derived else None
+        return info, config, template, effective_defaults(svc.settings.generation, path, derived)
 
-    info, config, template = await asyncio.to_thread(facts)
-    return catalog.show(info, config, template, resolved.derived, resolved.base).wire()
+    info, config, template, sampling = await asyncio.to_thread(facts)
+    return catalog.show(info, config, template, resolved.derived, resolved.base, sampling).wire()
 
 
 async def progress_response(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ollm.catalogue import ModelListing
-from ollm.derived import DerivedModel
+from ollm.derived import SAMPLING_OPTIONS, DerivedModel
 from server.ollama.protocol import ListedModel, ModelDetails, RunningModel, ShowResponse
 from server.ollama.serving import display_name
 
@@ -154,8 +154,13 @@ def show(
     template: str,
     derived: DerivedModel | None,
     base_name: str,
+    sampling: dict[str, Any] | None = None,
 ) -> ShowResponse:
-    parameters = derived.parameters if derived else {}
+    """``sampling``: the effective sampling defaults (ollm.sampling_defaults.effective_defaults),
+    shown among the parameters under Ollama's names, as a request that sets nothing gets them."""
+    ollama_names = {internal: option for option, internal in SAMPLING_OPTIONS.items()}
+    effective = {ollama_names[k]: v for k, v in (sampling or {}).items() if k in ollama_names}
+    parameters = {**effective, **(derived.parameters if derived else {})}
     return ShowResponse(
         modelfile=modelfile(base_name, derived, template),
         parameters=parameters_text(parameters),

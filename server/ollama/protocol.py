@@ -41,6 +41,7 @@ class Options(_Lenient):
     stop: str | list[str] | None = None
     num_predict: int | None = None
     repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 

@@ -154,6 +154,7 @@ def sampling_of(
         seed=options.seed,
         stop=stop,
         repetition_penalty=options.repeat_penalty,
+        repeat_last_n=options.repeat_last_n,
         frequency_penalty=options.frequency_penalty,
         presence_penalty=options.presence_penalty,
         logprobs=logprobs or bool(top_logprobs),
