@@ -71,7 +71,8 @@ def stack(
     server = Server(redis_server.url, namespace, root / "server.log", **env)
     worker = Worker(redis_server.url, namespace, [MODEL], root / "worker.log", **env, **tiny_gpt_oss.steering_env(root))
     try:
-        server.wait_ready()
+        # Both start at once; a loaded machine can take minutes to import torch in each.
+        server.wait_ready(timeout=300)
         worker.wait_ready(timeout=300)
         yield Stack(server, cut)
     finally:
