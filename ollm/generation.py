@@ -98,9 +98,9 @@ class Constraint(Strict):
     # Literal text the output must start and end with around the JSON (e.g. a tool-call wrapper).
     prefix: str = ""
     suffix: str = ""
-    # A forced call to one tool: its name (formats that name the call outside the JSON, harmony's
-    # recipient, put it in the prompt and constrain only the arguments).
-    call: str | None = None
+    # A forced tool call: the tools it may go to (formats that name the call outside the JSON,
+    # harmony's recipient, put a single one in the prompt and constrain only the arguments).
+    calls: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _schema_present(self) -> Constraint:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ollm.generation import ChatMessage, GenerationRequest, ReasoningEffort
 from ollm.reasoning import Split
-from ollm.tools import call_from_arguments, function_spec
+from ollm.tools import ToolCallParser, call_from_arguments, function_spec
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 RETURN, CALL, CONSTRAIN = "<|return|>", "<|call|>", "<|constrain|>"
@@ -133,9 +133,12 @@ def _assistant(message: ChatMessage, keep_reasoning: bool) -> list[str]:
     return out
 
 
-def forced_call_header(name: str) -> str:
-    """What the prompt ends with when a call to ``name`` is forced: only its arguments are left to write."""
-    return f"{CHANNEL}commentary to=functions.{name} {CONSTRAIN}json{MESSAGE}"
+def forced_call_header(names: list[str]) -> str:
+    """What the prompt ends with when a call is forced: to one tool, its header (only the arguments
+    are left to write); to one of several, a commentary message (the grammar writes a <tool_call>)."""
+    if len(names) == 1:
+        return f"{CHANNEL}commentary to=functions.{names[0]} {CONSTRAIN}json{MESSAGE}"
+    return f"{CHANNEL}commentary{MESSAGE}"
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -152,7 +155,10 @@ class HarmonyParser:
     call when the output ends first. No marker ever reaches the content.
     """
 
-    def __init__(self, header: str = "") -> None:
+    def __init__(self, header: str = "", tools: bool = False) -> None:
+        # Content is read for <tool_call> markup too when tools were offered (a forced choice among
+        # several tools is written that way, in a commentary message).
+        self._calls = ToolCallParser() if tools else None
         self._in_body = False
         self._role_part = ""
         self._channel_part: str | None = None
@@ -186,9 +192,14 @@ class HarmonyParser:
     def finish(self) -> Split:
         """The output ended (end of sequence, stop or max tokens): whatever message is open ends with it."""
         if self._in_body:
-            return self._close()
-        bare, self._role_part = self._role_part, ""
-        return Split(content=bare if self._channel_part is None else "")
+            out = self._close()
+        else:
+            bare, self._role_part = self._role_part, ""
+            out = self._content(bare if self._channel_part is None else "")
+        if self._calls is not None:
+            content, calls = self._calls.finish()
+            out.add(Split(content=content, calls=calls))
+        return out
 
     def _marker(self, marker: str) -> Split:
         if marker == MESSAGE:
@@ -229,9 +240,15 @@ class HarmonyParser:
         if self._kind == "reasoning":
             return Split(reasoning=text)
         if self._kind == "content":
-            return Split(content=text)
+            return self._content(text)
         self._body += text
         return Split()
+
+    def _content(self, text: str) -> Split:
+        if self._calls is None:
+            return Split(content=text)
+        content, calls = self._calls.feed(text)
+        return Split(content=content, calls=calls)
 
     def _close(self) -> Split:
         self._in_body = False

@@ -54,7 +54,7 @@ def tool_call_constraint(tools: list[dict[str, Any]], choice: str) -> Constraint
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     return Constraint(
         type="json_schema", json_schema=schema, prefix=TOOL_CALL_OPEN + "\n", suffix="\n" + TOOL_CALL_CLOSE,
-        call=specs[0]["name"] if len(specs) == 1 else None,
+        calls=[spec["name"] for spec in specs],
     )  # fmt: skip
 
 

@@ -105,6 +105,9 @@ def test_harmony_truncated_mid_channel_keeps_each_part_in_its_place() -> None:
     # Cut inside the header: nothing is content, nothing leaks.
     split, _ = _same_streamed_and_whole(harmony.HarmonyParser, "<|channel|>fin")
     assert split == Split()
+    # A message without a channel is answer content; its header is not.
+    split, _ = _same_streamed_and_whole(harmony.HarmonyParser, "<|end|><|start|>assistant<|message|>Hi")
+    assert (split.reasoning, split.content) == ("", "Hi")
 
 
 def test_harmony_bare_answer_without_channels_is_content() -> None:
@@ -113,9 +116,13 @@ def test_harmony_bare_answer_without_channels_is_content() -> None:
 
 
 def test_harmony_forced_call_header_in_the_prompt() -> None:
-    parser = harmony.HarmonyParser(header=harmony.forced_call_header("get_weather"))
+    parser = harmony.HarmonyParser(header=harmony.forced_call_header(["get_weather"]))
     split, _ = _run(parser, [('{"city": ', False), ('"Rome"}', False)])
     assert [(c.name, c.arguments) for c in split.calls] == [("get_weather", {"city": "Rome"})]
+    # A forced choice among several tools: a <tool_call> in a commentary message.
+    several = harmony.HarmonyParser(header=harmony.forced_call_header(["get_weather", "add"]), tools=True)
+    split, _ = _run(several, [('<tool_call>\n{"name": "add", "argu', False), ('ments": {"a": 1}}', False)])
+    assert split.content == "" and [(c.name, c.arguments) for c in split.calls] == [("add", {"a": 1})]
 
 
 def test_think_tags_split_streamed_and_whole() -> None:

@@ -30,7 +30,8 @@ def output_parser(
         return TaggedParser(thinking=False, tools=False)
     tail = str(tokenizer.decode(prompt_ids[-_TAIL_TOKENS:], skip_special_tokens=False))
     if harmony_model:
-        return harmony.HarmonyParser(header=tail.rpartition(harmony.START + "assistant")[2])
+        header = tail.rpartition(harmony.START + "assistant")[2]
+        return harmony.HarmonyParser(header=header, tools=bool(request.tools))
     thinking = thinking_template(request.chat_template or tokenizer.chat_template)
     in_reasoning = thinking and tail.rstrip().endswith(THINK_OPEN)
     return TaggedParser(thinking=thinking, tools=bool(request.tools), in_reasoning=in_reasoning)

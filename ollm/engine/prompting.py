@@ -82,8 +82,8 @@ def render_text(
     template = request.chat_template or tokenizer.chat_template
     if harmony_markers(tokenizer):
         text = _template_text(tokenizer, request, template, image_placeholders) if template else harmony.render(request)
-        call = request.constraint.call if request.constraint else None
-        return text + (harmony.forced_call_header(call) if call else "")
+        calls = request.constraint.calls if request.constraint else []
+        return text + (harmony.forced_call_header(calls) if calls else "")
     if not template:
         raise InvalidRequestError(
             f"model {request.model} has no chat template; send a raw prompt (completions) instead",
@@ -115,9 +115,10 @@ def _template_text(
 
 
 def harmony_constraint(constraint: Constraint | None) -> Constraint | None:
-    """A forced call's grammar for harmony: its prompt already names the call (``render_text``), so
-    only the arguments are left to constrain."""
-    if constraint is None or constraint.call is None:
+    """A forced call's grammar for harmony: a prompt that already names the one tool (``render_text``)
+    leaves only the arguments to constrain; a choice of several keeps the <tool_call> grammar, written
+    in a commentary message."""
+    if constraint is None or len(constraint.calls) != 1:
         return constraint
     assert constraint.json_schema is not None
     return Constraint(type="json_schema", json_schema=constraint.json_schema["properties"]["arguments"])
