@@ -358,7 +358,9 @@ def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
     if kind == "embedding":
         return ["embeddings"]
     caps: list[Capability] = []
-    if chat_template(model_dir) is not None or kind in ("image-text", "audio-text"):
+    model_type = (read_json(model_dir / "config.json") or {}).get("model_type")
+    # gpt-oss chats in harmony, which ollm renders itself when the model ships no template.
+    if chat_template(model_dir) is not None or kind in ("image-text", "audio-text") or model_type == "gpt_oss":
         caps.append("chat")
     caps.append("completion")
     if kind == "image-text":
@@ -368,7 +370,6 @@ def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
     if "chat" in caps:
         # ollm.tools writes tool use into any chat template that lacks it and forces calls by grammar.
         caps.append("tools")
-        model_type = (read_json(model_dir / "config.json") or {}).get("model_type")
         # gpt-oss reasons in harmony's analysis channel; Qwen3-style templates in <think> tags.
         if model_type == "gpt_oss" or thinking_template(chat_template(model_dir)):
             caps.append("thinking")
