@@ -39,7 +39,9 @@ def to_generation_request(
     model: str, messages: list[ChatMessage], options: SamplingOptions, defaults: GenerationSettings
 ) -> GenerationRequest:
     return GenerationRequest(
-        model=model, messages=messages, sampling=sampling_params(defaults, **options.sampling_overrides()),
+        model=model,
+        messages=messages,
+        sampling=sampling_params(defaults, **options.sampling_overrides()),
         think=options.think,
     )
 

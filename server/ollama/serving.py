@@ -335,8 +335,13 @@ class ChatStream:
         self.started = started if started is not None else time.monotonic()
 
     def _object(
-        self, content: str, thinking: str, calls: list[InternalToolCall], logprobs: list[TokenLogprob] | None,
-        done: bool, **extra: Any,
+        self,
+        content: str,
+        thinking: str,
+        calls: list[InternalToolCall],
+        logprobs: list[TokenLogprob] | None,
+        done: bool,
+        **extra: Any,
     ) -> dict[str, Any]:
         message = OutMessage(content=content, thinking=thinking or None, tool_calls=_wire_calls(calls))
         return ChatResponse(
