@@ -36,7 +36,7 @@ from ollm.generation import (
     TokenEvent,
 )
 from ollm.plan import RuntimePlan, plan_model
-from ollm.sampling_defaults import sampling_params
+from ollm.sampling_defaults import configured_fields, model_recommended, sampling_params, with_model_defaults
 from ollm.settings import Settings
 
 stderr = Console(stderr=True)
@@ -52,11 +52,17 @@ FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty")]
 PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeatable); not included.")]
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
+HideThinking = Annotated[
+    bool, typer.Option("--hide-thinking", help="Do not print a thinking model's reasoning (shown dimmed by default).")
+]
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
 
-def _sampling(settings: Settings, stop: list[str] | None) -> SamplingParams:
-    # Flags already sit in settings.generation (they override it), so only stop is added here.
-    return sampling_params(settings.generation, stop=stop)
+def _sampling(settings: Settings, plan: RuntimePlan, stop: list[str] | None) -> SamplingParams:
+    # Flags already sit in settings.generation (they override it, and are "configured" so the
+    # model's recommendations stay under them), so only stop is added here.
+    params = sampling_params(settings.generation, stop=stop)
+    return with_model_defaults(params, model_recommended(plan.path), configured_fields(settings.generation))
 
 
 def _plan(settings: Settings) -> RuntimePlan:
@@ -106,6 +112,7 @@ def prompt_command(
         bool | None, typer.Option("--stream/--no-stream", help="Print tokens as they come (default: on).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result with metadata.")] = False,
+    hide_thinking: HideThinking = False,
     backend: BackendOption = None,
     no_specialization: NoSpecializationOption = False,
     plan_json: PlanJsonOption = False,
@@ -146,16 +153,17 @@ def prompt_command(
         fail("the prompt is empty", code=2)
     messages = [ChatMessage(role="system", content=system)] if system else []
     messages.append(ChatMessage(role="user", content=text))
-    request = GenerationRequest(model=plan.reference, messages=messages, sampling=_sampling(settings, stop))
+    request = GenerationRequest(model=plan.reference, messages=messages, sampling=_sampling(settings, plan, stop))
     engine = _load(settings, plan)
     try:
-        final = _run(engine, request, echo=settings.generation.stream and not as_json)
+        final = _run(engine, request, echo=settings.generation.stream and not as_json, thinking=not hide_thinking)
     finally:
         engine.close()
     if as_json:
         result = {
             "model": plan.reference,
             "text": final.text,
+            "reasoning": final.reasoning,
             "finish_reason": final.finish_reason,
             "usage": final.usage.model_dump() | {"total_tokens": final.usage.total_tokens},
             "timings": final.timings.model_dump(),
@@ -163,14 +171,32 @@ def prompt_command(
         }
         typer.echo(json.dumps(result, indent=2))
     elif not settings.generation.stream:
+        if final.reasoning and not hide_thinking:
+            _write_reasoning(final.reasoning)
+            sys.stdout.write("\n\n")
         typer.echo(final.text)
 
 
-def _run(engine: Engine, request: GenerationRequest, echo: bool) -> FinalEvent:
-    """Generate; print tokens as they arrive when ``echo``. Exits non-zero on a generation error."""
+def _write_reasoning(text: str) -> None:
+    """Reasoning is shown apart from the answer: dimmed in a terminal, plain in a pipe."""
+    dim = sys.stdout.isatty()
+    sys.stdout.write(f"{_DIM}{text}{_RESET}" if dim else text)
+
+
+def _run(engine: Engine, request: GenerationRequest, echo: bool, thinking: bool = True) -> FinalEvent:
+    """Generate; print tokens as they arrive when ``echo`` (reasoning too when ``thinking``, then a
+    blank line before the answer). Exits non-zero on a generation error."""
+    reasoned = False
     for event in stream(engine, request):
         if isinstance(event, TokenEvent) and echo:
-            sys.stdout.write(event.text)
+            if event.reasoning and thinking:
+                _write_reasoning(event.reasoning)
+                reasoned = True
+            if event.text:
+                if reasoned:
+                    sys.stdout.write("\n\n")
+                    reasoned = False
+                sys.stdout.write(event.text)
             sys.stdout.flush()
         elif isinstance(event, ErrorEvent):
             fail(event.message)
@@ -188,6 +214,7 @@ def chat_command(
     max_new_tokens: MaxNewTokens = None,
     temperature: Temperature = None,
     seed: Seed = None,
+    hide_thinking: HideThinking = False,
     backend: BackendOption = None,
     no_specialization: NoSpecializationOption = False,
     plan_json: PlanJsonOption = False,
@@ -216,12 +243,12 @@ def chat_command(
         fail("`ollm chat` needs an interactive terminal; for scripts and pipes use `ollm prompt`", code=2)
     engine = _load(settings, plan)
     try:
-        _chat_loop(engine, plan, settings, system)
+        _chat_loop(engine, plan, settings, system, thinking=not hide_thinking)
     finally:
         engine.close()
 
 
-def _chat_loop(engine: Engine, plan: RuntimePlan, settings: Settings, system: str | None) -> None:
+def _chat_loop(engine: Engine, plan: RuntimePlan, settings: Settings, system: str | None, thinking: bool) -> None:
     console = Console()
     console.print(f"[bold]{plan.reference}[/bold] ready. /clear resets the conversation, /exit leaves.")
     history: list[ChatMessage] = []
@@ -242,15 +269,15 @@ def _chat_loop(engine: Engine, plan: RuntimePlan, settings: Settings, system: st
             continue
         history.append(ChatMessage(role="user", content=line))
         messages = ([ChatMessage(role="system", content=system)] if system else []) + history
-        request = GenerationRequest(model=plan.reference, messages=messages, sampling=_sampling(settings, None))
+        request = GenerationRequest(model=plan.reference, messages=messages, sampling=_sampling(settings, plan, None))
         try:
-            final = _run(engine, request, echo=True)
+            final = _run(engine, request, echo=True, thinking=thinking)
         except KeyboardInterrupt:
             # Ctrl-C stops this answer (stream() cancels it), not the session.
             console.print("\n[dim]stopped[/dim]")
             history.pop()
             continue
-        history.append(ChatMessage(role="assistant", content=final.text))
+        history.append(ChatMessage(role="assistant", content=final.text, reasoning=final.reasoning))
 
 
 @app.callback(invoke_without_command=True)

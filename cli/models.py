@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -30,6 +31,7 @@ from ollm.catalogue import is_echo, list_models, materialized_path, model_info, 
 from ollm.errors import OllmError
 from ollm.plan import plan_model
 from ollm.pull import PullProgress, pull_model
+from ollm.sampling_defaults import effective_defaults
 
 models_app = typer.Typer(help="List, inspect, pull and remove models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -104,6 +106,9 @@ def info_command(
         info = model_info(reference, settings.runtime)
     except OllmError as exc:
         fail(str(exc))
+    # What a request that sets no sampling field gets (ollm.sampling_defaults has the order).
+    path = Path(info["path"]) if info.get("path") else None
+    info["sampling_defaults"] = effective_defaults(settings.generation, path)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -125,6 +130,8 @@ def _print_info(info: dict[str, Any]) -> None:
             value = _human_bytes(value)
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         table.add_row(key.replace("_", " "), str(value))
     plan = info.get("plan")
     if plan is not None:

@@ -36,11 +36,12 @@ from ollm.errors import (
     ModelNotMaterializedError,
     OllmError,
 )
+from ollm.reasoning import thinking_template
 from ollm.references import ModelReference, parse_reference, unknown_name
 from ollm.settings import RuntimeSettings
 
 ModelKind = Literal["causal-lm", "seq2seq", "image-text", "audio-text", "embedding", "echo"]
-Capability = Literal["chat", "completion", "embeddings", "vision", "audio", "tools"]
+Capability = Literal["chat", "completion", "embeddings", "vision", "audio", "tools", "thinking"]
 Source = Literal["huggingface", "pypi-wheel", "builtin", "local"]
 Availability = Literal["materialized", "not-materialized"]
 
@@ -186,7 +187,7 @@ BUILTIN_MODELS: tuple[CatalogueEntry, ...] = (
         family="gpt-oss",
         kind="causal-lm",
         source="huggingface",
-        capabilities=["chat", "completion", "tools"],
+        capabilities=["chat", "completion", "tools", "thinking"],
         description="gpt-oss 20B, mixture of experts with MXFP4 expert weights.",
         model_type="gpt_oss",
         architecture="GptOssForCausalLM",
@@ -412,7 +413,9 @@ def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
     if kind == "embedding":
         return ["embeddings"]
     caps: list[Capability] = []
-    if chat_template(model_dir) is not None or kind in ("image-text", "audio-text"):
+    model_type = (read_json(model_dir / "config.json") or {}).get("model_type")
+    # gpt-oss chats in harmony, which ollm renders itself when the model ships no template.
+    if chat_template(model_dir) is not None or kind in ("image-text", "audio-text") or model_type == "gpt_oss":
         caps.append("chat")
     caps.append("completion")
     if kind == "image-text":
@@ -422,6 +425,9 @@ def capabilities_of(kind: ModelKind, model_dir: Path) -> list[Capability]:
     if "chat" in caps:
         # ollm.tools writes tool use into any chat template that lacks it and forces calls by grammar.
         caps.append("tools")
+        # gpt-oss reasons in harmony's analysis channel; Qwen3-style templates in <think> tags.
+        if model_type == "gpt_oss" or thinking_template(chat_template(model_dir)):
+            caps.append("thinking")
     return caps
 
 

@@ -21,7 +21,7 @@ from ollm.contract import Keys
 from ollm.generation import ChatMessage, GenerationRequest
 
 # Ollama's option names -> the internal sampling parameter each one sets.
-_SAMPLING_OPTIONS = {
+SAMPLING_OPTIONS = {
     "num_predict": "max_new_tokens",
     "temperature": "temperature",
     "top_p": "top_p",
@@ -30,6 +30,7 @@ _SAMPLING_OPTIONS = {
     "seed": "seed",
     "stop": "stop",
     "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repeat_last_n",
     "frequency_penalty": "frequency_penalty",
     "presence_penalty": "presence_penalty",
 }
@@ -56,7 +57,7 @@ class DerivedModel(BaseModel):
         """The derived parameters that are sampling parameters, under their internal names."""
         out: dict[str, Any] = {}
         for option, value in self.parameters.items():
-            name = _SAMPLING_OPTIONS.get(option)
+            name = SAMPLING_OPTIONS.get(option)
             if name is None or value is None:
                 continue
             if name == "stop":
@@ -102,8 +103,8 @@ def apply(request: GenerationRequest, derived: DerivedModel) -> GenerationReques
     update: dict[str, Any] = {"model": derived.base}
     if defaults:
         new_sampling = sampling.model_validate({**sampling.model_dump(), **defaults})
-        # Still "what the client chose", should the request be resolved again.
-        new_sampling.__pydantic_fields_set__ = set(chosen)
+        # Chosen for this request now (the model's own recommendations, applied next, stay under them).
+        new_sampling.__pydantic_fields_set__ = set(chosen) | set(defaults)
         update["sampling"] = new_sampling
     if request.messages is not None:
         preamble: list[ChatMessage] = []

@@ -16,6 +16,9 @@ from ollm.errors import OllmError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+# How hard a reasoning model thinks: gpt-oss's "Reasoning: low|medium|high" (Ollama's `think`
+# levels, OpenAI's `reasoning_effort`).
+ReasoningEffort = Literal["low", "medium", "high"]
 
 
 class Strict(BaseModel):
@@ -36,6 +39,9 @@ class ToolCall(Strict):
     name: str
     # Parsed JSON object; translators serialize it to a string where the wire format wants one.
     arguments: dict[str, Any] = Field(default_factory=dict)
+    # The arguments exactly as generated, set only when output ended (max tokens) before they were
+    # complete JSON; ``arguments`` then holds what could be read of them.
+    partial_arguments: str | None = None
 
 
 class ChatMessage(Strict):
@@ -44,6 +50,8 @@ class ChatMessage(Strict):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
     name: str | None = None
+    # An assistant turn's reasoning, given back in a later turn (templates keep or drop it).
+    reasoning: str = ""
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -75,6 +83,8 @@ class SamplingParams(Strict):
     seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    # Tokens (prompt and output) the repetition penalty looks back over: -1 all, 0 none (Ollama's).
+    repeat_last_n: int = Field(-1, ge=-1)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False
@@ -95,6 +105,9 @@ class Constraint(Strict):
     # Literal text the output must start and end with around the JSON (e.g. a tool-call wrapper).
     prefix: str = ""
     suffix: str = ""
+    # A forced tool call: the tools it may go to (formats that name the call outside the JSON,
+    # harmony's recipient, put a single one in the prompt and constrain only the arguments).
+    calls: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _schema_present(self) -> Constraint:
@@ -122,6 +135,12 @@ class GenerationRequest(Strict):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     constraint: Constraint | None = None
     transcription: Transcription | None = None
+    # Thinking models only: None = the model's default; False asks a template with an
+    # enable_thinking switch not to think; True or an effort asks it to (gpt-oss always reasons,
+    # at the given effort, medium by default).
+    think: bool | ReasoningEffort | None = None
+    # Reasoning tokens allowed before the model is made to answer (Anthropic's budget_tokens).
+    reasoning_budget: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -176,8 +195,13 @@ class ExecutionInfo(Strict):
 
 
 class TokenEvent(Strict):
+    """One step of output, already split (ollm.reasoning): ``text`` is answer content, ``reasoning``
+    the model's thinking, ``tool_calls`` the calls completed at this step."""
+
     type: Literal["token"] = "token"
     text: str
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] = Field(default_factory=list)
 
@@ -185,7 +209,10 @@ class TokenEvent(Strict):
 class FinalEvent(Strict):
     type: Literal["final"] = "final"
     finish_reason: FinishReason
+    # The whole answer content, reasoning and tool calls (the TokenEvents' joined).
     text: str
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage
     timings: Timings
     execution: ExecutionInfo | None = None

@@ -111,13 +111,21 @@ class RuntimeSettings(Section):
 
 
 class GenerationSettings(Section):
+    """Sampling defaults. A request's unset fields come from a derived model's parameters, then
+    these when set explicitly, then the model's generation_config.json, then these defaults
+    (Ollama's documented ones: temperature 0.8, top_k 40, top_p 0.9, repeat penalty 1.1 over the
+    last 64 tokens)."""
+
     max_new_tokens: int = Field(256, ge=1, le=131072)
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, description="Fixed seed for reproducible sampling.")
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.1, gt=0.0)
+    repeat_last_n: int = Field(
+        64, ge=-1, description="Tokens the repetition penalty looks back over; -1 = all, 0 = no penalty."
+    )
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = Field(True, description="Stream tokens as they are produced.")

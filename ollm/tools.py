@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollm.errors import InvalidRequestError
-from ollm.generation import Constraint, GenerationRequest, ToolCall
+from ollm.generation import Constraint, ToolCall
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -53,8 +53,9 @@ def tool_call_constraint(tools: list[dict[str, Any]], choice: str) -> Constraint
     ]
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     return Constraint(
-        type="json_schema", json_schema=schema, prefix=TOOL_CALL_OPEN + "\n", suffix="\n" + TOOL_CALL_CLOSE
-    )
+        type="json_schema", json_schema=schema, prefix=TOOL_CALL_OPEN + "\n", suffix="\n" + TOOL_CALL_CLOSE,
+        calls=[spec["name"] for spec in specs],
+    )  # fmt: skip
 
 
 def render_tool_call(call: ToolCall) -> str:
@@ -90,38 +91,65 @@ def _call_from_json(body: str) -> ToolCall | None:
     return ToolCall(name=data["name"], arguments=arguments)
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split model output into its plain content and the tool calls it made.
-
-    A block that is not a valid call stays in the content, so nothing the model wrote is lost.
-    """
-    calls: list[ToolCall] = []
-    content: list[str] = []
-    position = 0
-    for match in _CALL.finditer(text):
-        call = _call_from_json(match.group(1).strip())
-        if call is None:
+def read_partial_object(text: str) -> dict[str, Any]:
+    """What can be read of a JSON object cut short: open strings and brackets are closed, a
+    dangling key or separator dropped (``{"city": "Par`` reads as ``{"city": "Par"}``); {} if nothing."""
+    closers: list[str] = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and closers:
+            closers.pop()
+    # A cut escape ("\\) is dropped with its backslash; an open string is closed.
+    candidate = (text[:-1] if escaped else text) + ('"' if in_string else "")
+    # As cut; without a dangling separator; without a dangling key.
+    trimmed = candidate.rstrip().rstrip(",:").rstrip()
+    for attempt in (candidate, trimmed, re.sub(r',?\s*"[^"]*"\s*:?\s*$', "", candidate)):
+        try:
+            data = json.loads(attempt + "".join(reversed(closers)))
+        except json.JSONDecodeError:
             continue
-        content.append(text[position : match.start()])
-        calls.append(call)
-        position = match.end()
-    content.append(text[position:])
-    return "".join(content).strip() if calls else text, calls
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
-def split_tool_calls(request: GenerationRequest, text: str) -> tuple[str, list[ToolCall]]:
-    """``parse_tool_calls`` when the request offered tools; output is read for calls exactly then
-    (OpenAI's tool_choice "none" offers none)."""
-    return parse_tool_calls(text) if request.tools else (text, [])
+def call_from_arguments(name: str, body: str) -> ToolCall:
+    """A call from its name and argument text; arguments that are not a complete JSON object make a
+    partial call (the raw text kept, what could be read of it parsed)."""
+    try:
+        arguments = json.loads(body)
+    except json.JSONDecodeError:
+        arguments = None
+    if isinstance(arguments, dict):
+        return ToolCall(name=name, arguments=arguments)
+    return ToolCall(name=name, arguments=read_partial_object(body), partial_arguments=body)
 
 
-def tool_call_parser(request: GenerationRequest) -> ToolCallParser | None:
-    """A streaming parser when the request offered tools (see ``split_tool_calls``), else None."""
-    return ToolCallParser() if request.tools else None
+_PARTIAL_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)')
+_PARTIAL_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
+
+
+def partial_call(body: str) -> ToolCall:
+    """A ``<tool_call>`` block cut short (max tokens): the name and arguments written so far."""
+    name = _PARTIAL_NAME.search(body)
+    arguments = _PARTIAL_ARGUMENTS.search(body)
+    text = body[arguments.end() :] if arguments else ""
+    return call_from_arguments(name.group(1) if name else "", text)
 
 
 class ToolCallParser:
-    """The streaming form of parse_tool_calls: content deltas out at once, calls when complete.
+    """Content deltas out at once, calls when complete; a block that is not a valid call stays content.
 
     Text that might be the start of ``<tool_call>`` is held back until it is clearly not.
     """
@@ -154,7 +182,7 @@ class ToolCallParser:
                 self._buffer = self._buffer[start + len(TOOL_CALL_OPEN) :]
                 self._inside = True
                 continue
-            hold = _partial_suffix(self._buffer, TOOL_CALL_OPEN)
+            hold = partial_suffix(self._buffer, TOOL_CALL_OPEN)
             content.append(self._buffer[: len(self._buffer) - hold])
             self._buffer = self._buffer[len(self._buffer) - hold :]
             break
@@ -162,19 +190,17 @@ class ToolCallParser:
         return "".join(content), completed
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """End of output: an unclosed call is parsed if it is complete JSON, else returned as text."""
+        """End of output: an unclosed call is a call (a partial one when cut short), never markup."""
         rest, self._buffer = self._buffer, ""
         if self._inside:
             self._inside = False
-            call = _call_from_json(rest.strip())
-            if call is not None:
-                self.calls.append(call)
-                return "", [call]
-            return TOOL_CALL_OPEN + rest, []
+            call = _call_from_json(rest.strip()) or partial_call(rest.strip())
+            self.calls.append(call)
+            return "", [call]
         return rest, []
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:size]):
             return size

@@ -37,6 +37,7 @@ from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 
+from ollm import catalogue
 from ollm.contract import EMBED_JOB, GENERATE_JOB, Keys, WorkerInfo, live_workers, worker_age
 from ollm.derived import DerivedModel, DerivedModels
 from ollm.derived import apply as apply_derived
@@ -51,6 +52,7 @@ from ollm.generation import (
     TokenEvent,
     TokenLogprob,
 )
+from ollm.sampling_defaults import configured_fields, model_recommended, with_model_defaults
 from ollm.settings import Settings
 from server.errors import error_from_event
 from server.metrics.instruments import Metrics, StreamObserver
@@ -183,7 +185,19 @@ class Dispatcher:
         derived = await self.resolve(request.model)
         if derived is not None:
             request = apply_derived(request, derived)
+        request = await asyncio.to_thread(self._with_model_defaults, request)
         return await self._submit(request.model, request.id, GENERATE_JOB, request.model_dump(mode="json"))
+
+    def _with_model_defaults(self, request: GenerationRequest) -> GenerationRequest:
+        """The model's generation_config.json recommendations in the sampling fields nobody chose
+        (read where this server sees the model's directory; otherwise the configured defaults stay)."""
+        try:
+            path = catalogue.materialized_path(request.model, self.settings.runtime)
+        except OllmError:
+            return request
+        configured = configured_fields(self.settings.generation)
+        sampling = with_model_defaults(request.sampling, model_recommended(path), configured)
+        return request if sampling is request.sampling else request.model_copy(update={"sampling": sampling})
 
     async def generate(self, request: GenerationRequest, disconnected: Disconnected | None = None) -> Completed:
         """Run a generation to completion; an error event is raised as the matching ApiError."""

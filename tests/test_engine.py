@@ -265,3 +265,21 @@ def test_batch_invariant_mode_same_tokens_alone_and_in_any_batch(invariant_engin
     sampled = staggered.submit(seeded.model_copy(update={"id": "seeded-batched"}))
     assert [staggered.text(i) for i in first + late] == [alone[p] for p in PROMPTS[:5]]
     assert staggered.text(sampled) == seeded_alone
+
+
+# A Qwen3-style thinking template over SmolLM2's turns: the answer starts inside <think>.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}{# </think> #}"
+)
+
+
+def test_a_reasoning_budget_closes_the_reasoning_and_the_answer_follows(engine: Engine) -> None:
+    request = ask("What is the capital of France?", max_new_tokens=24).model_copy(
+        update={"chat_template": THINKING_TEMPLATE, "reasoning_budget": 4}
+    )
+    events, final = run(engine, request)
+    reasoning_steps = [e for e in events if isinstance(e, TokenEvent) and e.reasoning]
+    # Four reasoning tokens (one event each), then the forced </think>, then the answer.
+    assert len(reasoning_steps) == 4 and final.reasoning == "".join(e.reasoning for e in reasoning_steps)
+    assert final.text and "<think>" not in final.text and "</think>" not in final.text + final.reasoning

@@ -44,3 +44,20 @@ def test_masked_tokens_never_outrank_allowed_ones() -> None:
     top = token_logprob(logits, 3, 4, str).top
     assert [t.token_id for t in top][:2] == [3, 7]
     assert all(t.logprob == float("-inf") for t in top[2:])
+
+
+def test_repetition_penalty_looks_back_over_the_last_n_tokens_only() -> None:
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, repeat_last_n=2)
+    sampler = Sampler(params, [0, 1, 2], 4, torch.device("cpu"))
+    logits = torch.tensor([4.0, 3.0, 3.0, 2.5])
+    # Tokens 1 and 2 are the last two: penalized (3 -> 1.5); token 0 fell out of the window.
+    assert sampler.choose(logits.clone()) == 0
+    sampler.observe(0)
+    sampler.observe(3)
+    # The window is now [0, 3]: 0 -> 2.0 and 3 -> 1.25; 1 and 2 are back to 3.0.
+    assert sampler.choose(logits.clone()) == 1
+    cpu = torch.device("cpu")
+    everything = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), [0, 1, 2], 4, cpu)
+    assert everything.choose(logits.clone()) == 3
+    none = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0, repeat_last_n=0), [0], 4, cpu)
+    assert none.plain_greedy and none.choose(logits.clone()) == 0

@@ -7,7 +7,7 @@ import pytest
 from ollm.engine.prompting import template_messages
 from ollm.errors import InvalidRequestError
 from ollm.generation import ChatMessage, GenerationRequest, ToolCall
-from ollm.tools import ToolCallParser, parse_tool_calls, render_tool_call, tool_call_constraint
+from ollm.tools import ToolCallParser, render_tool_call, tool_call_constraint
 
 WEATHER = {
     "type": "function",
@@ -39,11 +39,12 @@ def test_required_allows_any_tool_and_unknown_names_are_refused() -> None:
 
 def test_parse_round_trips_rendered_calls_and_keeps_invalid_blocks_as_text() -> None:
     call = ToolCall(name="get_weather", arguments={"city": "Paris"})
-    content, calls = parse_tool_calls("Let me check.\n" + render_tool_call(call))
-    assert content == "Let me check."
+    parser = ToolCallParser()
+    content, calls = parser.feed("Let me check.\n" + render_tool_call(call))
+    assert content == "Let me check.\n" and parser.finish() == ("", [])
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris"})]
     text = "<tool_call>not json</tool_call>"
-    assert parse_tool_calls(text) == (text, [])
+    assert ToolCallParser().feed(text) == (text, [])
 
 
 def test_streaming_parser_hides_markup_and_emits_calls_when_complete() -> None:

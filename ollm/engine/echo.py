@@ -28,6 +28,7 @@ from ollm.generation import (
     Usage,
 )
 from ollm.plan import RuntimePlan
+from ollm.reasoning import OutputSplitter, Split, TaggedParser
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ class _Sequence:
     emitted: list[str] = field(default_factory=list)
     cancelled: bool = False
     stop_sequence: str | None = None
+    # Echoed text is read like a model's: tool-call markup in it becomes calls (no thinking).
+    splitter: OutputSplitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.splitter = OutputSplitter(TaggedParser(thinking=False, tools=bool(self.request.tools)))
+
+    def emit(self, piece: str) -> None:
+        self.emitted.append(piece)
+        self.send(self.splitter.feed(piece), [_token_id(piece)])
+
+    def send(self, split: Split, token_ids: list[int]) -> None:
+        if split:
+            self.sink(TokenEvent(text=split.content, tool_calls=split.calls, token_ids=token_ids))
 
 
 class EchoEngine:
@@ -173,20 +187,19 @@ class EchoEngine:
             if cut != -1:
                 # The stop string itself is never part of the output.
                 if cut > len(before):
-                    piece = after[len(before) : cut]
-                    sequence.emitted.append(piece)
-                    sequence.sink(TokenEvent(text=piece, token_ids=[_token_id(piece)]))
+                    sequence.emit(after[len(before) : cut])
                 sequence.stop_sequence = stop
                 return "stop"
-        sequence.emitted.append(token)
-        sequence.sink(TokenEvent(text=token, token_ids=[_token_id(token)]))
+        sequence.emit(token)
         return None
 
     def _final(self, sequence: _Sequence, finish: FinishReason) -> FinalEvent:
+        sequence.send(sequence.splitter.finish(), [])
         total_ms = (time.perf_counter() - sequence.submitted) * 1000
         return FinalEvent(
             finish_reason=finish,
-            text="".join(sequence.emitted),
+            text=sequence.splitter.content,
+            tool_calls=sequence.splitter.total.calls,
             usage=Usage(prompt_tokens=sequence.prompt_tokens, completion_tokens=len(sequence.emitted)),
             timings=Timings(generation_ms=total_ms, total_ms=total_ms),
             execution=self.info,

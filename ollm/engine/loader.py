@@ -29,7 +29,8 @@ from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
 from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
-from ollm.engine.prompting import render_ids, render_text
+from ollm.engine.output import harmony_markers
+from ollm.engine.prompting import harmony_constraint, render_ids, render_text
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
 from ollm.errors import ContextLengthError, InvalidRequestError, MemoryBudgetError, UnsupportedModelError
@@ -79,6 +80,7 @@ class _SequenceFactory:
         self.kv_budget = kv_token_budget(plan, settings)
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.harmony = bool(harmony_markers(tokenizer))
         self._grammars: GrammarCompiler | None = None
 
     def grammars(self) -> GrammarCompiler:
@@ -106,7 +108,8 @@ class _SequenceFactory:
                 f"the request needs {len(prompt_ids) + max_new} tokens of KV cache, more than this worker's "
                 f"budget of {self.kv_budget} ({source}). Lower max tokens or raise the budget."
             )
-        grammar = self.grammars().mask_for(request.constraint) if request.constraint else None
+        constraint = harmony_constraint(request.constraint) if self.harmony else request.constraint
+        grammar = self.grammars().mask_for(constraint) if constraint else None
         return Sequence(
             request,
             sink,

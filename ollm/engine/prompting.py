@@ -6,8 +6,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from ollm import harmony
+from ollm.engine.output import harmony_markers
 from ollm.errors import InvalidRequestError
-from ollm.generation import ChatMessage, GenerationRequest
+from ollm.generation import ChatMessage, Constraint, GenerationRequest
 from ollm.tools import render_tool_call, tools_system_prompt
 
 # Most chat templates predate OpenAI's "developer" role; it means what "system" means to them.
@@ -29,6 +31,9 @@ def template_message(message: ChatMessage, image_placeholders: bool = False) -> 
         out["tool_call_id"] = message.tool_call_id
     if message.name:
         out["name"] = message.name
+    if message.reasoning:
+        # gpt-oss's template reads "thinking", Qwen3's "reasoning_content"; each keeps or drops it.
+        out["thinking"] = out["reasoning_content"] = message.reasoning
     return out
 
 
@@ -75,11 +80,26 @@ def render_text(
         return request.prompt
     assert request.messages is not None
     template = request.chat_template or tokenizer.chat_template
+    if harmony_markers(tokenizer):
+        text = _template_text(tokenizer, request, template, image_placeholders) if template else harmony.render(request)
+        calls = request.constraint.calls if request.constraint else []
+        return text + (harmony.forced_call_header(calls) if calls else "")
     if not template:
         raise InvalidRequestError(
             f"model {request.model} has no chat template; send a raw prompt (completions) instead",
             param="messages",
         )
+    return _template_text(tokenizer, request, template, image_placeholders)
+
+
+def _template_text(
+    tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, template: str, image_placeholders: bool
+) -> str:
+    # Thinking switches templates read (ignored by the others): Qwen3's enable_thinking, gpt-oss's
+    # reasoning_effort.
+    switches: dict[str, Any] = {"reasoning_effort": harmony.effort_of(request.think)}
+    if request.think is not None:
+        switches["enable_thinking"] = request.think is not False
     try:
         text = tokenizer.apply_chat_template(
             template_messages(request, template, image_placeholders),
@@ -87,10 +107,21 @@ def render_text(
             chat_template=template,
             add_generation_prompt=True,
             tokenize=False,
+            **switches,
         )
     except Exception as exc:  # Jinja raises its own exception types for template errors.
         raise InvalidRequestError(f"the chat template failed on these messages: {exc}", param="messages") from exc
     return str(text)
+
+
+def harmony_constraint(constraint: Constraint | None) -> Constraint | None:
+    """A forced call's grammar for harmony: a prompt that already names the one tool (``render_text``)
+    leaves only the arguments to constrain; a choice of several keeps the <tool_call> grammar, written
+    in a commentary message."""
+    if constraint is None or len(constraint.calls) != 1:
+        return constraint
+    assert constraint.json_schema is not None
+    return Constraint(type="json_schema", json_schema=constraint.json_schema["properties"]["arguments"])
 
 
 def render_ids(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:

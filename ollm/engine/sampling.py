@@ -7,6 +7,7 @@ engine hands each one its own row of the batch's logits.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -26,10 +27,16 @@ class Sampler:
             self._generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
-        if params.repetition_penalty != 1.0:
+        # The penalty's window of recent tokens, when it looks back over only the last n.
+        self._recent: deque[int] | None = None
+        if params.repetition_penalty != 1.0 and params.repeat_last_n != 0:
             self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if prompt_ids:
-                self._seen[torch.tensor(prompt_ids, device=device)] = True
+            window = prompt_ids
+            if params.repeat_last_n > 0:
+                self._recent = deque(prompt_ids[-params.repeat_last_n :], maxlen=params.repeat_last_n)
+                window = list(self._recent)
+            if window:
+                self._seen[torch.tensor(window, device=device)] = True
         if params.frequency_penalty or params.presence_penalty:
             self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
@@ -39,6 +46,14 @@ class Sampler:
         return self.params.greedy and self._seen is None and self._counts is None
 
     def observe(self, token_id: int) -> None:
+        if self._recent is not None and self._seen is not None:
+            if len(self._recent) == self._recent.maxlen:
+                dropped = self._recent[0]
+                self._recent.append(token_id)
+                if dropped not in self._recent:
+                    self._seen[dropped] = False
+            else:
+                self._recent.append(token_id)
         if self._seen is not None:
             self._seen[token_id] = True
         if self._counts is not None:

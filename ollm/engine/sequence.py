@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -10,7 +11,9 @@ from transformers import PreTrainedTokenizerBase
 from ollm.engine.base import EventSink
 from ollm.engine.constrained import GrammarMask
 from ollm.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from ollm.engine.output import end_of_reasoning, harmony_markers, output_parser
 from ollm.engine.sampling import Sampler, token_logprob
+from ollm.engine.steering import steered_tokens
 from ollm.generation import (
     ErrorEvent,
     ExecutionInfo,
@@ -19,8 +22,10 @@ from ollm.generation import (
     GenerationRequest,
     Timings,
     TokenEvent,
+    TokenLogprob,
     Usage,
 )
+from ollm.reasoning import OutputSplitter, Split
 
 
 class Sequence:
@@ -49,7 +54,13 @@ class Sequence:
         self._eos_ids = eos_ids
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(request.sampling.stop)
-        self._text: list[str] = []
+        # Harmony's markers are special tokens, skipped by the detokenizer: the parser gets them by id.
+        self._markers = harmony_markers(tokenizer)
+        self._splitter = OutputSplitter(output_parser(request, tokenizer, prompt_ids, bool(self._markers)))
+        # Tokens chosen for the model rather than sampled: the end of reasoning once its budget is
+        # spent, or a test's steered output (ollm.engine.steering).
+        self._forced: deque[int] = deque(steered_tokens(request, tokenizer))
+        self._reasoning_tokens = 0
         self.submitted_at = submitted_at
         self.admitted_at = submitted_at
         self.first_token_at: float | None = None
@@ -65,10 +76,19 @@ class Sequence:
 
     @property
     def plain_greedy(self) -> bool:
-        return self.sampler.plain_greedy and self.grammar is None and not self.request.sampling.logprobs
+        return (
+            self.sampler.plain_greedy
+            and self.grammar is None
+            and not self.request.sampling.logprobs
+            and not self._forced
+        )
 
     def choose(self, logits: torch.Tensor) -> int:
         """Pick this sequence's next token from its row of logits."""
+        if self._forced:
+            forced = self._forced.popleft()
+            logits.fill_(float("-inf"))
+            logits[forced] = 0.0
         token = self.sampler.choose(logits, self.grammar)
         self.accept(token, logits if self.request.sampling.logprobs else None)
         return token
@@ -84,17 +104,40 @@ class Sequence:
         if token in self._eos_ids and not self.request.sampling.ignore_eos:
             self.finish("stop")
             return
-        text = self._stops.feed(self._detok.add(token))
+        split = self._splitter.feed(self._stops.feed(self._detok.add(token)))
+        if token in self._markers:
+            split.add(self._splitter.feed(self._markers[token], special=True))
+        self._count_reasoning()
         logprobs = []
         if logits is not None:
             logprobs = [token_logprob(logits, token, self.request.sampling.top_logprobs, self._decode_one)]
-        if text or logprobs:
-            self._text.append(text)
-            self.sink(TokenEvent(text=text, token_ids=[token], logprobs=logprobs))
+        if split or logprobs:
+            self._emit(split, [token], logprobs)
         if self._stops.stopped or (self.grammar is not None and self.grammar.finished):
             self.finish("stop")
         elif len(self.generated) >= self.max_new_tokens:
             self.finish("length")
+
+    def _emit(self, split: Split, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
+        self.sink(
+            TokenEvent(
+                text=split.content,
+                reasoning=split.reasoning,
+                tool_calls=split.calls,
+                token_ids=token_ids,
+                logprobs=logprobs,
+            )
+        )
+
+    def _count_reasoning(self) -> None:
+        """Past its reasoning budget, the model is made to close its reasoning and answer."""
+        budget = self.request.reasoning_budget
+        if budget is None or not self._splitter.parser.reasoning_open or self._forced:
+            return
+        self._reasoning_tokens += 1
+        if self._reasoning_tokens >= budget:
+            closing = end_of_reasoning(bool(self._markers))
+            self._forced.extend(self._tokenizer.encode(closing, add_special_tokens=False))
 
     def cancel(self) -> None:
         if not self.done:
@@ -109,7 +152,9 @@ class Sequence:
         now = time.perf_counter()
         return FinalEvent(
             finish_reason=self.finish_reason,
-            text="".join(self._text),
+            text=self._splitter.content,
+            reasoning=self._splitter.total.reasoning,
+            tool_calls=self._splitter.total.calls,
             usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)),
             timings=Timings(
                 queue_ms=(self.admitted_at - self.submitted_at) * 1000,
@@ -126,9 +171,13 @@ class Sequence:
         if reason != "stop" or not self._stops.stopped:
             # Text held back for a possible stop sequence (or a partial character) is real output.
             tail = self._stops.feed(self._detok.flush()) + ("" if self._stops.stopped else self._stops.flush())
-            if tail:
-                self._text.append(tail)
-                self.sink(TokenEvent(text=tail))
+            split = self._splitter.feed(tail)
+        else:
+            split = Split()
+        # An open message, call or tag ends with the output: a call cut short is a partial call.
+        split.add(self._splitter.finish())
+        if split:
+            self._emit(split, [], [])
         self.finish_reason = reason
 
     def _decode_one(self, token: int) -> str:

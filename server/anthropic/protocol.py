@@ -55,9 +55,11 @@ class ToolResultBlock(_Lenient):
 
 
 class ThinkingBlock(_Lenient):
-    """An earlier turn's thinking, sent back by clients; ollm's models produce none, so it is dropped."""
+    """An earlier turn's thinking, sent back by clients (the template keeps or drops it); a
+    redacted one carries nothing a local model can read."""
 
     type: Literal["thinking", "redacted_thinking"]
+    thinking: str = ""
 
 
 ContentBlock = Annotated[
@@ -141,7 +143,8 @@ class OutputConfig(_Lenient):
 
 
 class ThinkingConfig(_Lenient):
-    """Accepted so clients that ask for thinking keep working; ollm produces no thinking blocks."""
+    """Thinking models: "enabled" thinks for at most ``budget_tokens``, "disabled" asks a thinking
+    template not to (gpt-oss always reasons: low effort); the others leave the model's default."""
 
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = Field(None, ge=1)
@@ -207,7 +210,14 @@ class OutToolUseBlock(BaseModel):
     input: dict[str, Any]
 
 
-OutContentBlock = Annotated[OutTextBlock | OutToolUseBlock, Field(discriminator="type")]
+class OutThinkingBlock(BaseModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    # Anthropic signs its thinking so it can be verified when sent back; a local model's has none.
+    signature: str = ""
+
+
+OutContentBlock = Annotated[OutTextBlock | OutToolUseBlock | OutThinkingBlock, Field(discriminator="type")]
 
 
 class Usage(BaseModel):
@@ -253,6 +263,11 @@ class TextDelta(BaseModel):
     text: str
 
 
+class ThinkingDelta(BaseModel):
+    type: Literal["thinking_delta"] = "thinking_delta"
+    thinking: str
+
+
 class InputJSONDelta(BaseModel):
     type: Literal["input_json_delta"] = "input_json_delta"
     partial_json: str
@@ -261,7 +276,7 @@ class InputJSONDelta(BaseModel):
 class ContentBlockDeltaEvent(BaseModel):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
-    delta: Annotated[TextDelta | InputJSONDelta, Field(discriminator="type")]
+    delta: Annotated[TextDelta | InputJSONDelta | ThinkingDelta, Field(discriminator="type")]
 
 
 class ContentBlockStopEvent(BaseModel):

@@ -30,7 +30,7 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolPlan, split_tool_calls, tool_call_parser, tool_plan
+from ollm.tools import ToolPlan, tool_plan
 from server.anthropic.errors import error_body
 from server.anthropic.protocol import (
     ContentBlockDeltaEvent,
@@ -50,11 +50,15 @@ from server.anthropic.protocol import (
     MessageTokensCount,
     OutContentBlock,
     OutTextBlock,
+    OutThinkingBlock,
     OutToolUseBlock,
     PingEvent,
     StopReason,
     TextBlock,
     TextDelta,
+    ThinkingBlock,
+    ThinkingConfig,
+    ThinkingDelta,
     Tool,
     ToolChoiceTool,
     ToolResultBlock,
@@ -102,6 +106,7 @@ def from_message(message: Message, index: int, names: dict[str, str]) -> list[Ch
     parts: list[ContentPart] = []
     calls: list[ToolCall] = []
     results: list[ChatMessage] = []
+    thinking: list[str] = []
     for block in message.content:
         if isinstance(block, TextBlock | ImageBlock):
             parts += _parts([block], param)
@@ -110,9 +115,10 @@ def from_message(message: Message, index: int, names: dict[str, str]) -> list[Ch
             calls.append(ToolCall(id=block.id, name=block.name, arguments=block.input))
         elif isinstance(block, ToolResultBlock):
             results.append(_tool_result(block, names, param))
-        # thinking blocks of earlier turns: nothing the model can use.
+        elif isinstance(block, ThinkingBlock):
+            thinking.append(block.thinking)
     if message.role == "assistant":
-        return [ChatMessage(role="assistant", content=parts, tool_calls=calls)]
+        return [ChatMessage(role="assistant", content=parts, tool_calls=calls, reasoning="".join(thinking))]
     return results + ([ChatMessage(role="user", content=parts)] if parts or not results else [])
 
 
@@ -167,7 +173,17 @@ def from_messages_request(body: MessagesRequest, defaults: GenerationSettings) -
         sampling=sampling,
         # A forced tool call wins over the output format: its input follows the tool's schema.
         constraint=plan.constraint or schema,
+        **thinking_of(body.thinking),
     )
+
+
+def thinking_of(config: ThinkingConfig | None) -> dict[str, Any]:
+    """``thinking`` as GenerationRequest fields: enabled (with its budget), disabled, or the model's default."""
+    if config is None or config.type not in ("enabled", "disabled"):
+        return {}
+    if config.type == "disabled":
+        return {"think": False}
+    return {"think": True, "reasoning_budget": config.budget_tokens}
 
 
 def count_request(body: CountTokensRequest) -> GenerationRequest:
@@ -194,10 +210,11 @@ def tool_use_block(call: ToolCall) -> OutToolUseBlock:
 
 
 def stop_reason(final: FinalEvent, called_tools: bool) -> StopReason:
-    if called_tools:
-        return "tool_use"
+    # Cut short wins over a call: a call cut by max_tokens is partial.
     if final.finish_reason == "length":
         return "max_tokens"
+    if called_tools:
+        return "tool_use"
     # "cancelled" is only ever seen by a client that went away.
     return "stop_sequence" if final.stop_sequence is not None else "end_turn"
 
@@ -207,8 +224,9 @@ def usage_of(final: FinalEvent) -> Usage:
 
 
 def to_message(request: GenerationRequest, final: FinalEvent) -> MessageResponse:
-    text, calls = split_tool_calls(request, final.text)
-    content: list[OutContentBlock] = [OutTextBlock(text=text)] if text else []
+    calls = final.tool_calls
+    content: list[OutContentBlock] = [OutThinkingBlock(thinking=final.reasoning)] if final.reasoning else []
+    content += [OutTextBlock(text=final.text)] if final.text else []
     content += [tool_use_block(call) for call in calls]
     return MessageResponse(
         id=message_id(request), model=request.model,
@@ -228,11 +246,11 @@ class StreamFrames:
     """Anthropic's event sequence for one generation: ``start()`` gives message_start; then each
     event adds content blocks (content_block_start, a ping after the first, deltas,
     content_block_stop) and the final event adds message_delta (stop reason, usage) and
-    message_stop. Tool calls come out of the shared parser whole, as one input_json_delta."""
+    message_stop. Reasoning is a thinking block of thinking_delta events; tool calls arrive
+    whole, each as one input_json_delta."""
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
-        self.parser = tool_call_parser(request)
         self.index = -1
         self.open: str | None = None
         self.pinged = False
@@ -285,14 +303,16 @@ class StreamFrames:
             self.calls += 1
         return out
 
-    def _content(self, text: str, calls: list[ToolCall]) -> list[str]:
-        return (self._text(text) if text else []) + self._tool_uses(calls)
+    def _thinking(self, text: str) -> list[str]:
+        out = [] if self.open == "thinking" else self._open(OutThinkingBlock(thinking=""))
+        return [*out, frame(ContentBlockDeltaEvent(index=self.index, delta=ThinkingDelta(thinking=text)))]
 
     def __call__(self, event: Event) -> list[str]:
         if isinstance(event, TokenEvent):
-            return self._content(*(self.parser.feed(event.text) if self.parser else (event.text, [])))
+            out = self._thinking(event.reasoning) if event.reasoning else []
+            return out + (self._text(event.text) if event.text else []) + self._tool_uses(event.tool_calls)
         if isinstance(event, FinalEvent):
-            out = self._content(*self.parser.finish()) if self.parser else []
+            out = []
             if self.index < 0:
                 out += self._open(OutTextBlock(text=""))
                 if self.held:

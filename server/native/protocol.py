@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ollm.contract import WorkerInfo
 from ollm.errors import SettingsError
-from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, Seed, Timings
+from ollm.generation import ChatMessage, ExecutionInfo, FinishReason, ReasoningEffort, Seed, Timings
 from ollm.memory import parse_size
 
 
@@ -30,9 +30,12 @@ class SamplingOptions(_Body):
     repetition_penalty: float | None = Field(None, gt=0.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    think: bool | ReasoningEffort | None = Field(
+        None, description="Thinking models: think or not, or how hard (low/medium/high); default: the model's."
+    )
 
     def sampling_overrides(self) -> dict[str, Any]:
-        return self.model_dump(include=set(SamplingOptions.model_fields))
+        return self.model_dump(include=set(SamplingOptions.model_fields) - {"think"})
 
 
 class PromptRequest(SamplingOptions):
@@ -64,6 +67,8 @@ class PromptResponse(BaseModel):
     id: str
     model: str
     text: str
+    # A thinking model's reasoning, apart from the answer in ``text``.
+    reasoning: str = ""
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -76,6 +81,7 @@ class TokenChunk(BaseModel):
 
     id: str
     text: str
+    reasoning: str = ""
 
 
 class SessionResponse(BaseModel):

@@ -40,7 +40,10 @@ def to_generation_request(
     model: str, messages: list[ChatMessage], options: SamplingOptions, defaults: GenerationSettings
 ) -> GenerationRequest:
     return GenerationRequest(
-        model=model, messages=messages, sampling=sampling_params(defaults, **options.sampling_overrides())
+        model=model,
+        messages=messages,
+        sampling=sampling_params(defaults, **options.sampling_overrides()),
+        think=options.think,
     )
 
 
@@ -59,7 +62,8 @@ def to_prompt_response(request: GenerationRequest, final: FinalEvent, session_id
         total_tokens=final.usage.total_tokens,
     )
     return PromptResponse(
-        id=request.id, model=request.model, text=final.text, finish_reason=final.finish_reason, usage=usage,
+        id=request.id, model=request.model, text=final.text, reasoning=final.reasoning,
+        finish_reason=final.finish_reason, usage=usage,
         timings=final.timings, execution=final.execution, session_id=session_id,
     )  # fmt: skip
 
@@ -69,7 +73,8 @@ def stream_frames(request: GenerationRequest, session_id: str | None = None) -> 
 
     def frames(event: Event) -> Iterable[str]:
         if isinstance(event, TokenEvent):
-            return [sse(TokenChunk(id=request.id, text=event.text).model_dump(), event="token")]
+            chunk = TokenChunk(id=request.id, text=event.text, reasoning=event.reasoning)
+            return [sse(chunk.model_dump(), event="token")]
         if isinstance(event, FinalEvent):
             return [sse(to_prompt_response(request, event, session_id).model_dump(mode="json"), event="final")]
         assert isinstance(event, ErrorEvent)
@@ -181,7 +186,7 @@ async def run_prompt(
     async def remember(final: FinalEvent) -> None:
         if session is not None and final.finish_reason != "cancelled":
             user = request.messages[-1] if request.messages else ChatMessage(role="user", content="")
-            session.messages += [user, ChatMessage(role="assistant", content=final.text)]
+            session.messages += [user, ChatMessage(role="assistant", content=final.text, reasoning=final.reasoning)]
             await services.sessions.save(session)
 
     if not stream:

@@ -16,10 +16,11 @@ from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError, ModelNotFoundError, OllmError
 from ollm.generation import EmbeddingRequest, ErrorEvent, Event, FinalEvent, TokenEvent
 from ollm.pull import PullProgress, pull_model
+from ollm.sampling_defaults import effective_defaults
 from server.dispatch import JobStream
 from server.ollama import catalog, residency
 from server.ollama.errors import ERROR_RESPONSES, OllamaModelNotFound, OllamaRoute, message_of
-from server.ollama.models import Resolved, check_new_name, registry, require_kind, resolve
+from server.ollama.models import Resolved, check_new_name, registry, require_kind, require_thinking, resolve
 from server.ollama.protocol import (
     ChatRequest,
     ChatResponse,
@@ -117,17 +118,18 @@ async def generate(body: GenerateRequest, http: Request, svc: Services = Depends
     if not body.prompt and not body.images:
         return await _load_or_unload(svc, resolved, body.model, seconds, chat=False)
     request = to_generate_request(body, resolved.base, resolved.derived, svc.settings.generation)
+    await require_thinking(svc, resolved, body.model, request)
     await residency.set_keep_alive(svc, resolved.base, seconds)
     out = GenerateStream(request, body.model, started)
     if not body.stream:
         done = await svc.dispatcher.generate(request, http.is_disconnected)
-        return JSONResponse(out.final(done.final, done.final.text, done.logprobs))
+        return JSONResponse(out.final(done.final, whole=True, logprobs=done.logprobs))
     job = await svc.dispatcher.submit(request)
     first = await first_event(job, http.is_disconnected)
 
     def frames(event: Event) -> Iterable[dict[str, Any]]:
         if isinstance(event, TokenEvent):
-            return [out.chunk(event.text, event.logprobs)]
+            return [out.chunk(event)]
         assert isinstance(event, FinalEvent)
         return [out.final(event)]
 
@@ -145,20 +147,20 @@ async def chat(body: ChatRequest, http: Request, svc: Services = Depends(service
     if not body.messages:
         return await _load_or_unload(svc, resolved, body.model, seconds, chat=True)
     request = to_chat_request(body, resolved.base, resolved.derived, svc.settings.generation)
+    await require_thinking(svc, resolved, body.model, request)
     await residency.set_keep_alive(svc, resolved.base, seconds)
     out = ChatStream(request, body.model, started)
     if not body.stream:
         done = await svc.dispatcher.generate(request, http.is_disconnected)
-        return JSONResponse(out.whole(done.final, done.logprobs))
+        return JSONResponse(out.final(done.final, whole=True, logprobs=done.logprobs))
     job = await svc.dispatcher.submit(request)
     first = await first_event(job, http.is_disconnected)
 
     def frames(event: Event) -> Iterable[dict[str, Any]]:
         if isinstance(event, TokenEvent):
-            chunk = out.chunk(event.text, event.logprobs)
-            return [chunk] if chunk is not None else []
+            return [out.chunk(event)]
         assert isinstance(event, FinalEvent)
-        return out.final_chunks(event)
+        return [out.final(event)]
 
     return _ndjson_stream(job, first, frames)
 
@@ -246,15 +248,16 @@ async def ps(svc: Services = Depends(services)) -> dict[str, Any]:
 async def show(body: ModelRequest, svc: Services = Depends(services)) -> dict[str, Any]:
     resolved = await resolve(svc, body.model)
 
-    def facts() -> tuple[dict[str, Any], dict[str, Any], str]:
+    def facts() -> tuple[dict[str, Any], dict[str, Any], str, dict[str, Any]]:
         info = catalogue.model_info(resolved.base, svc.settings.runtime)
         path = catalogue.materialized_path(resolved.base, svc.settings.runtime)
         config = (catalogue.read_json(path / "config.json") or {}) if path else {}
         template = (catalogue.chat_template(path) or "") if path else ""
-        return info, config, template
+        derived = resolved.derived.sampling_defaults() if resolved.derived else None
+        return info, config, template, effective_defaults(svc.settings.generation, path, derived)
 
-    info, config, template = await asyncio.to_thread(facts)
-    return catalog.show(info, config, template, resolved.derived, resolved.base).wire()
+    info, config, template, sampling = await asyncio.to_thread(facts)
+    return catalog.show(info, config, template, resolved.derived, resolved.base, sampling).wire()
 
 
 async def progress_response(

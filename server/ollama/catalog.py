@@ -12,13 +12,16 @@ from typing import Any
 
 from ollm.catalogue import ModelListing
 from ollm.contract import LoadingModel
-from ollm.derived import DerivedModel
+from ollm.derived import SAMPLING_OPTIONS, DerivedModel
 from server.ollama.protocol import ListedModel, Loading, ModelDetails, RunningModel, ShowResponse
 from server.ollama.serving import display_name
 
 # Ollama shows a model kept forever as expiring at the largest time.Duration from now.
 _FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
-_CAPABILITIES = {"completion": "completion", "chat": "completion", "embeddings": "embedding", "vision": "vision"}
+_CAPABILITIES = {
+    "completion": "completion", "chat": "completion", "embeddings": "embedding", "vision": "vision",
+    "thinking": "thinking",
+}  # fmt: skip
 _DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -152,8 +155,13 @@ def show(
     template: str,
     derived: DerivedModel | None,
     base_name: str,
+    sampling: dict[str, Any] | None = None,
 ) -> ShowResponse:
-    parameters = derived.parameters if derived else {}
+    """``sampling``: the effective sampling defaults (ollm.sampling_defaults.effective_defaults),
+    shown among the parameters under Ollama's names, as a request that sets nothing gets them."""
+    ollama_names = {internal: option for option, internal in SAMPLING_OPTIONS.items()}
+    effective = {ollama_names[k]: v for k, v in (sampling or {}).items() if k in ollama_names}
+    parameters = {**effective, **(derived.parameters if derived else {})}
     return ShowResponse(
         modelfile=modelfile(base_name, derived, template),
         parameters=parameters_text(parameters),

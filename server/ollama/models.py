@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ollm import catalogue
 from ollm.derived import DerivedModel, DerivedModels
 from ollm.errors import InvalidRequestError, ModelNameClashError, OllmError
+from ollm.generation import GenerationRequest
 from ollm.references import MAX_REFERENCE_LENGTH
 from server.ollama.errors import OllamaModelNotFound
 from server.ollama.serving import model_name
@@ -92,6 +93,28 @@ def kind_of(services: Services, base: str) -> str | None:
     path = catalogue.materialized_path(ref, services.settings.runtime)
     config = catalogue.read_json(path / "config.json") if path else None
     return catalogue.detect_kind(config, path) if config is not None else None
+
+
+def capabilities_of(services: Services, base: str) -> list[str]:
+    """The model's capabilities (ollm.catalogue's names) from its directory, or the catalogue's entry."""
+    try:
+        ref = catalogue.resolve(base, services.settings.runtime)
+    except OllmError:
+        return []
+    path = catalogue.materialized_path(ref, services.settings.runtime)
+    config = catalogue.read_json(path / "config.json") if path else None
+    if path is not None and config is not None:
+        return list(catalogue.capabilities_of(catalogue.detect_kind(config, path), path))
+    entry = catalogue.find_alias(ref.name) if ref.kind == "alias" else None
+    return list(entry.capabilities) if entry else []
+
+
+async def require_thinking(services: Services, resolved: Resolved, name: str, request: GenerationRequest) -> None:
+    """Ollama's 400 for ``think`` on a model that cannot think; clients read it to retry without."""
+    if request.think in (None, False):
+        return
+    if "thinking" not in await asyncio.to_thread(capabilities_of, services, resolved.base):
+        raise InvalidRequestError(f'"{name}" does not support thinking', param="think")
 
 
 async def require_kind(services: Services, resolved: Resolved, name: str, action: str) -> None:

@@ -1,6 +1,6 @@
 """Ollama's /api wire format (see Ollama's api.md / openapi.yaml): requests in, responses out.
 
-Requests are lenient like Ollama's own JSON decoding: unknown fields (``think``, ``context``,
+Requests are lenient like Ollama's own JSON decoding: unknown fields (``context``,
 image-generation sizes) are ignored. Responses are built as these models and dumped without
 None fields, so every object carries exactly the keys Ollama would send.
 """
@@ -17,6 +17,8 @@ from ollm.generation import Seed
 KeepAliveValue = float | str | None
 # "" / "json" / a JSON schema.
 FormatValue = str | dict[str, Any] | None
+# Thinking models: on/off, or how hard (gpt-oss's levels).
+ThinkValue = bool | Literal["low", "medium", "high"] | None
 
 
 class _Lenient(BaseModel):
@@ -39,6 +41,7 @@ class Options(_Lenient):
     stop: str | list[str] | None = None
     num_predict: int | None = None
     repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
@@ -59,6 +62,8 @@ class Message(_Lenient):
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
+    # An earlier answer's thinking, given back.
+    thinking: str | None = None
 
 
 class GenerateRequest(_Lenient):
@@ -70,6 +75,7 @@ class GenerateRequest(_Lenient):
     raw: bool = False
     images: list[str] | None = None
     format: FormatValue = None
+    think: ThinkValue = None
     options: dict[str, Any] | None = None
     stream: bool = True
     keep_alive: KeepAliveValue = None
@@ -82,6 +88,7 @@ class ChatRequest(_Lenient):
     messages: list[Message] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     format: FormatValue = None
+    think: ThinkValue = None
     options: dict[str, Any] | None = None
     stream: bool = True
     keep_alive: KeepAliveValue = None
@@ -179,6 +186,7 @@ class GenerateResponse(Timings):
     model: str
     created_at: str
     response: str
+    thinking: str | None = None
     done: bool
     done_reason: str | None = None
     logprobs: list[Logprob] | None = None
@@ -191,6 +199,7 @@ class OutToolCall(_Out):
 class OutMessage(_Out):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | None = None
     tool_calls: list[OutToolCall] | None = None
 
 

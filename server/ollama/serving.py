@@ -29,12 +29,12 @@ from ollm.generation import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
+    TokenEvent,
     TokenLogprob,
 )
 from ollm.generation import ToolCall as InternalToolCall
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import split_tool_calls, tool_call_parser
 from server.ollama.protocol import (
     ChatRequest,
     ChatResponse,
@@ -154,6 +154,7 @@ def sampling_of(
         seed=options.seed,
         stop=stop,
         repetition_penalty=options.repeat_penalty,
+        repeat_last_n=options.repeat_last_n,
         frequency_penalty=options.frequency_penalty,
         presence_penalty=options.presence_penalty,
         logprobs=logprobs or bool(top_logprobs),
@@ -200,8 +201,9 @@ def from_message(message: Message) -> ChatMessage:
             raise InvalidRequestError(f"tool call {call.function.name}: arguments must be an object", param="messages")
         calls.append(InternalToolCall(name=call.function.name, arguments=arguments))
     return ChatMessage(
-        role=message.role, content=content, tool_calls=calls, name=message.tool_name if message.role == "tool" else None
-    )
+        role=message.role, content=content, tool_calls=calls,
+        name=message.tool_name if message.role == "tool" else None, reasoning=message.thinking or "",
+    )  # fmt: skip
 
 
 def _preamble(derived: DerivedModel | None, system: str | None, model_system: bool = True) -> list[ChatMessage]:
@@ -235,8 +237,9 @@ def to_generate_request(
     user = Message(role="user", content=body.prompt or "", images=body.images)
     template = check_template(body.template) or (derived.template if derived else None)
     return GenerationRequest(
-        messages=[*_preamble(derived, body.system), from_message(user)], chat_template=template, **common
-    )
+        messages=[*_preamble(derived, body.system), from_message(user)], chat_template=template, think=body.think,
+        **common,
+    )  # fmt: skip
 
 
 def to_chat_request(
@@ -253,6 +256,7 @@ def to_chat_request(
         chat_template=derived.template if derived else None,
         sampling=sampling_of(options, defaults, body.logprobs, body.top_logprobs),
         constraint=constraint_of(body.format),
+        think=body.think,
     )
 
 
@@ -302,16 +306,21 @@ class GenerateStream:
     def _logprobs(self, items: list[TokenLogprob]) -> list[Logprob] | None:
         return logprobs_of(items) if self.request.sampling.logprobs else None
 
-    def chunk(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def chunk(self, event: TokenEvent) -> dict[str, Any]:
         return GenerateResponse(
-            model=self.model, created_at=now_iso(), response=text, done=False, logprobs=self._logprobs(logprobs)
-        ).wire()
+            model=self.model, created_at=now_iso(), response=event.text, thinking=event.reasoning or None, done=False,
+            logprobs=self._logprobs(event.logprobs),
+        ).wire()  # fmt: skip
 
-    def final(self, final: FinalEvent, text: str = "", logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        """The last object; ``text`` is the whole response when not streamed ("" when it was)."""
+    def final(
+        self, final: FinalEvent, whole: bool = False, logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
+        """The last object; ``whole``: the whole response when not streamed (nothing more when it was)."""
         elapsed = (time.monotonic() - self.started) * 1000
+        text = final.text if whole else ""
         return GenerateResponse(
-            model=self.model, created_at=now_iso(), response=text, done=True,
+            model=self.model, created_at=now_iso(), response=text, thinking=(whole and final.reasoning) or None,
+            done=True,
             done_reason=done_reason(final.finish_reason), logprobs=self._logprobs(logprobs or []) if text else None,
             **timings(final, elapsed).model_dump(),
         ).wire()  # fmt: skip
@@ -324,47 +333,33 @@ class ChatStream:
         self.request = request
         self.model = model
         self.started = started if started is not None else time.monotonic()
-        self.parser = tool_call_parser(request)
 
     def _object(
-        self, content: str, calls: list[InternalToolCall], logprobs: list[TokenLogprob] | None, done: bool, **extra: Any
+        self,
+        content: str,
+        thinking: str,
+        calls: list[InternalToolCall],
+        logprobs: list[TokenLogprob] | None,
+        done: bool,
+        **extra: Any,
     ) -> dict[str, Any]:
+        message = OutMessage(content=content, thinking=thinking or None, tool_calls=_wire_calls(calls))
         return ChatResponse(
-            model=self.model, created_at=now_iso(), message=OutMessage(content=content, tool_calls=_wire_calls(calls)),
-            done=done, logprobs=logprobs_of(logprobs) if self.request.sampling.logprobs and logprobs else None,
-            **extra,
+            model=self.model, created_at=now_iso(), message=message, done=done,
+            logprobs=logprobs_of(logprobs) if self.request.sampling.logprobs and logprobs else None, **extra,
         ).wire()  # fmt: skip
 
-    def chunk(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
-        """The object for one token event; None while the text may be a tool call still being written."""
-        calls: list[InternalToolCall] = []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if not text and not calls:
-                return None
-        return self._object(text, calls, logprobs, done=False)
+    def chunk(self, event: TokenEvent) -> dict[str, Any]:
+        return self._object(event.text, event.reasoning, event.tool_calls, event.logprobs, done=False)
 
-    def final_chunks(self, final: FinalEvent) -> list[dict[str, Any]]:
-        """Held-back text or a last call (streamed), then the final object with the statistics."""
-        out = []
-        if self.parser is not None:
-            text, calls = self.parser.finish()
-            if text or calls:
-                out.append(self._object(text, calls, None, done=False))
-        out.append(self._final(final, "", []))
-        return out
-
-    def whole(self, final: FinalEvent, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        """The single answer of a request that was not streamed."""
-        text, calls = split_tool_calls(self.request, final.text)
-        return self._final(final, text, calls, logprobs)
-
-    def _final(
-        self, final: FinalEvent, text: str, calls: list[InternalToolCall], logprobs: list[TokenLogprob] | None = None
+    def final(
+        self, final: FinalEvent, whole: bool = False, logprobs: list[TokenLogprob] | None = None
     ) -> dict[str, Any]:
+        """The last object, with the statistics; ``whole``: the whole answer of a request not streamed."""
         elapsed = (time.monotonic() - self.started) * 1000
+        content, thinking, calls = (final.text, final.reasoning, final.tool_calls) if whole else ("", "", [])
         return self._object(
-            text, calls, logprobs, done=True, done_reason=done_reason(final.finish_reason),
+            content, thinking, calls, logprobs, done=True, done_reason=done_reason(final.finish_reason),
             **timings(final, elapsed).model_dump(),
         )  # fmt: skip
 

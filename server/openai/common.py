@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from openai.types.completion_usage import CompletionUsage
 
 from ollm.errors import InvalidRequestError
-from ollm.generation import FinalEvent, FinishReason, GenerationRequest, ToolCall, Usage
+from ollm.generation import FinalEvent, FinishReason, GenerationRequest, ReasoningEffort, ToolCall, Usage
 
 OpenAIFinish = Literal["stop", "length", "tool_calls"]
 
@@ -36,10 +36,20 @@ def stop_list(stop: str | list[str] | None) -> list[str] | None:
 
 
 def finish_reason(reason: FinishReason, called_tools: bool = False) -> OpenAIFinish:
-    if called_tools:
-        return "tool_calls"
+    # Cut short wins over a call: a call cut by max tokens is partial, and the client must know.
+    if reason == "length":
+        return "length"
     # OpenAI has no "cancelled"; a cancelled request is only ever seen by a client that went away.
-    return "length" if reason == "length" else "stop"
+    return "tool_calls" if called_tools else "stop"
+
+
+def think_of(effort: str | None) -> bool | ReasoningEffort | None:
+    """OpenAI's reasoning effort as ``GenerationRequest.think``."""
+    if effort is None:
+        return None
+    if effort == "none":
+        return False
+    return "low" if effort == "minimal" else cast(ReasoningEffort, effort)
 
 
 def completion_usage(usage: Usage) -> CompletionUsage:
@@ -60,6 +70,9 @@ def parse_arguments(text: str, param: str) -> dict[str, Any]:
 
 
 def arguments_json(call: ToolCall) -> str:
+    """The arguments as the wire's JSON string; a partial call's exactly as far as they were written."""
+    if call.partial_arguments is not None:
+        return call.partial_arguments
     return json.dumps(call.arguments, ensure_ascii=False)
 
 

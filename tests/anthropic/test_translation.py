@@ -20,6 +20,7 @@ from ollm.settings import GenerationSettings
 from server.anthropic.errors import error_body
 from server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from server.anthropic.serving import StreamFrames, count_request, from_messages_request, to_message
+from tests.engine_output import split_final, token_events
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)
 WEATHER = {
@@ -44,9 +45,7 @@ def translate(**fields: Any) -> GenerationRequest:
 
 def final(text: str, reason: str = "stop", stop: str | None = None, prompt: int = 7, completion: int = 3) -> FinalEvent:
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
-    return FinalEvent.model_validate(
-        {"finish_reason": reason, "text": text, "usage": usage, "timings": Timings(), "stop_sequence": stop}
-    )
+    return split_final(text, finish_reason=reason, usage=usage, timings=Timings(), stop_sequence=stop)
 
 
 def invalid(**fields: Any) -> str:
@@ -159,11 +158,12 @@ def test_output_format_is_a_json_schema_constraint_and_a_forced_tool_wins() -> N
     assert both.constraint is not None and both.constraint.prefix.startswith("<tool_call>")
 
 
-def test_thinking_is_accepted_and_changes_nothing() -> None:
-    plain = translate()
-    for thinking in ({"type": "enabled", "budget_tokens": 2048}, {"type": "disabled"}, {"type": "adaptive"}):
-        thought = translate(thinking=thinking)
-        assert thought.model_dump(exclude={"id"}) == plain.model_dump(exclude={"id"})
+def test_thinking_config_is_think_and_its_budget() -> None:
+    assert (translate().think, translate().reasoning_budget) == (None, None)
+    enabled = translate(thinking={"type": "enabled", "budget_tokens": 2048})
+    assert (enabled.think, enabled.reasoning_budget) == (True, 2048)
+    assert translate(thinking={"type": "disabled"}).think is False
+    assert translate(thinking={"type": "adaptive"}).think is None
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,9 @@ def test_tool_use_blocks_out() -> None:
     assert [b.type for b in only.content] == ["tool_use"]
     # Without tools offered (tool_choice none) the same text is just text.
     offered_none = translate(tools=[WEATHER], tool_choice={"type": "none"})
-    assert sdk_message(offered_none, final(CALL_TEXT)).content[0].type == "text"
+    assert offered_none.tools is None
+    plain = split_final(CALL_TEXT, tools=False, finish_reason="stop", usage=Usage(), timings=Timings())
+    assert sdk_message(offered_none, plain).content[0].type == "text"
 
 
 # ---- streams ---------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def test_text_stream_is_in_anthropic_order_and_the_sdk_rebuilds_the_message() ->
 def test_tool_call_stream_has_a_tool_use_block_with_its_input() -> None:
     request = translate(tools=[WEATHER])
     pieces = ["\n", *[CALL_TEXT[i : i + 7] for i in range(0, len(CALL_TEXT), 7)]]
-    events: list[Event] = [*(TokenEvent(text=piece) for piece in pieces), final("\n" + CALL_TEXT)]
+    events: list[Event] = [*token_events(pieces), final("\n" + CALL_TEXT)]
     frames = parsed(stream_body(request, events))
     assert [name for name, _ in frames] == [
         "message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop",
@@ -304,7 +306,7 @@ def test_the_sdk_stream_helpers_accumulate_the_tool_input_from_its_one_delta() -
     # is complete). What SDK users of messages.stream() read must still be whole: the helper's own
     # input_json event with its parsed snapshot, and the running message snapshot.
     request = translate(tools=[WEATHER])
-    events: list[Event] = [TokenEvent(text=CALL_TEXT[:20]), TokenEvent(text=CALL_TEXT[20:]), final(CALL_TEXT)]
+    events: list[Event] = [*token_events([CALL_TEXT[:20], CALL_TEXT[20:]]), final(CALL_TEXT)]
     stream = sdk_stream(request, events)
     seen = list(stream)
     inputs = [event for event in seen if event.type == "input_json"]
@@ -319,7 +321,7 @@ def test_the_sdk_stream_helpers_accumulate_the_tool_input_from_its_one_delta() -
 
 def test_text_then_a_call_are_two_blocks() -> None:
     request = translate(tools=[WEATHER])
-    events: list[Event] = [TokenEvent(text="Checking. "), TokenEvent(text=CALL_TEXT), final("Checking. " + CALL_TEXT)]
+    events: list[Event] = [*token_events(["Checking. ", CALL_TEXT]), final("Checking. " + CALL_TEXT)]
     frames = parsed(stream_body(request, events))
     starts = [event.content_block.type for name, event in frames if name == "content_block_start"]
     stops = [event.index for name, event in frames if name == "content_block_stop"]

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from ollm.derived import DerivedModel
 from ollm.errors import InvalidRequestError
-from ollm.generation import FinalEvent, FinishReason, Timings, TokenLogprob, TopLogprob, Usage
+from ollm.generation import FinalEvent, FinishReason, Timings, TokenEvent, TokenLogprob, TopLogprob, Usage
 from ollm.settings import GenerationSettings
 from server.ollama import catalog
 from server.ollama.errors import validation_message
@@ -29,14 +29,15 @@ from server.ollama.serving import (
     to_chat_request,
     to_generate_request,
 )
+from tests.engine_output import split_final, token_events
 
 DEFAULTS = GenerationSettings()
 
 
 def final(text: str = "Paris.", reason: FinishReason = "stop") -> FinalEvent:
-    return FinalEvent(
+    return split_final(
+        text,
         finish_reason=reason,
-        text=text,
         usage=Usage(prompt_tokens=12, completion_tokens=3),
         timings=Timings(load_ms=1.5, prompt_eval_ms=2.0, generation_ms=30.0, total_ms=40.0),
     )
@@ -200,7 +201,7 @@ def test_tool_call_arguments_must_be_json_objects() -> None:
 def test_generate_objects_and_durations_in_nanoseconds() -> None:
     request = to_generate_request(GenerateRequest(model="m", prompt="Hi"), "m", None, DEFAULTS)
     out = GenerateStream(request, "m:latest")
-    chunk = out.chunk("Par", [])
+    chunk = out.chunk(TokenEvent(text="Par"))
     assert chunk["model"] == "m:latest" and chunk["response"] == "Par" and chunk["done"] is False
     assert list(chunk)[:2] == ["model", "created_at"] and "logprobs" not in chunk
     last = out.final(final())
@@ -208,7 +209,7 @@ def test_generate_objects_and_durations_in_nanoseconds() -> None:
     assert last["load_duration"] == 1_500_000 and last["prompt_eval_duration"] == 2_000_000
     assert last["eval_duration"] == 30_000_000 and last["total_duration"] >= 40_000_000
     assert last["prompt_eval_count"] == 12 and last["eval_count"] == 3
-    assert out.final(final(reason="length"), "Paris")["done_reason"] == "length"
+    assert out.final(final(reason="length"), whole=True)["done_reason"] == "length"
     assert out.final(final(reason="cancelled"))["done_reason"] == "stop"
 
 
@@ -216,7 +217,7 @@ def test_logprobs_on_the_wire() -> None:
     body = GenerateRequest(model="m", prompt="Hi", logprobs=True, top_logprobs=1)
     out = GenerateStream(to_generate_request(body, "m", None, DEFAULTS), "m")
     item = TokenLogprob(token="Hi", token_id=1, logprob=-0.5, top=[TopLogprob(token="Hi", token_id=1, logprob=-0.5)])
-    chunk = out.chunk("Hi", [item])
+    chunk = out.chunk(TokenEvent(text="Hi", logprobs=[item]))
     top = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}
     assert chunk["logprobs"] == [{**top, "top_logprobs": [top]}]
 
@@ -227,15 +228,15 @@ def test_chat_stream_splits_tool_calls_out_of_the_text() -> None:
     )
     out = ChatStream(to_chat_request(body, "m", None, DEFAULTS), "m")
     pieces = ["Sure. ", "<tool_", 'call>\n{"name": "w", ', '"arguments": {"c": 1}}\n</tool_call>']
-    objects = [o for o in (out.chunk(piece, []) for piece in pieces) if o is not None]
+    objects = [out.chunk(event) for event in token_events(pieces)]
     assert objects[0]["message"] == {"role": "assistant", "content": "Sure. "}
     assert objects[-1]["message"]["tool_calls"] == [{"function": {"name": "w", "arguments": {"c": 1}}}]
     assert all("<tool_call>" not in o["message"]["content"] for o in objects)
-    last = out.final_chunks(final())[-1]
+    last = out.final(final())
     assert last["done"] is True and last["message"] == {"role": "assistant", "content": ""}
 
-    whole = ChatStream(to_chat_request(body, "m", None, DEFAULTS), "m").whole(
-        final('<tool_call>\n{"name": "w", "arguments": {"c": 2}}\n</tool_call>'), []
+    whole = ChatStream(to_chat_request(body, "m", None, DEFAULTS), "m").final(
+        final('<tool_call>\n{"name": "w", "arguments": {"c": 2}}\n</tool_call>'), whole=True
     )
     assert whole["message"] == {
         "role": "assistant",

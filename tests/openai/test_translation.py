@@ -44,6 +44,7 @@ from server.openai.responses.protocol import ResponseRequest
 from server.openai.responses.serving import ResponseBuilder, StreamFrames, from_response_request
 from server.stores.responses import ResponseStore
 from server.translation import image_part
+from tests.engine_output import split_final, token_events
 
 DEFAULTS = GenerationSettings(max_new_tokens=50, temperature=0.5)
 TOOLS: list[dict[str, Any]] = [
@@ -62,14 +63,9 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def final(text: str, reason: str = "stop", prompt: int = 4, completion: int = 3) -> FinalEvent:
-    return FinalEvent.model_validate(
-        {
-            "finish_reason": reason,
-            "text": text,
-            "usage": Usage(prompt_tokens=prompt, completion_tokens=completion),
-            "timings": Timings(),
-        }  # fmt: skip
-    )
+    """The final event of a model that wrote ``text`` (tool markup split out as the engine does)."""
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+    return split_final(text, finish_reason=reason, usage=usage, timings=Timings())
 
 
 def data_of(frame: str) -> Any:
@@ -164,8 +160,8 @@ def test_chat_stream_turns_tool_markup_into_call_deltas() -> None:
     # Markup split across tokens never reaches the client as content.
     pieces = ["Sure. ", "<tool", "_call>\n", '{"name": "get_weather", ', '"arguments": {"city": "Paris"}}']
     pieces.append("\n</tool_call>")
-    for piece in pieces:
-        out += frames(TokenEvent(text=piece))
+    for event in token_events(pieces):
+        out += frames(event)
     out += frames(final("ignored"))
     chunks = [ChatCompletionChunk.model_validate(data_of(frame)) for frame in out]
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -415,8 +411,8 @@ def test_responses_output_is_a_valid_response() -> None:
 
 def stream_events(builder: ResponseBuilder, pieces: list[str], last: FinalEvent | ErrorEvent) -> list[Any]:
     frames = builder.start()
-    for piece in pieces:
-        frames += builder.on_token(TokenEvent(text=piece))
+    for event in token_events(pieces):
+        frames += builder.on_token(event)
     frames += builder.on_final(last)[0] if isinstance(last, FinalEvent) else builder.on_error(last)
     adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
     events = [adapter.validate_python(data_of(frame)) for frame in frames]

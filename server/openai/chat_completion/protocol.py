@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ollm.generation import Seed
+
+# OpenAI's reasoning effort values; "minimal" reads as low, "none" as no thinking.
+ReasoningEffortValue = Literal["none", "minimal", "low", "medium", "high"]
 
 
 class _Lenient(BaseModel):
@@ -54,6 +57,8 @@ class Message(_Lenient):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # An earlier answer's reasoning given back (Ollama's compatibility layer; vLLM's older name).
+    reasoning: str | None = Field(None, validation_alias=AliasChoices("reasoning", "reasoning_content"))
 
     @model_validator(mode="after")
     def _tool_result_names_its_call(self) -> Message:
@@ -94,6 +99,10 @@ class ResponseFormat(_Lenient):
     json_schema: JSONSchemaFormat | None = None
 
 
+class Reasoning(_Lenient):
+    effort: ReasoningEffortValue | None = None
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -119,5 +128,9 @@ class ChatCompletionRequest(_Lenient):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    # Reasoning models: how hard to think ("none" asks a thinking template not to); `reasoning.effort`
+    # is the same (Ollama's compatibility layer accepts both).
+    reasoning_effort: ReasoningEffortValue | None = None
+    reasoning: Reasoning | None = None
     # Extension (as in vLLM and llama.cpp's server): never stop at end-of-sequence; for benchmarks.
     ignore_eos: bool = False

@@ -40,7 +40,7 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolPlan, split_tool_calls, tool_call_parser, tool_plan
+from ollm.tools import ToolPlan, tool_plan
 from server.dispatch import Completed
 from server.documents import UploadedFile, referenced_file, uploaded_files
 from server.errors import error_body
@@ -52,6 +52,7 @@ from server.openai.common import (
     finish_reason,
     parse_arguments,
     stop_list,
+    think_of,
     total_usage,
 )
 from server.openai.fanin import fan_in_stream, open_streams
@@ -95,7 +96,7 @@ def from_message(message: Message, index: int, files: dict[str, UploadedFile] | 
     ]  # fmt: skip
     return ChatMessage(
         role=message.role, content=content, tool_calls=tool_calls, tool_call_id=message.tool_call_id,
-        name=message.name,
+        name=message.name, reasoning=message.reasoning or "",
     )  # fmt: skip
 
 
@@ -150,6 +151,7 @@ def from_chat_request(
         sampling=sampling,
         # A forced tool call wins over response_format: the call's arguments follow the tool's schema.
         constraint=plan.constraint or constraint_of(request),
+        think=think_of(request.reasoning_effort or (request.reasoning.effort if request.reasoning else None)),
     )
 
 
@@ -174,11 +176,14 @@ def _message_tool_call(call: ToolCall) -> ChatCompletionMessageFunctionToolCall:
 
 
 def to_choice(request: GenerationRequest, index: int, final: FinalEvent, logprobs: list[TokenLogprob]) -> Choice:
-    content, calls = split_tool_calls(request, final.text)
+    calls = final.tool_calls
     message = ChatCompletionMessage(
-        role="assistant", content=content if content or not calls else None,
+        role="assistant", content=final.text if final.text or not calls else None,
         tool_calls=[_message_tool_call(call) for call in calls] or None,
     )  # fmt: skip
+    if final.reasoning:
+        # Ollama's compatibility layer's name (the `openai` types keep unknown fields).
+        message.reasoning = final.reasoning  # type: ignore[attr-defined]
     return Choice(
         index=index, message=message, finish_reason=finish_reason(final.finish_reason, bool(calls)),
         logprobs=ChoiceLogprobs(content=token_logprobs(logprobs)) if request.sampling.logprobs else None,
@@ -222,7 +227,6 @@ class ChunkFrames:
         self.created = created
         self.include_usage = include_usage
         self.index = index
-        self.parser = tool_call_parser(request)
         self.calls = 0
 
     def _choice(self, delta: ChoiceDelta, logprobs: list[TokenLogprob] | None = None, finish: Any = None) -> str:
@@ -246,17 +250,15 @@ class ChunkFrames:
 
     def __call__(self, event: Event) -> Iterable[str]:
         if isinstance(event, TokenEvent):
-            text, calls = self.parser.feed(event.text) if self.parser else (event.text, [])
             logprobs = event.logprobs if self.request.sampling.logprobs else None
-            out = [self._choice(ChoiceDelta(content=text), logprobs)] if text or logprobs else []
-            return out + self._call_frames(calls)
+            out = []
+            if event.reasoning:
+                out.append(self._choice(ChoiceDelta(reasoning=event.reasoning)))
+            if event.text or logprobs:
+                out.append(self._choice(ChoiceDelta(content=event.text), logprobs))
+            return out + self._call_frames(event.tool_calls)
         if isinstance(event, FinalEvent):
             out = []
-            if self.parser is not None:
-                text, calls = self.parser.finish()
-                if text:
-                    out.append(self._choice(ChoiceDelta(content=text)))
-                out += self._call_frames(calls)
             finish = finish_reason(event.finish_reason, self.calls > 0)
             out.append(self._choice(ChoiceDelta(), finish=finish))
             if self.include_usage:

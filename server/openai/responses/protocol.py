@@ -68,6 +68,19 @@ class FunctionCallOutputItem(_Lenient):
     output: str | list[InputText]
 
 
+class ReasoningText(_Lenient):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(_Lenient):
+    """An earlier answer's reasoning, sent back as input (the template keeps or drops it)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    content: list[ReasoningText] | None = None
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
     return str(kind)
@@ -76,7 +89,8 @@ def _item_kind(value: Any) -> str:
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -106,6 +120,11 @@ class TextConfig(_Lenient):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
+class ReasoningConfig(_Lenient):
+    # "none" asks a thinking template not to think; "minimal" reads as low.
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+
+
 class ResponseRequest(_Lenient):
     model: str
     input: str | list[InputItem]
@@ -114,6 +133,7 @@ class ResponseRequest(_Lenient):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_output_tokens: int | None = Field(None, ge=1)

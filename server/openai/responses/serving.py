@@ -32,9 +32,9 @@ from ollm.generation import (
 )
 from ollm.sampling_defaults import sampling_params
 from ollm.settings import GenerationSettings
-from ollm.tools import ToolCallParser, ToolPlan, split_tool_calls, tool_call_parser, tool_plan
+from ollm.tools import ToolPlan, tool_plan
 from server.documents import UploadedFile, referenced_file, uploaded_files
-from server.openai.common import arguments_json, parse_arguments
+from server.openai.common import arguments_json, parse_arguments, think_of
 from server.openai.responses.protocol import (
     FunctionCallItem,
     InputFile,
@@ -43,6 +43,7 @@ from server.openai.responses.protocol import (
     InputText,
     MessageItem,
     NamedFunction,
+    ReasoningItem,
     Refusal,
     ResponseRequest,
 )
@@ -122,8 +123,14 @@ def to_messages(
     out: list[ChatMessage] = []
     for i, item in enumerate(items):
         param = f"input.{i}"
-        if isinstance(item, MessageItem):
-            out.append(ChatMessage(role=item.role, content=_content(item, files or {}, param)))
+        if isinstance(item, ReasoningItem):
+            # Reasoning opens the assistant turn that its message or calls continue.
+            out.append(ChatMessage(role="assistant", reasoning="".join(part.text for part in item.content or [])))
+        elif isinstance(item, MessageItem):
+            if item.role == "assistant" and out and out[-1].role == "assistant" and not out[-1].text():
+                out[-1].content = _content(item, files or {}, param)
+            else:
+                out.append(ChatMessage(role=item.role, content=_content(item, files or {}, param)))
         elif isinstance(item, FunctionCallItem):
             call = ToolCall(id=item.call_id, name=item.name, arguments=parse_arguments(item.arguments, param))
             # Calls following an assistant message (or each other) belong to that same turn.
@@ -152,7 +159,9 @@ def stored_items(body: ResponseRequest) -> list[dict[str, Any]]:
     """This request's input as the items ``input_items`` lists: ids assigned, messages normalized."""
     out: list[dict[str, Any]] = []
     for item in input_of(body):
-        if isinstance(item, MessageItem):
+        if isinstance(item, ReasoningItem):
+            out.append(reasoning_item(item.id or new_id("rs"), "".join(part.text for part in item.content or [])))
+        elif isinstance(item, MessageItem):
             text_type = "output_text" if item.role == "assistant" else "input_text"
             content = [{"type": text_type, "text": item.content}] if isinstance(item.content, str) else [
                 part.model_dump(mode="json", exclude_none=True, by_alias=True) for part in item.content
@@ -210,6 +219,7 @@ def from_response_request(
         model=body.model, messages=instructions + conversation, tools=plan.tools, sampling=sampling,
         # A forced tool call wins over text.format: the call's arguments follow the tool's schema.
         constraint=plan.constraint or constraint,
+        think=think_of(body.reasoning.effort if body.reasoning else None),
     )  # fmt: skip
     response_id = new_id("resp")
     return Translation(response_id, body, request, plan, conversation, stored_items(body))
@@ -252,6 +262,14 @@ def message_item(item_id: str, text: str | None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": content}
 
 
+def reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
+    """A reasoning output item: in progress (``text`` None) or completed with its reasoning text."""
+    if text is None:
+        return {"id": item_id, "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+    content = [{"type": "reasoning_text", "text": text}]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": "completed"}
+
+
 def call_item(item_id: str, call: ToolCall, arguments: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": call.id, "name": call.name, "arguments": arguments,
             "status": status}  # fmt: skip
@@ -267,7 +285,8 @@ class ResponseBuilder:
         self.sequence = 0
         self.text = ""
         self.calls: list[ToolCall] = []
-        self.parser: ToolCallParser | None = tool_call_parser(translation.request)
+        self.reasoning = ""
+        self._reasoning: str | None = None  # id of the reasoning item being streamed
         self._message: str | None = None  # id of the message item being streamed
         self._pending = ""  # leading whitespace held back until the message clearly has content
 
@@ -294,12 +313,14 @@ class ResponseBuilder:
 
     def complete(self, final: FinalEvent) -> dict[str, Any]:
         """The whole output at once (non-streamed)."""
-        text, calls = split_tool_calls(self.t.request, final.text)
+        text, calls = final.text, final.tool_calls
+        if final.reasoning:
+            self.output.append(reasoning_item(new_id("rs"), final.reasoning))
         if text.strip():
             self.output.append(message_item(new_id("msg"), text))
         for call in calls:
             self.output.append(call_item(new_id("fc"), call, arguments_json(call), "completed"))
-        self.text, self.calls = text, calls
+        self.text, self.calls, self.reasoning = text, calls, final.reasoning
         return self.final_snapshot(final)
 
     def final_snapshot(self, final: FinalEvent) -> dict[str, Any]:
@@ -308,7 +329,9 @@ class ResponseBuilder:
         return self.snapshot("completed", final.usage)
 
     def record(self, response: dict[str, Any]) -> StoredResponse:
-        answer = ChatMessage(role="assistant", content=self.text.strip(), tool_calls=self.calls)
+        answer = ChatMessage(
+            role="assistant", content=self.text.strip(), tool_calls=self.calls, reasoning=self.reasoning
+        )
         return StoredResponse(
             id=self.t.id, response=response, input_items=self.t.items, messages=[*self.t.conversation, answer]
         )
@@ -323,6 +346,30 @@ class ResponseBuilder:
     def start(self) -> list[str]:
         created = self.snapshot("in_progress")
         return [self.event("response.created", response=created), self.event("response.in_progress", response=created)]
+
+    def _reasoning_delta(self, text: str) -> list[str]:
+        out = []
+        index = len(self.output)
+        if self._reasoning is None:
+            self._reasoning = new_id("rs")
+            item = reasoning_item(self._reasoning, None)
+            out.append(self.event("response.output_item.added", output_index=index, item=item))
+        self.reasoning += text
+        return out + [self.event("response.reasoning_text.delta", output_index=index, item_id=self._reasoning,
+                                 content_index=0, delta=text)]  # fmt: skip
+
+    def _close_reasoning(self) -> list[str]:
+        if self._reasoning is None:
+            return []
+        item_id, index = self._reasoning, len(self.output)
+        self._reasoning = None
+        item = reasoning_item(item_id, self.reasoning)
+        self.output.append(item)
+        return [
+            self.event("response.reasoning_text.done", output_index=index, item_id=item_id, content_index=0,
+                       text=self.reasoning),
+            self.event("response.output_item.done", output_index=index, item=item),
+        ]  # fmt: skip
 
     def _text_delta(self, text: str) -> list[str]:
         if self._message is None:
@@ -375,20 +422,19 @@ class ResponseBuilder:
             self.event("response.output_item.done", output_index=index, item=done),
         ]  # fmt: skip
 
-    def _feed(self, text: str, calls: list[ToolCall]) -> list[str]:
-        out = self._text_delta(text) if text else []
-        for call in calls:
+    def on_token(self, event: TokenEvent) -> list[str]:
+        out = self._reasoning_delta(event.reasoning) if event.reasoning else []
+        if event.text.strip() or event.tool_calls:
+            # The answer has begun: the reasoning item is done.
+            out += self._close_reasoning()
+        out += self._text_delta(event.text) if event.text else []
+        for call in event.tool_calls:
             out += self._call(call)
         return out
 
-    def on_token(self, event: TokenEvent) -> list[str]:
-        text, calls = self.parser.feed(event.text) if self.parser else (event.text, [])
-        return self._feed(text, calls)
-
     def on_final(self, final: FinalEvent) -> tuple[list[str], dict[str, Any]]:
         """The closing events and the finished response (whose event comes last)."""
-        out = self._feed(*self.parser.finish()) if self.parser else []
-        out += self._close_message()
+        out = self._close_reasoning() + self._close_message()
         response = self.final_snapshot(final)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return [*out, self.event(kind, response=response)], response
