@@ -45,6 +45,14 @@ KVOffloadOption = Annotated[
         "budget), on or off.",
     ),
 ]
+QuantizationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--quantization",
+        help="Weight-only quantization of the decoder layers: none, int8 or int4 (faster, smaller; see "
+        "docs/configuration.md).",
+    ),
+]
 
 
 def runtime_overrides(
@@ -57,6 +65,7 @@ def runtime_overrides(
     memory_budget: str | None = None,
     layer_streaming: str | None = None,
     kv_offload: str | None = None,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -68,6 +77,7 @@ def runtime_overrides(
         "memory_budget": memory_budget,
         "layer_streaming": layer_streaming,
         "kv_offload": kv_offload,
+        "quantization": quantization,
     }
 
 
