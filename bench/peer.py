@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from bench.stack import free_port, wait_for
 from ollm.catalogue import find_alias
@@ -87,7 +88,7 @@ def llama_server_binary(cache: Path = CACHE, build: bool = True) -> Path | None:
     return binary if binary.exists() else None
 
 
-def _vendored_llama_cpp(cache: Path, log: object) -> Path:
+def _vendored_llama_cpp(cache: Path, log: TextIO) -> Path:
     name = SDIST.replace("-", "_").replace("==", "-")
     source = cache / "src" / name / "vendor" / "llama.cpp"
     if source.exists():
@@ -95,7 +96,7 @@ def _vendored_llama_cpp(cache: Path, log: object) -> Path:
     sdists = cache / "sdist"
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(sdists), SDIST],
-        stdout=log, stderr=subprocess.STDOUT, check=True,  # type: ignore[arg-type]
+        stdout=log, stderr=subprocess.STDOUT, check=True,
     )  # fmt: skip
     with tarfile.open(sdists / f"{name}.tar.gz") as archive:
         archive.extractall(cache / "src", filter="data")

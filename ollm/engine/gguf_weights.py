@@ -62,7 +62,8 @@ def _unpermute_rows(heads: int) -> Any:
 
 def load_gguf_int4(model: Any, gguf_file: Path, dtype: torch.dtype) -> int:
     """Replace every decoder projection whose GGUF tensor is Q4_1 with an int4 ``QuantizedLinear``
-    built from the file's bits; returns how many were replaced (others keep their loaded weights)."""
+    built from the file's bits, computing in ``dtype``; returns how many were replaced (others keep
+    their loaded weights)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
     config = model.config

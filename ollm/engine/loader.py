@@ -29,7 +29,7 @@ from ollm.engine.gguf_weights import find_gguf, load_gguf_int4
 from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.prompting import render_ids, render_text
-from ollm.engine.quantize import quantize_model
+from ollm.engine.quantize import compute_dtype, quantize_model
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
 from ollm.errors import ContextLengthError, InvalidRequestError, MemoryBudgetError, UnsupportedModelError
@@ -190,10 +190,11 @@ def quantize_weights(model: Any, plan: RuntimePlan, dtype: torch.dtype) -> None:
     """``runtime.quantization``: int4 takes a kept Q4_1 GGUF's own bits where it has them, then the
     remaining decoder projections are quantized from the loaded weights."""
     assert plan.path is not None
+    compute = compute_dtype(dtype, model.device)
     gguf_file = find_gguf(plan.path) if plan.quantization == "int4" else None
     if gguf_file is not None and plan.model_type == "llama":
-        load_gguf_int4(model, gguf_file, dtype)
-    quantize_model(model, plan.quantization)
+        load_gguf_int4(model, gguf_file, compute)
+    quantize_model(model, plan.quantization, compute)
 
 
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
