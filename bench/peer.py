@@ -72,7 +72,7 @@ def llama_server_binary(cache: Path = CACHE, build: bool = True) -> Path | None:
                      "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                      "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]  # fmt: skip
             subprocess.run(cmake, stdout=out, stderr=subprocess.STDOUT, check=True)
-            build = [
+            compile_server = [
                 "cmake",
                 "--build",
                 str(cache / "build"),
@@ -81,7 +81,7 @@ def llama_server_binary(cache: Path = CACHE, build: bool = True) -> Path | None:
                 "-j",
                 str(os.cpu_count() or 1),
             ]
-            subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, check=True)
+            subprocess.run(compile_server, stdout=out, stderr=subprocess.STDOUT, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"peer: building llama-server failed ({exc}); skipped. See {log}", flush=True)
         return None
