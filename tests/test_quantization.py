@@ -98,7 +98,8 @@ def _greedy(model: Any, tokenizer: Any, prompt: str, max_new: int) -> list[int]:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_greedy_tokens_equal_a_float_reference_of_the_same_weights(default_model_dir: Path, mode: str) -> None:
-    """Computing in float32 (slow on CPU, exact): the packed layers are exactly their dequantized weights."""
+    """Computing in float32 (exact, but torch's packed kernels are slow with float32 activations on CPU:
+    ~50 ms per int4 call on an AVX2 machine, so few tokens): the packed layers are their dequantized weights."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     quantized = _model(default_model_dir)
     quantize_model(quantized, mode, torch.float32)  # type: ignore[arg-type]
@@ -106,7 +107,7 @@ def test_greedy_tokens_equal_a_float_reference_of_the_same_weights(default_model
     quantize_model(reference, mode, torch.float32)  # type: ignore[arg-type]  # deterministic: the same weights
     _dequantized_copy(reference)
     prompt = PROMPTS[0]
-    assert _greedy(quantized, tokenizer, prompt, 8) == _greedy(reference, tokenizer, prompt, 8)
+    assert _greedy(quantized, tokenizer, prompt, 4) == _greedy(reference, tokenizer, prompt, 4)
 
 
 def test_engine_serves_int4_as_the_quantized_model_generates(default_model_dir: Path) -> None:
