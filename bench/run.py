@@ -3,9 +3,11 @@
 By default it starts the stacks it measures (embedded `ollm serve`: private Redis + one worker):
 the batching stack, the same stack with ``max_batch=1``, an echo-model stack for pipeline
 overhead, and a stack that loads models on demand (a cold request and a model switch); plus
-in-process ``generate`` as the baseline, and llama-cpp-python's server as a peer when it is
-installed. ``--url`` measures an already running server instead. Writes a JSON file and
-a PNG plot, prints a table, and checks the targets of issue #4.
+in-process ``generate`` as the baseline. Then, side by side at 1, 4, 16 and 32 streams, llama.cpp's
+own ``llama-server`` on the model's published GGUF (bench/peer.py builds it when it is not
+installed) and ollm with ``runtime.quantization`` none, int8 and int4, with the quality each
+setting costs (bench/quality.py). ``--url`` measures an already running server instead. Writes a
+JSON file and a PNG plot, prints tables, and checks the targets of issues #4 and #20.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench.baselines import generate_one_at_a_time
 from bench.client import PROMPTS, LevelResult, run_level
 from bench.loading import loading_rows, measure_loading
 from bench.peer import llama_cpp_peer
+from bench.quality import TEXT_SOURCE, measure_quality, quality_row
 from bench.stack import embedded_stack
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.plan import plan_model
@@ -33,12 +36,18 @@ ECHO_PROMPT_WORDS = 200
 
 
 def measure(
-    base_url: str, model: str, levels: list[int], per_client: int, max_tokens: int, prompts: list[str] = PROMPTS
+    base_url: str,
+    model: str,
+    levels: list[int],
+    per_client: int,
+    max_tokens: int,
+    prompts: list[str] = PROMPTS,
+    label: str | None = None,
 ) -> list[LevelResult]:
     results = []
     for concurrency in levels:
         level = asyncio.run(run_level(base_url, model, concurrency, per_client, max_tokens, prompts=prompts))
-        print(_row(model, level), flush=True)
+        print(_row(label or model, level), flush=True)
         results.append(level)
     return results
 
@@ -113,6 +122,75 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+QUANTIZATION_MAX_BATCH = 32  # so 32 streams batch together instead of 16 waiting (worker.max_batch)
+
+
+def quantization_comparison(model: str, levels: list[int], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """llama.cpp's server, then ollm at each runtime.quantization, at the same levels; and their quality."""
+    result: dict[str, Any] = {"levels": levels, "ollm_max_batch": QUANTIZATION_MAX_BATCH, "ollm": {}}
+    settings = load_settings({"runtime": {"model_reference": model}})
+    with llama_cpp_peer(model, settings.runtime, out / "llama-server.log", build=not args.skip_peer) as peer:
+        if peer is not None:
+            url, peer_model = peer
+            asyncio.run(run_level(url, peer_model, 1, 1, 8))  # warm-up
+            result["llama_cpp_server"] = [lv.as_dict() for lv in measure(url, peer_model, levels, 1, args.max_tokens,
+                                                                         label="llama.cpp server")]  # fmt: skip
+    for mode in args.quantization.split(","):
+        env = {"OLLM_RUNTIME__QUANTIZATION": mode}
+        with embedded_stack(model, QUANTIZATION_MAX_BATCH, out / f"stack-{mode}.log", env) as url:
+            asyncio.run(run_level(url, model, 1, 1, 8))
+            result["ollm"][mode] = [lv.as_dict() for lv in measure(url, model, levels, 1, args.max_tokens,
+                                                                   label=f"ollm {mode}")]  # fmt: skip
+    if not args.skip_quality:
+        print(f"quality on {args.quality_tokens} tokens of {TEXT_SOURCE}…", flush=True)
+        result["quality"] = measure_quality(model, args.quality_tokens)
+    return result
+
+
+def comparison_rows(comparison: dict[str, Any]) -> list[str]:
+    """The side-by-side table: tok/s and TTFT p50 per setting, and each setting's ratio to llama.cpp."""
+    peer = {lv["concurrency"]: lv for lv in comparison.get("llama_cpp_server", [])}
+    modes = comparison["ollm"]
+    header = (
+        "| streams | llama.cpp tok/s (TTFT p50) | "
+        + " | ".join(f"ollm {mode} tok/s (TTFT p50) | {mode} / llama.cpp" for mode in modes)
+        + " |"
+    )
+    rows = [header, "|" + " --- |" * (2 + 2 * len(modes))]
+    for streams in comparison["levels"]:
+        theirs = peer.get(streams)
+        cells = [str(streams), _cell(theirs)]
+        for levels in modes.values():
+            ours = next((lv for lv in levels if lv["concurrency"] == streams), None)
+            ratio = ours["tokens_per_second"] / theirs["tokens_per_second"] if ours and theirs else None
+            cells += [_cell(ours), "-" if ratio is None else f"{ratio:.2f}x"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _cell(level: dict[str, Any] | None) -> str:
+    if level is None:
+        return "-"
+    ttft = level["ttft_p50"]
+    return f"{level['tokens_per_second']:.1f} ({'-' if ttft is None else f'{ttft:.2f} s'})"
+
+
+def check_quantization_targets(comparison: dict[str, Any]) -> list[dict[str, Any]]:
+    peer = {lv["concurrency"]: lv for lv in comparison.get("llama_cpp_server", [])}
+    int4 = {lv["concurrency"]: lv for lv in comparison["ollm"].get("int4", [])}
+    checks = []
+    for streams, wanted in ((1, 1.0), (16, 1.5), (32, 1.5)):
+        if streams in peer and streams in int4:
+            ratio = int4[streams]["tokens_per_second"] / peer[streams]["tokens_per_second"]
+            checks.append({"target": f"ollm int4 vs llama.cpp server tok/s at {streams} streams", "value": ratio,
+                           "wanted": f">= {wanted}x", "met": ratio >= wanted})  # fmt: skip
+    if 32 in int4:
+        ttft = int4[32]["ttft_p50"]
+        checks.append({"target": "ollm int4 TTFT p50 at 32 streams (s)", "value": ttft, "wanted": "< 1 s",
+                       "met": ttft is not None and ttft < 1})  # fmt: skip
+    return checks
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -120,9 +198,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("stack", "ollm (continuous batching)"), ("stack_max_batch_1", "ollm max_batch=1"),
-                       ("llama_cpp_python", "llama-cpp-python server")):  # fmt: skip
-        levels = report.get(key) or []
+    comparison = report.get("quantization") or {}
+    series = [
+        ("ollm (continuous batching)", report.get("stack")),
+        ("ollm max_batch=1", report.get("stack_max_batch_1")),
+        ("llama.cpp server", comparison.get("llama_cpp_server")),
+    ]
+    series += [(f"ollm {mode}, max_batch 32", levels) for mode, levels in (comparison.get("ollm") or {}).items()]
+    for label, levels in series:
+        levels = levels or []
         if not levels:
             continue
         xs = [lv["concurrency"] for lv in levels]
@@ -154,6 +238,12 @@ def main() -> None:
     parser.add_argument("--skip-echo", action="store_true", help="No pipeline-overhead run.")
     parser.add_argument("--skip-loading", action="store_true", help="No cold-request / model-switch run.")
     parser.add_argument("--only-loading", action="store_true", help="Only the cold-request / model-switch run.")
+    parser.add_argument("--quantization", default="none,int8,int4", help="runtime.quantization settings to compare.")
+    parser.add_argument("--comparison-levels", default="1,4,16,32", help="Levels for llama.cpp vs quantized ollm.")
+    parser.add_argument("--skip-comparison", action="store_true", help="No llama.cpp vs quantized ollm run.")
+    parser.add_argument("--skip-peer", action="store_true", help="No llama-server build (one already built runs).")
+    parser.add_argument("--skip-quality", action="store_true", help="No perplexity / agreement run.")
+    parser.add_argument("--quality-tokens", type=int, default=10240, help="Tokens of the fixed text to score.")
     parser.add_argument("--out", default="bench/results", help="Directory for the JSON, PNG and logs.")
     args = parser.parse_args()
 
@@ -208,17 +298,16 @@ def main() -> None:
                 report["stack_max_batch_1"] = [
                     lv.as_dict() for lv in measure(url, f"{model}", baseline_levels, 1, args.max_tokens)
                 ]
-            with llama_cpp_peer(model, settings.runtime, out / "llama-cpp.log") as peer:
-                if peer is not None:
-                    url, peer_model = peer
-                    report["llama_cpp_python"] = [
-                        lv.as_dict() for lv in measure(url, peer_model, baseline_levels, 1, args.max_tokens)
-                    ]
+        if not args.skip_comparison:
+            levels_compared = [int(x) for x in args.comparison_levels.split(",")]
+            report["quantization"] = quantization_comparison(model, levels_compared, args, out)
         if not args.skip_echo:
             report["echo"] = [lv.as_dict() for lv in echo_overhead(out, [1, 16], args.requests_per_client)]
         if not args.skip_loading:
             report["loading"] = loading(model, settings.runtime.embedding_model_reference, out)
     report["targets"] = check_targets(report)
+    if report.get("quantization"):
+        report["targets"] += check_quantization_targets(report["quantization"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2))
@@ -226,6 +315,11 @@ def main() -> None:
     if report.get("stack"):
         plot(report, png_path)
     print()
+    if report.get("quantization"):
+        print("\n".join(comparison_rows(report["quantization"])))
+        for mode, row in (report["quantization"].get("quality") or {}).get("modes", {}).items():
+            print(quality_row(mode, row))
+        print()
     for target in report["targets"]:
         value = target["value"]
         shown = "-" if value is None else f"{value:.2f}"

@@ -21,6 +21,7 @@ from cli.options import (
     ModelsDirOption,
     NoSpecializationOption,
     PlanJsonOption,
+    QuantizationOption,
     fail,
     runtime_overrides,
     settings_or_exit,
@@ -122,6 +123,7 @@ def prompt_command(
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
     kv_offload: KVOffloadOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Answer one prompt and exit (non-zero on failure)."""
     generation = {
@@ -139,8 +141,9 @@ def prompt_command(
     settings = settings_or_exit(
         {
             "runtime": runtime_overrides(
-                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
-            ),
+                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming,
+                kv_offload, quantization,
+            ),  # fmt: skip
             "generation": generation,
         }
     )
@@ -224,14 +227,16 @@ def chat_command(
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
     kv_offload: KVOffloadOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Interactive chat with history. /clear forgets the conversation, /exit leaves."""
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     settings = settings_or_exit(
         {
             "runtime": runtime_overrides(
-                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming, kv_offload
-            ),
+                model, backend, no_specialization, device, dtype, models_dir, memory_budget, layer_streaming,
+                kv_offload, quantization,
+            ),  # fmt: skip
             "generation": generation,
         }
     )

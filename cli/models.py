@@ -23,6 +23,7 @@ from cli.options import (
     ModelsDirOption,
     NoSpecializationOption,
     PlanJsonOption,
+    QuantizationOption,
     fail,
     runtime_overrides,
     settings_or_exit,
@@ -86,6 +87,7 @@ def info_command(
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
     kv_offload: KVOffloadOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """What a model is and how it would run, read from its config files without loading weights."""
     overrides = runtime_overrides(
@@ -97,6 +99,7 @@ def info_command(
         memory_budget=memory_budget,
         layer_streaming=layer_streaming,
         kv_offload=kv_offload,
+        quantization=quantization,
     )
     settings = settings_or_exit({"runtime": overrides})
     try:
@@ -152,7 +155,8 @@ def _print_info(info: dict[str, Any]) -> None:
             table.add_row(
                 "plan: memory",
                 f"peak {_human_bytes(memory['expected_peak_bytes'])} of a {_human_bytes(memory['budget_bytes'])} "
-                f"budget (weights {_human_bytes(memory['weights_bytes'])}{_streamed(memory)}, KV cache "
+                f"budget (weights {_human_bytes(memory['weights_bytes'])}{_quantized(plan)}{_streamed(memory)}, "
+                f"KV cache "
                 f"{_human_bytes(memory['kv_cache_bytes'])} for {memory['kv_cache_tokens']} tokens, activations "
                 f"{_human_bytes(memory['activations_bytes'])}): {memory['strategy']}",
             )
@@ -262,6 +266,12 @@ def _human_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+def _quantized(plan: dict[str, Any]) -> str:
+    """The quantization and what it saves, for the memory line."""
+    saved = plan["memory"].get("quantization_saved_bytes")
+    return f" {plan['quantization']}, {_human_bytes(saved)} saved" if saved else ""
 
 
 def _streamed(memory: dict[str, Any]) -> str:

@@ -44,6 +44,14 @@ KVOffloadOption = Annotated[
         "budget), on or off.",
     ),
 ]
+QuantizationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--quantization",
+        help="Weight-only quantization of the decoder layers: none, int8 or int4 (faster, smaller; see "
+        "docs/configuration.md).",
+    ),
+]
 
 
 def runtime_overrides(
@@ -56,6 +64,7 @@ def runtime_overrides(
     memory_budget: str | None = None,
     layer_streaming: str | None = None,
     kv_offload: str | None = None,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     return {
         "model_reference": model,
@@ -67,6 +76,7 @@ def runtime_overrides(
         "memory_budget": memory_budget,
         "layer_streaming": layer_streaming,
         "kv_offload": kv_offload,
+        "quantization": quantization,
     }
 
 

@@ -27,6 +27,7 @@ from cli.options import (
     ModelsDirOption,
     NoSpecializationOption,
     PlanJsonOption,
+    QuantizationOption,
     fail,
     runtime_overrides,
     settings_or_exit,
@@ -52,6 +53,7 @@ def doctor_command(
     memory_budget: MemoryBudgetOption = None,
     layer_streaming: LayerStreamingOption = None,
     kv_offload: KVOffloadOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Environment and runtime diagnostics: devices, memory, disk, models, Redis, settings."""
     overrides = {
@@ -65,6 +67,7 @@ def doctor_command(
             memory_budget=memory_budget,
             layer_streaming=layer_streaming,
             kv_offload=kv_offload,
+            quantization=quantization,
         )
     }
     settings = settings_or_exit(overrides)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ollm.errors import OllmError
+from ollm.settings import Quantization
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -190,6 +191,7 @@ class ExecutionInfo(Strict):
     device: str
     dtype: str
     batch_invariant: bool = False
+    quantization: Quantization = "none"
     applied_passes: list[str] = Field(default_factory=list)
     fallback_reason: str | None = None
 

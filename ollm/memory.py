@@ -107,6 +107,46 @@ def resolve_budget(setting: int | str, device: str) -> tuple[int, str]:
     return budget, f"auto: {human(free)} free on {device} less a margin of {human(margin)}"
 
 
+# Weight-only quantization (runtime.quantization, ollm/engine/quantize.py): int4 groups of this many
+# inputs; torch's int4 CPU packing tiles 16 output rows by 32 inputs.
+INT4_GROUP = 32
+_INT4_TILE = (16, 32)
+_DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def quantizable(shape: tuple[int, ...], mode: str) -> bool:
+    """Whether a ``[out, in]`` weight fits the packed kernel's tiling (others stay in the run dtype)."""
+    if mode == "none" or len(shape) != 2:
+        return False
+    if mode == "int4":
+        return shape[0] % _INT4_TILE[0] == 0 and shape[1] % _INT4_TILE[1] == 0
+    return True
+
+
+def packed_bytes(shape: tuple[int, int], mode: str, dtype: str) -> int:
+    """Bytes a quantized ``[out, in]`` weight holds: packed values plus its scales (and zeros) in ``dtype``."""
+    out_features, in_features = shape
+    if mode == "int8":
+        return out_features * in_features + out_features * DTYPE_BYTES[dtype]
+    if mode == "int4":
+        return out_features * in_features // 2 + 2 * out_features * (in_features // INT4_GROUP) * DTYPE_BYTES[dtype]
+    return out_features * in_features * DTYPE_BYTES[dtype]
+
+
+def quantization_saved_bytes(path: Path, dtype: str, mode: str) -> int:
+    """What ``runtime.quantization`` saves: the decoder layers' 2-D weights in ``dtype`` less their packed size."""
+    saved = 0
+    for file in sorted(path.glob("*.safetensors")):
+        for name, entry in read_header(file)[0].items():
+            shape = tuple(entry.get("shape") or ())
+            if name.endswith(".weight") and _DECODER_LAYER.search(name) and quantizable(shape, mode):
+                out_features, in_features = shape
+                saved += out_features * in_features * DTYPE_BYTES[dtype] - packed_bytes(
+                    (out_features, in_features), mode, dtype
+                )
+    return saved
+
+
 def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
     """Bytes the weights take once loaded in ``dtype``, from the headers of ``path``'s *.safetensors.
 
@@ -185,7 +225,13 @@ class MemoryPlan(BaseModel):
 
     budget_bytes: int | None = Field(None, description="The budget the estimate is held against.")
     budget_source: str | None = None
-    weights_bytes: int | None = Field(None, description="Weights in the run dtype, from the safetensors headers.")
+    weights_bytes: int | None = Field(
+        None,
+        description="Weights in the run dtype, from the safetensors headers; quantized layers at their packed size.",
+    )
+    quantization_saved_bytes: int | None = Field(
+        None, description="What runtime.quantization saves: the quantized weights in the run dtype less packed."
+    )
     kv_cache_tokens: int | None = Field(None, description="Tokens of KV cache the estimate covers.")
     kv_cache_bytes: int | None = None
     activations_bytes: int | None = Field(None, description="The largest transient set of one forward.")

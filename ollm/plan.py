@@ -20,11 +20,12 @@ from ollm.memory import (
     TextShape,
     human,
     kv_offload_wanted,
+    quantization_saved_bytes,
     resolve_budget,
     safetensors_weight_bytes,
 )
 from ollm.references import ModelReference
-from ollm.settings import RuntimeSettings, WorkerSettings
+from ollm.settings import Quantization, RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers
 from ollm.tensor_index import LayerLayout, index_tensors, llama_layout
 
@@ -50,6 +51,7 @@ class RuntimePlan(BaseModel):
     device: str
     dtype: str
     batch_invariant: bool = False
+    quantization: Quantization = Field("none", description="Weight-only quantization the loader applies.")
     context_length: int | None = None
     dense_projection_chunk_rows: int = 0
     memory: MemoryPlan = Field(default_factory=MemoryPlan)
@@ -254,6 +256,7 @@ def _plan_memory(
         )
     if facts.path is not None:
         memory.weights_bytes = safetensors_weight_bytes(facts.path, plan.dtype)
+        _plan_quantization(plan, runtime, facts.path)
     # An encoder (embedding model) keeps no KV cache between forwards.
     tokens = 0 if plan.kind == "embedding" else context_tokens or facts.context_length
     shape = facts.shape
@@ -281,6 +284,11 @@ def _plan_memory(
         assert provider is not None and provider.layer_streaming_pass is not None
         held = _plan_streaming(memory, layout, plan.dtype, plan.device)
         plan.applied_passes.append(provider.layer_streaming_pass)
+        if plan.quantization != "none":
+            # Streamed layers are read in the run dtype: packed streaming is not implemented yet.
+            weights += memory.quantization_saved_bytes or 0
+            memory.weights_bytes, memory.quantization_saved_bytes = weights, None
+            _skip_quantization(plan, "decoder layers stream from disk in the run dtype")
     memory.weights_in_memory_bytes = held
     memory.expected_peak_bytes = held + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget
@@ -358,6 +366,30 @@ def _plan_memory(
     plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, memory.reason]))
 
 
+def _plan_quantization(plan: RuntimePlan, runtime: RuntimeSettings, path: Path) -> None:
+    """Apply ``runtime.quantization`` to the plan: the packed size replaces the decoder weights' size."""
+    mode = runtime.quantization
+    if mode == "none":
+        return
+    if plan.kind != "causal-lm":
+        _skip_quantization(plan, f"it applies to causal LMs, not {plan.kind} models", mode)
+        return
+    if plan.device.split(":")[0] not in ("cpu", "cuda"):
+        _skip_quantization(plan, f"torch's packed kernels run on cpu or cuda, not {plan.device}", mode)
+        return
+    saved = quantization_saved_bytes(path, plan.dtype, mode)
+    plan.quantization = mode
+    plan.memory.quantization_saved_bytes = saved
+    if plan.memory.weights_bytes is not None:
+        plan.memory.weights_bytes -= saved
+
+
+def _skip_quantization(plan: RuntimePlan, why: str, mode: str | None = None) -> None:
+    note = f"runtime.quantization={mode or plan.quantization} ignored: {why}; the weights stay {plan.dtype}"
+    plan.quantization = "none"
+    plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, note]))
+
+
 STREAM_SLOTS = 2  # one layer computes while the next one fills
 
 
@@ -395,6 +427,8 @@ def _plan_streaming(memory: MemoryPlan, layout: LayerLayout, dtype: str, device:
 
 
 def _weights_text(memory: MemoryPlan, weights: int) -> str:
+    if memory.quantization_saved_bytes:
+        return f"weights {human(weights)} (quantized, {human(memory.quantization_saved_bytes)} saved)"
     if not memory.layer_streaming:
         return f"weights {human(weights)}"
     assert memory.weights_in_memory_bytes is not None and memory.layer_bytes is not None

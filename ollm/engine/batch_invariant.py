@@ -19,6 +19,7 @@ one attention call per sequence and layer; `bench.run` measures it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -28,6 +29,8 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ollm.engine.quantize import QuantizedLinear
 
 ATTENTION = "ollm_batch_invariant"
 
@@ -63,12 +66,12 @@ def _per_sequence_attention(
     return torch.cat(outputs).reshape(batch, 1, heads, dim), None
 
 
-def _fixed_rows_linear(linear: nn.Linear, rows: int, x: torch.Tensor) -> torch.Tensor:
+def _fixed_rows_linear(forward: Callable[[torch.Tensor], torch.Tensor], rows: int, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     count = flat.shape[0]
     if count < rows:
         flat = torch.cat([flat, flat.new_zeros(rows - count, flat.shape[1])])
-    out = F.linear(flat, linear.weight, linear.bias)[:count]
+    out = forward(flat)[:count]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -78,6 +81,7 @@ def make_batch_invariant(model: PreTrainedModel, rows: int) -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        # Quantized layers too: torch's packed kernels also block by the row count.
+        if isinstance(module, (nn.Linear, QuantizedLinear)):
             # An instance attribute: nn.Module.__call__ looks forward up on the instance first.
-            module.forward = partial(_fixed_rows_linear, module, rows)  # type: ignore[method-assign]
+            module.forward = partial(_fixed_rows_linear, module.forward, rows)  # type: ignore[method-assign]

@@ -27,10 +27,12 @@ from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.gguf_weights import find_gguf, load_gguf_int4
 from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.output import harmony_markers
 from ollm.engine.prompting import harmony_constraint, render_ids, render_text
+from ollm.engine.quantize import compute_dtype, quantize_model
 from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
 from ollm.errors import ContextLengthError, InvalidRequestError, MemoryBudgetError, UnsupportedModelError
@@ -51,6 +53,7 @@ def execution_info(plan: RuntimePlan) -> ExecutionInfo:
         device=plan.device,
         dtype=plan.dtype,
         batch_invariant=plan.batch_invariant,
+        quantization=plan.quantization,
         applied_passes=list(plan.applied_passes),
         fallback_reason=plan.fallback_reason,
     )
@@ -188,6 +191,17 @@ def _contiguous_head_input(model: Any) -> None:
     head.register_forward_pre_hook(plain_strides)
 
 
+def quantize_weights(model: Any, plan: RuntimePlan, dtype: torch.dtype) -> None:
+    """``runtime.quantization``: int4 takes a kept Q4_1 GGUF's own bits where it has them, then the
+    remaining decoder projections are quantized from the loaded weights."""
+    assert plan.path is not None
+    compute = compute_dtype(dtype, model.device)
+    gguf_file = find_gguf(plan.path) if plan.quantization == "int4" else None
+    if gguf_file is not None and plan.model_type == "llama":
+        load_gguf_int4(model, gguf_file, compute)
+    quantize_model(model, plan.quantization, compute)
+
+
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     """A model with weights (echo is built by ``ollm.engine.load_engine``, without torch)."""
     if plan.kind == "embedding":
@@ -208,6 +222,8 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
         else:
             loaded = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
             model = loaded.to(plan.device).eval()  # type: ignore[arg-type]
+        if plan.quantization != "none":
+            quantize_weights(model, plan, dtype)
         _contiguous_head_input(model)
         if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
             chunk_mlps(model, plan.dense_projection_chunk_rows)
