@@ -143,18 +143,6 @@ class Worker(Process):
         finally:
             client.close()
 
-    def advertised(self) -> list[str] | None:
-        """The models this worker's registration offers now; None while it is not registered."""
-        name = self.registered_name()
-        if name is None:
-            return None
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
-            models = client.hget(f"{self.namespace}:worker:{name}", "models")
-            return None if models is None else list(json.loads(str(models)))
-        finally:
-            client.close()
-
     def wait_ready(self, timeout: float = 120.0) -> Worker:
         def ready() -> str | None:
             if not self.alive():

@@ -115,8 +115,13 @@ def test_a_worker_stopping_finishes_its_requests_and_takes_no_new_ones(
         next(e for _, e in events if e["choices"] and e["choices"][0]["delta"].get("content"))
         worker.popen.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        # Draining, it advertises no models: the server routes by that.
-        wait_until(lambda: worker.advertised() == [], 10, "the stopping worker to advertise no models")
+        # Draining, it advertises no models, and the server routes by that once it has read the
+        # registrations again (the health route reads them fresh).
+        wait_until(
+            lambda: "echo" not in httpx.get(f"{server.url}/v1/health", timeout=10).json()["models"],
+            10,
+            "the server to see the stopping worker advertise no models",
+        )
         refused = httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
