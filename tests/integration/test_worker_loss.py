@@ -49,9 +49,11 @@ def chat(server: Server, text: str, into: dict[str, Any]) -> None:
 def test_requests_a_killed_worker_had_not_started_streaming_are_served_by_another(
     start_worker: WorkerFactory, start_server: ServerFactory, redis_server: RedisServer, namespace: str
 ) -> None:
-    # The doomed worker takes a decode step every 10 s: requests it dequeues wait that long for
-    # their first token, a window in which it is killed. It holds four at most.
-    doomed = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="10", OLLM_WORKER__MAX_BATCH="4")
+    # The doomed worker takes a decode step every 60 s: requests it dequeues wait that long for
+    # their first token, a window in which it is killed (after a second worker has started, which
+    # takes seconds on a busy machine; the kill comes long before the step, so the window costs
+    # no time). It holds four at most.
+    doomed = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="60", OLLM_WORKER__MAX_BATCH="4")
     server = start_server(OLLM_SERVER__WORKER_LOST_SECONDS=str(LOST_AFTER))
     connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
 
