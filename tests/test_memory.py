@@ -222,7 +222,7 @@ def test_chunked_mlp_composes_with_fixed_row_linears() -> None:
     expected = mlp(x)
     rows: list[int] = []
     for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        linear.forward = partial(_fixed_rows_linear, linear, 6)  # type: ignore[method-assign]
+        linear.forward = partial(_fixed_rows_linear, linear.forward, 6)  # type: ignore[method-assign]
     mlp.down_proj.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
     chunk_mlps(mlp, rows=4)
     torch.testing.assert_close(mlp(x), expected)
