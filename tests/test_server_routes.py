@@ -154,7 +154,7 @@ def test_no_live_worker_is_503_naming_the_model(client: TestClient) -> None:
 def test_health_lists_workers_per_model(client: TestClient, worker: FakeWorker) -> None:
     health = client.get("/v1/health").json()
     assert health["status"] == "ok"
-    serving = {"workers": 1, "hosts": [worker.heartbeat._static["host"]], "in_flight": 0}
+    serving = {"workers": 1, "hosts": [worker.heartbeat._static["host"]], "in_flight": 0, "loading": []}
     assert health["models"] == {"echo": serving, "lengths": serving}
 
 
