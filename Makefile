@@ -32,7 +32,7 @@ serve: dev
 test: dev
 	$(BIN)/ruff check ollm workers server cli tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 lint: dev
 	$(BIN)/ruff check ollm workers server cli tests bench

@@ -185,7 +185,7 @@ def test_int4_runs_the_gguf_bits_of_the_default_model(pulled_from_gguf: Path) ->
                                           "quantization": "int4"}})  # fmt: skip
     engine = load_engine(plan_model(settings.runtime.model_reference, settings.runtime), settings)
     try:
-        layers = engine._model.model.layers  # type: ignore[attr-defined]
+        layers = engine.runner.model.model.layers  # type: ignore[attr-defined]
         tensors = {t.name: t for t in GGUFReader(gguf_file).tensors}
         for gguf_name, module in (("blk.3.attn_q.weight", layers[3].self_attn.q_proj),
                                   ("blk.3.attn_k.weight", layers[3].self_attn.k_proj),
