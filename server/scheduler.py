@@ -43,7 +43,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ollm import catalogue
-from ollm.contract import LOAD_JOB, Keys, LoadedModel, LoadRequest, WorkerInfo, loaded_models
+from ollm.contract import LOAD_JOB, Keys, LoadedModel, LoadRequest, WorkerInfo, live_workers, loaded_models
 from ollm.errors import (
     InvalidReferenceError,
     ModelNotFoundError,
@@ -235,6 +235,12 @@ class Scheduler:
         ttl = math.ceil(self.settings.server.request_timeout_seconds) + 60
         if not await self.connection.set(self.keys.load_claim(model), request.model_dump_json(), nx=True, ex=ttl):
             return  # another request placed it: this one waits for the same load
+        now = await live_workers(self.connection, self.keys, self.lost_after)
+        if not replica and any(model in w.models for w in now):
+            # ``workers`` was read before the claim: a load may have ended in between (its worker
+            # announces the model before it releases its claim, so a read after the claim sees it).
+            await self._drop_claim(request)
+            return
         await self.connection.delete(self.keys.load_failed(model))
         kind = "a replica of " if replica else ""
         log.info("placing %s%s on worker %s (about %s)", kind, model, chosen.worker.name, gib(chosen.size))

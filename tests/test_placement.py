@@ -146,3 +146,26 @@ def test_a_load_that_cannot_be_enqueued_drops_its_claim_at_once(
         return claim
 
     assert asyncio.run(scenario()) is None
+
+
+def test_a_load_that_ended_between_the_workers_read_and_the_claim_is_not_placed_again(
+    clean_settings_env: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller read the workers before the load ended; the loading worker then announced the model
+    and released its claim. Placing on that stale read would load the model a second time."""
+    server = fakeredis.FakeServer()
+    scheduler = scheduler_on(server)
+    stale = worker("w", 10_000 * MB)
+
+    async def now_serving(*args: object) -> list[WorkerInfo]:
+        return [worker("w", 10_000 * MB, models=["echo"])]
+
+    monkeypatch.setattr("server.scheduler.live_workers", now_serving)
+
+    async def scenario() -> bytes | None:
+        await scheduler.place("echo", [stale])
+        claim: bytes | None = await scheduler.connection.get(KEYS.load_claim("echo"))
+        return claim
+
+    assert asyncio.run(scenario()) is None
+    assert fakeredis.FakeRedis(server=server).llen(f"rq:queue:{KEYS.worker_queue('w')}") == 0

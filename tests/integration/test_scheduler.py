@@ -181,7 +181,9 @@ def test_eight_concurrent_first_requests_cause_one_load(
     # Loading the echo model takes a second here: time for all eight to arrive while it loads.
     for _ in range(2):
         start_worker(OLLM_ECHO_LOAD_DELAY="1")
-    server = start_server()
+    # Eight waiting requests are also a queue deep enough for a replica (replica_queue_depth 8):
+    # replicas off, so any second load is a placement race.
+    server = start_server(OLLM_SERVER__REPLICA_QUEUE_DEPTH="0")
     openai = server.openai_client()
 
     def ask(index: int) -> str | None:
