@@ -342,7 +342,7 @@ class Dispatcher:
                 return _error(message, 503, "worker_lost")
             return None
         if status == JobStatus.QUEUED:
-            if watch is not None and await self._requeued_unqueued(job_id, model, watch):
+            if watch is not None and await self._requeued_unqueued(job, watch):
                 return None
             workers = await self.workers()
             if any(model in worker.models for worker in workers):
@@ -357,13 +357,16 @@ class Dispatcher:
             return ending
         return None
 
-    async def _requeued_unqueued(self, job_id: str, model: str, watch: QueueWatch) -> bool:
+    async def _requeued_unqueued(self, job: Job, watch: QueueWatch) -> bool:
         """Whether a queued job that is in no queue was put back on its own.
 
         RQ's dequeue pops the id first and marks the job started a few round trips later; a
         worker that dies in between strands it. A live worker crosses that gap in milliseconds,
-        so only a job missing at two checks (a tick apart) is requeued."""
-        queue_key = self.keys.rq_queue_key(model)
+        so only a job missing at two checks (a tick apart) is requeued. The job's own queue is
+        looked at (its origin): a Batch API line waits in the model's batch queue, and looking
+        for it in the interactive one would put a waiting line on both, to be run twice."""
+        job_id = job.id
+        queue_key = f"{Queue.redis_queue_namespace_prefix}{job.origin}"
         if not await self.requeuer.missing(job_id, queue_key):
             watch.missing = 0
             return False

@@ -137,3 +137,37 @@ def test_a_job_handed_back_survives_a_redis_error(
         assert asyncio.run(_requeue_unqueued(redis_server.url, job.id, queue.key))
         assert queue.get_job_ids() == [job.id, waiting.id]
     connection.close()
+
+
+def test_a_batch_line_waiting_in_its_batch_queue_is_never_requeued(redis_server: RedisServer) -> None:
+    """The stream checks look for a queued job in its own queue: a Batch API line waits in the
+    model's batch queue, and looking for it in the interactive one put it on both (run twice)."""
+    from ollm.contract import WorkerInfo
+    from ollm.settings import Settings
+    from server.dispatch import Dispatcher, QueueWatch
+
+    namespace = new_namespace()
+    settings = Settings.model_validate({"redis": {"url": redis_server.url, "namespace": namespace}})
+    connection = redis.Redis.from_url(redis_server.url)
+    batch = Queue(f"{namespace}:model-batch:echo", connection=connection, serializer=JSONSerializer)
+    line = batch.enqueue(GENERATE_JOB, {"id": "line"}, ttl=120)
+
+    async def checks() -> list[dict[str, Any] | None]:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            dispatcher = Dispatcher(settings, connection, client)
+            serving = WorkerInfo.model_validate({"name": "w", "host": "h", "pid": 1, "models": ["echo"]})
+
+            async def workers() -> list[WorkerInfo]:
+                return [serving]
+
+            dispatcher.workers = workers  # type: ignore[method-assign]  # a live worker busy with others
+            watch = QueueWatch()
+            return [await dispatcher.check_job(line.id, "echo", watch=watch) for _ in range(3)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(checks()) == [None, None, None]
+    assert batch.get_job_ids() == [line.id]
+    assert Queue(f"{namespace}:model:echo", connection=connection).get_job_ids() == []
+    connection.close()

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 _BEAT_EVERY = 1.0
 # How long one blocking pop waits for a job: also how soon a stop request is honoured while idle.
 _POLL_SECONDS = 1
+# The pop's length while batch lines wait for a slot of this worker's to free up.
+_BATCH_RECHECK_SECONDS = 0.05
 # A job handed back to its queue: tries, and the pause before each retry (Redis blinking).
 _HAND_BACK_TRIES = 3
 _HAND_BACK_PAUSE = 0.2
@@ -167,8 +169,13 @@ class GenerationWorker(SimpleWorker):
         (``_batch_open``); the next poll looks again, so a batch slot that frees up is used soon."""
         with self._queue_lock:
             every = self.queues
-            self._ordered_queues = every if self._batch_open() else [q for q in every if not self._is_batch(q)]
-        return super().dequeue_job_and_maintain_ttl(_POLL_SECONDS, max_idle_time=_POLL_SECONDS)
+            closed = not self._batch_open()
+            self._ordered_queues = [q for q in every if not self._is_batch(q)] if closed else every
+        # Batch lines are shut out only while this worker runs some: it is busy, and a short pop
+        # lets the next line start as soon as a slot frees (a 1 s pop held each slot idle for up
+        # to a second after its line ended: two lines a second per worker, measured).
+        poll = _BATCH_RECHECK_SECONDS if closed else _POLL_SECONDS
+        return super().dequeue_job_and_maintain_ttl(poll, max_idle_time=poll)  # type: ignore[arg-type]  # RQ types them int; BLPOP takes float seconds
 
     def _batch_open(self) -> bool:
         """Whether a batch line may start: one always may (a batch never starves), more only

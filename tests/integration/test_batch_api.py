@@ -398,13 +398,19 @@ def test_a_200_mib_input_file_keeps_the_server_memory_bounded(
     assert rss["peak"] - before < 64 * MiB, f"the server grew by {(rss['peak'] - before) / MiB:.0f} MiB"
 
 
-def test_twenty_batches_run_at_once_and_one_more_waits_for_a_place(batch_server: Callable[..., Server]) -> None:
+def test_twenty_batches_run_at_once_and_one_more_waits_for_a_place(
+    start_worker: WorkerFactory, start_server: ServerFactory, tmp_path: Path
+) -> None:
     """Twenty batches at once complete, each with its own lines; a 21st past
     server.max_active_batches is a 429 (what the official clients retry by themselves) until one ends."""
-    client = batch_server(OLLM_SERVER__MAX_ACTIVE_BATCHES="20").openai_client()
+    # All 60 lines run side by side, a word a second: no batch can end (6 s) before the 21st is
+    # asked for, and all of them end together soon after.
+    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="1", OLLM_WORKER__MAX_BATCH="64", OLLM_WORKER__BATCH_SLOTS="64")
+    server = start_server(OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), OLLM_SERVER__MAX_ACTIVE_BATCHES="20")
+    client = server.openai_client()
     batches = {}
     for b in range(20):
-        lines = [chat_line(f"b{b}-l{i}", f"batch {b} line {i}") for i in range(3)]
+        lines = [chat_line(f"b{b}-l{i}", f"batch {b} line {i} of three") for i in range(3)]
         upload = client.files.create(file=(f"b{b}.jsonl", jsonl(lines)), purpose="batch")
         batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
         batches[batch.id] = b
@@ -419,7 +425,7 @@ def test_twenty_batches_run_at_once_and_one_more_waits_for_a_place(batch_server:
         assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
         output = lines_of(client, done.output_file_id)
         assert {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in output} == {
-            f"b{b}-l{i}": f"batch {b} line {i}" for i in range(3)
+            f"b{b}-l{i}": f"batch {b} line {i} of three" for i in range(3)
         }
     # Newest first, a page at a time.
     listed = client.batches.list(limit=5)
