@@ -79,7 +79,7 @@ def test_redis_outage_gives_503_and_service_resumes(
 ) -> None:
     own = RedisServer(port=free_port()).start()
     try:
-        start_worker("echo", redis_url=own.url)
+        worker = start_worker("echo", redis_url=own.url)
         server = start_server(redis_url=own.url)
         body = {"model": "echo", "messages": [{"role": "user", "content": "are you there"}]}
         with server.client() as client:
@@ -99,6 +99,11 @@ def test_redis_outage_gives_503_and_service_resumes(
 
             wait_until(answered, 20, "service to resume after Redis came back", interval=0.5)
             assert client.get("/v1/health").json()["models"]["echo"]["workers"] == 1
+
+        # A worker whose Redis is gone still stops on SIGTERM (RQ alone would retry forever).
+        own.stop_process()
+        worker.terminate()
+        assert worker.popen.wait(timeout=10) == 0
     finally:
         own.stop()
 
