@@ -27,7 +27,6 @@ from ollm.engine.loader import load_engine
 from ollm.engine.quantize import QuantizedLinear, quantize_model
 from ollm.generation import FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import plan_model
-from ollm.pull import pull_model
 from ollm.settings import RuntimeSettings, load_settings
 
 # Teacher-forced greedy top-1 agreement with the unquantized float32 model on TEXT, the floor
@@ -156,11 +155,10 @@ def test_plan_counts_packed_bytes(default_model_dir: Path) -> None:
 # -- GGUF Q4_1 ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pulled_from_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 pulled as a user pulls it (the Q4_1 GGUF wheel), into a fresh models dir: the GGUF is kept."""
-    runtime = RuntimeSettings.model_validate({"models_dir": tmp_path_factory.mktemp("models")})
-    return pull_model("smollm2-135m-instruct", runtime)
+@pytest.fixture
+def pulled_from_gguf(default_model_dir: Path) -> Path:
+    """SmolLM2 as `ollm pull` (here `make dev`) leaves it: converted from the Q4_1 GGUF wheel, which is kept."""
+    return default_model_dir
 
 
 def test_q4_1_tensor_dequantizes_as_the_gguf_package_does(pulled_from_gguf: Path) -> None:

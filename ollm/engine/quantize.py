@@ -125,14 +125,19 @@ class QuantizedLinear(nn.Module):
         """The weight this layer multiplies by, as a float32 ``[out, in]`` tensor (for references and tests)."""
         if self.mode == "int8":
             return self.packed.float() * self.scales.float()[:, None]
-        # Unpack by multiplying the identity in float32: the kernel recovers (q - 8) * scale + zero per column.
-        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
+        # The packed layout is the kernel's own (tiled differently per device), so the kernel unpacks:
+        # the identity times the packed weight with scale 1 and zero 8 is q itself, exact in
+        # bfloat16 (0..15), where the kernel is fast (float32 activations: ~80 s for SmolLM2).
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=eye.device).expand(*self.scales.shape[:2], 2)
         unpack = (
             torch.ops.aten._weight_int4pack_mm
             if eye.device.type == "cuda"
             else torch.ops.aten._weight_int4pack_mm_for_cpu
         )
-        return unpack(eye, self.packed, INT4_GROUP, self.scales.float()).t().contiguous()
+        values = unpack(eye, self.packed, INT4_GROUP, unit.contiguous()).t().float()
+        scale, zero = (part.t().repeat_interleave(INT4_GROUP, dim=1) for part in self.scales.float().unbind(-1))
+        return (values - 8) * scale + zero
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
