@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from openai.types import Batch
 
 from bench.rss import ProcessTree
@@ -304,27 +305,29 @@ def test_interactive_requests_go_before_waiting_batch_lines(
 def test_a_batch_survives_the_loss_of_a_worker(
     start_worker: WorkerFactory, start_server: ServerFactory, tmp_path: Path
 ) -> None:
-    first = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.05")
+    # The first worker takes 5 s a line (20 words), the replacement 0.4 s: the first is killed
+    # while its lines are mid-answer, and the replacement runs them again with the rest.
+    first = start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.25")
     server = start_server(
         OLLM_SERVER__FILES_DIR=str(tmp_path / "files"), OLLM_SERVER__WORKER_LOST_SECONDS="2",
         OLLM_SERVER__BATCH_CONCURRENCY="2",
     )  # fmt: skip
     client = server.openai_client()
-    words = " ".join(f"w{i}" for i in range(20))  # ~1 s a line
-    ids = [f"l{i}" for i in range(40)]
+    words = " ".join(f"w{i}" for i in range(20))
+    ids = [f"l{i}" for i in range(12)]
     upload = client.files.create(file=("w.jsonl", jsonl([chat_line(i, words) for i in ids])), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    wait_until(
-        lambda: (c := client.batches.retrieve(batch.id).request_counts) is not None and c.completed >= 1,
-        60, "the first line", 0.05,
-    )  # fmt: skip
-    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.05")  # the replacement, then the loss mid-answer
+    connection = redis.Redis.from_url(first.redis_url)
+    executions = f"rq:worker:{first.registered_name()}:executions"
+    wait_until(lambda: connection.scard(executions) >= 1, 60, "the first worker to start a line", 0.05)
+    connection.close()
+    start_worker("echo", OLLM_ECHO_TOKEN_DELAY="0.02")  # the replacement, then the loss mid-answer
     assert client.batches.retrieve(batch.id).status == "in_progress"
     first.kill9()
     done = finished(client, batch.id)
 
     assert done.status == "completed", done
-    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (40, 0)
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (12, 0)
     assert sorted(line["custom_id"] for line in lines_of(client, done.output_file_id)) == sorted(ids)
 
 
