@@ -127,6 +127,13 @@ class Worker(Process):
             # without importing it (seconds per worker on this suite's busy machine). "auto" would
             # pick the CPU here all the same.
             env = {"OLLM_RUNTIME__DEVICE": "cpu", **env}
+        if models == ["echo"] and "OLLM_RUNTIME__MODELS_DIR" not in env:
+            # Nothing to plan: a worker plans the peak of every model in its models dir for the
+            # scheduler, importing torch to do so (2.5 s of CPU per echo worker, measured, about 40
+            # of them in the suite). An echo worker's tests never load another model on it.
+            no_models = log.parent / f"{log.stem}-no-models"
+            no_models.mkdir(exist_ok=True)
+            env = {"OLLM_RUNTIME__MODELS_DIR": str(no_models), **env}
         super().__init__(command, base_env(namespace, **env), log)
         self.models = models
         self.redis_url = redis_url
