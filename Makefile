@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEPS_STAMP := $(VENV)/.deps-stamp
 MODELS_STAMP := $(VENV)/.models-stamp
+# Test processes (pytest-xdist); each starts its own session stacks (redis-server, real and echo stacks).
+TEST_WORKERS ?= 2
 
 .PHONY: dev serve test lint bench clean
 
@@ -32,7 +34,7 @@ serve: dev
 test: dev
 	$(BIN)/ruff check ollm workers server cli tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 lint: dev
 	$(BIN)/ruff check ollm workers server cli tests bench

@@ -26,6 +26,7 @@ from ollm.generation import (
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings, load_settings
 from tests.conftest import DEFAULT_CHAT_MODEL
+from tests.integration.harness import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -169,18 +170,14 @@ def test_cancel_stops_within_a_few_tokens(engine: Engine) -> None:
 
 
 def test_short_request_is_not_held_behind_a_long_one(engine: Engine) -> None:
-    finished: dict[str, float] = {}
-
-    def go(name: str, request: GenerationRequest) -> None:
-        run(engine, request)
-        finished[name] = time.perf_counter()
-
-    long = threading.Thread(target=go, args=("long", ask("Write a long story about a dragon.", max_new_tokens=60)))
-    long.start()
-    time.sleep(0.5)
-    go("short", ask("Say hi.", max_new_tokens=3))
-    long.join()
-    assert finished["short"] < finished["long"]
+    collector = _Collector(engine)
+    long = collector.submit(ask("Write a long story about a dragon.", max_new_tokens=60))
+    # The long one is decoding (its first token is out) before the short one arrives.
+    wait_until(lambda: collector.tokens_seen(long) >= 1, 120, "the long request's first token", 0.01)
+    short = collector.submit(ask("Say hi.", max_new_tokens=3))
+    collector.text(short)
+    assert not collector.done[long].is_set(), "the short request waited for the long one to end"
+    collector.text(long)
 
 
 def test_greedy_output_identical_alone_and_in_a_full_batch(float32_engine: Engine) -> None:

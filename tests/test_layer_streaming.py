@@ -230,11 +230,13 @@ def test_cli_and_plan_route_show_the_streamed_plan(synthetic: Path, cli: Any, cl
 
     settings = Settings(redis={"url": "redis://fake", "namespace": "unit"})
     settings.runtime.models_dir = synthetic.parent  # the server plans directories under its models dir only
-    with TestClient(create_app(settings, services_for(settings))) as client:
-        body = {"model": str(synthetic), "dtype": "float32", "layer_streaming": "on", "context_tokens": 100}
-        answer = client.post("/v1/plan", json=body)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["memory"]["weights_in_memory_bytes"] == memory["weights_in_memory_bytes"]
+    # The route alone, without the app's lifespan (the batch runner): once, beside another test
+    # process, its shutdown over fakeredis hung until pytest-timeout (600 s; never seen alone).
+    client = TestClient(create_app(settings, services_for(settings)))
+    body = {"model": str(synthetic), "dtype": "float32", "layer_streaming": "on", "context_tokens": 100}
+    answer = client.post("/v1/plan", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["memory"]["weights_in_memory_bytes"] == memory["weights_in_memory_bytes"]
 
 
 def test_prompt_command_streams_the_layers(synthetic: Path, cli: Any) -> None:
