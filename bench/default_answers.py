@@ -3,8 +3,15 @@
 `python -m bench.default_answers [--runs 10] [--max-new-tokens 256]` runs the question with
 seeds 0..runs-1 and nothing else set (the sampling defaults as `ollm prompt` resolves them:
 ollm.sampling_defaults), in float32 so a seed gives the same draw on any CPU, and prints each
-answer and the count. A bench, not a test: the count is a property of the model's distribution
-(SmolLM2-135M's first token is "The" 57%, "L" 35% even at temperature 0.2), not of ollm's code.
+answer and the count. A bench, not a test: the count is a property of the model's distribution,
+not of ollm's code.
+
+Measured 2026-12-03 (seeds 0-9, the default model as pulled from its Q4_1 GGUF): 8/10 with the
+model card's sampling (temperature 0.2, top_p 0.9, the catalogue's default) and 8/10 at 0.1; the
+same two seeds answer "L'Étoile ... is the capital of France". The first token nearly ties: "The"
+15.5%, "L" 14.0%, "La" 10.2% at temperature 1 ("The" 57%, "L" 35% at 0.2), so only greedy decoding
+(temperature 0: "The capital of France is Paris.") names Paris every time. Without the repeat
+penalty (Ollama's 1.1) it is 6/10: the "L'Étoile" answers then loop.
 """
 
 from __future__ import annotations
