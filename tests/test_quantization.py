@@ -29,6 +29,8 @@ from ollm.generation import FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings, load_settings
 
+pytestmark = pytest.mark.slow
+
 # Teacher-forced greedy top-1 agreement with the unquantized float32 model on TEXT, the floor
 # asserted (measured: see docs/configuration.md).
 AGREEMENT_FLOOR = {"int8": 0.95, "int4": 0.80}

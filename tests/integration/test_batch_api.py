@@ -22,6 +22,8 @@ from bench.rss import ProcessTree
 from tests.integration.conftest import ServerFactory, WorkerFactory
 from tests.integration.harness import Server, wait_until
 
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 
 
