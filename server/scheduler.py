@@ -235,10 +235,7 @@ class Scheduler:
         ttl = math.ceil(self.settings.server.request_timeout_seconds) + 60
         if not await self.connection.set(self.keys.load_claim(model), request.model_dump_json(), nx=True, ex=ttl):
             return  # another request placed it: this one waits for the same load
-        now = await live_workers(self.connection, self.keys, self.lost_after)
-        if not replica and any(model in w.models for w in now):
-            # ``workers`` was read before the claim: a load may have ended in between (its worker
-            # announces the model before it releases its claim, so a read after the claim sees it).
+        if not replica and await self._served_now(model):
             await self._drop_claim(request)
             return
         await self.connection.delete(self.keys.load_failed(model))
@@ -253,6 +250,12 @@ class Scheduler:
                 f"could not place the load of model {model!r} on worker {chosen.worker.name}: {exc}; retry the request",
                 param="model",
             ) from exc
+
+    async def _served_now(self, model: str) -> bool:
+        """Whether a live worker serves ``model``, read after taking its claim: the caller's workers
+        were read before it, and a load may have ended in between (its worker announces the model
+        before it releases its claim, so this read sees it)."""
+        return any(model in w.models for w in await live_workers(self.connection, self.keys, self.lost_after))
 
     def _enqueue_load(self, request: LoadRequest) -> None:
         timeout = math.ceil(self.settings.server.request_timeout_seconds)

@@ -15,6 +15,7 @@ from ollm import pull
 from ollm.catalogue import MANIFEST_NAME, list_models, materialized_path, read_manifest, safetensors_parameter_count
 from ollm.errors import InvalidRequestError, ModelNotFoundError, PullError
 from ollm.pull import PullProgress, pull_model
+from ollm.sampling_defaults import model_recommended
 from ollm.settings import RuntimeSettings
 
 
@@ -171,3 +172,11 @@ def test_cli_pull_failure_exits_non_zero(cli: Any, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "error: could not download org/model" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_the_model_cards_sampling_goes_under_what_generation_config_holds(tmp_path: Path) -> None:
+    """A GGUF ships no sampling: pull writes the card's, and never over a value the source wrote."""
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2, "top_p": 0.95}')
+    pull._recommend_sampling(tmp_path, {"temperature": 0.2, "top_p": 0.9})
+    assert model_recommended(tmp_path) == {"temperature": 0.2, "top_p": 0.95}
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2

@@ -70,20 +70,6 @@ def hand_back(connection: redis.Redis, queue_key: str, job_id: str) -> bool:
     raise AssertionError("unreachable")
 
 
-def _stoppable(queue_class: type[Queue], raise_if_stopping: Callable[[], None]) -> type[Queue]:
-    """``queue_class`` whose pop first honours a stop request. RQ's dequeue loop retries a lost
-    Redis connection forever; this check, before each pop (so no job is held), lets a worker whose
-    Redis is down stop on SIGTERM instead of waiting for Redis to come back."""
-
-    class StoppableQueue(queue_class):  # type: ignore[misc,valid-type]
-        @classmethod
-        def dequeue_any(cls, *args: Any, **kwargs: Any) -> Any:
-            raise_if_stopping()
-            return super().dequeue_any(*args, **kwargs)
-
-    return StoppableQueue
-
-
 class GenerationWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty
     # After a Redis outage, be back within seconds rather than RQ's default of up to a minute.
@@ -104,7 +90,6 @@ class GenerationWorker(SimpleWorker):
         batch_slots: int = 2,
     ) -> None:
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer)
-        self.queue_class = _stoppable(self.queue_class, self._raise_if_stopping)
         # Batch API lines run in at most this many slots; the rest stay free for interactive work.
         self._batch_slots = min(batch_slots, max_concurrency)
         self._batch_prefix = context.keys.batch_queue("")
@@ -154,8 +139,8 @@ class GenerationWorker(SimpleWorker):
         try:
             super().heartbeat(timeout, pipeline)
         except (redis.ConnectionError, redis.TimeoutError):
-            # RQ's dequeue loop beats first and retries a lost Redis forever; stopping, there is
-            # nothing to wait for (the pop, where no job is held, checks this too: _stoppable).
+            # RQ's dequeue loop retries a lost Redis forever, beating (here) before each pop, where
+            # no job is held: stopping, there is nothing to wait for.
             self._raise_if_stopping()
             raise
 
