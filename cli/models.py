@@ -278,8 +278,14 @@ def _streamed(memory: dict[str, Any]) -> str:
     """What layer streaming holds of the weights at once, for the memory line."""
     if not memory.get("layer_streaming"):
         return ""
+    experts = (
+        f" + chosen experts at most {_human_bytes(memory['expert_buffer_bytes'])} of "
+        f"{_human_bytes(memory['experts_bytes'])}, {_human_bytes(memory['expert_bytes_per_token'])} read a token"
+        if memory.get("expert_offload")
+        else ""
+    )
     return (
         f" streamed: {_human_bytes(memory['weights_in_memory_bytes'])} held, resident "
         f"{_human_bytes(memory['resident_weights_bytes'])} + {memory['stream_slots']} layer slots of "
-        f"{_human_bytes(memory['layer_bytes'])} + staging {_human_bytes(memory['staging_bytes'])}"
+        f"{_human_bytes(memory['layer_bytes'])} + staging {_human_bytes(memory['staging_bytes'])}{experts}"
     )

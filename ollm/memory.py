@@ -24,6 +24,7 @@ _SAFETENSORS_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }  # fmt: skip
 _FLOATING = {"F64", "F32", "F16", "BF16"}
+_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -163,6 +164,10 @@ def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
                 continue
             kind = entry["dtype"]
             size = run_bytes if kind in _FLOATING else _SAFETENSORS_BYTES.get(kind, 4)
+            if name.endswith(_MXFP4_BLOCKS) and kind == "U8":
+                size = 2 * run_bytes  # two 4-bit values a byte, dequantized on load (gpt-oss experts)
+            elif name.endswith(_MXFP4_SCALES) and kind == "U8":
+                size = 0  # folded into the dequantized values
             total += prod(entry["shape"]) * size
     return total
 
@@ -177,6 +182,12 @@ class TextShape(BaseModel):
     kv_heads: int
     head_dim: int
     vocab: int
+    # Layers by cache kind (config.json's layer_types): full attention holds the whole context,
+    # sliding-window attention at most ``window`` tokens, linear attention a fixed state.
+    sliding_layers: int = 0
+    window: int = 0
+    linear_layers: int = 0
+    linear_state: int = 0  # elements of one linear-attention layer's state per sequence
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TextShape | None:
@@ -192,6 +203,8 @@ class TextShape(BaseModel):
             vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return None
+        kinds = text.get("layer_types") or []
+        window = int(text.get("sliding_window") or 0)
         return cls(
             layers=layers,
             hidden=hidden,
@@ -200,11 +213,22 @@ class TextShape(BaseModel):
             kv_heads=kv_heads,
             head_dim=head_dim,
             vocab=vocab,
+            sliding_layers=kinds.count("sliding_attention") if window else 0,
+            window=window,
+            linear_layers=kinds.count("linear_attention"),
+            linear_state=_linear_state(text),
         )
 
+    @property
+    def full_layers(self) -> int:
+        return self.layers - self.sliding_layers - self.linear_layers
+
     def kv_bytes(self, tokens: int, dtype: str) -> int:
-        # Keys and values, every layer, every KV head.
-        return 2 * self.layers * self.kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
+        """One sequence of ``tokens``: keys and values of every attention layer and KV head (a
+        sliding layer's at most its window), plus each linear-attention layer's fixed state."""
+        columns = self.full_layers * tokens + self.sliding_layers * min(tokens, self.window)
+        kv = 2 * self.kv_heads * self.head_dim * columns
+        return (kv + self.linear_layers * self.linear_state) * DTYPE_BYTES[dtype]
 
     def activation_bytes(self, prefill_tokens: int, context: int, chunk_rows: int, batch: int, dtype: str) -> int:
         """The largest transient set of one forward: a prefill chunk of ``prefill_tokens`` tokens."""
@@ -218,6 +242,18 @@ class TextShape(BaseModel):
         scores = self.heads * prefill_tokens * context * size
         logits = batch * self.vocab * 4  # the last position's logits, upcast to float32 for sampling
         return residual + qkv + max(mlp, scores) + logits
+
+
+def _linear_state(text: dict[str, Any]) -> int:
+    """Elements of a gated-delta-net layer's state (qwen3-next): its conv window and recurrent matrix."""
+    try:
+        key_heads, value_heads = int(text["linear_num_key_heads"]), int(text["linear_num_value_heads"])
+        key_dim, value_dim = int(text["linear_key_head_dim"]), int(text["linear_value_head_dim"])
+        kernel = int(text["linear_conv_kernel_dim"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    conv = (2 * key_heads * key_dim + value_heads * value_dim) * kernel
+    return conv + value_heads * key_dim * value_dim
 
 
 class MemoryPlan(BaseModel):
@@ -246,8 +282,23 @@ class MemoryPlan(BaseModel):
     resident_weights_bytes: int | None = Field(
         None, description="Streaming: what stays loaded (embeddings, final norm, an untied head)."
     )
-    layer_bytes: int | None = Field(None, description="Streaming: one decoder layer in the run dtype (one slot).")
-    stream_slots: int | None = Field(None, description="Streaming: layer buffers (one computes, one fills).")
+    layer_bytes: int | None = Field(
+        None, description="Streaming: one decoder layer of each kind in the run dtype, experts left out when offloaded."
+    )
+    stream_slots: int | None = Field(
+        None, description="Streaming: layer buffers of each kind of layer (one computes, one fills)."
+    )
+    slots_bytes: int | None = Field(None, description="Streaming: every layer buffer (a set per kind of layer).")
+    expert_offload: bool = Field(
+        False, description="Mixture-of-experts layers read only the experts the router picks (<family>.expert-offload)."
+    )
+    experts_bytes: int | None = Field(None, description="Expert offload: every expert, left on disk.")
+    expert_buffer_bytes: int | None = Field(
+        None, description="Expert offload: the most read at once (every expert of one layer, on a long prefill)."
+    )
+    expert_bytes_per_token: int | None = Field(
+        None, description="Expert offload: bytes one decoded token reads (the router's top-k of every layer)."
+    )
     staging_bytes: int | None = Field(None, description="Streaming: the reused read buffer for casting reads.")
     weights_in_memory_bytes: int | None = Field(
         None, description="Weights held at once: all of them, or resident + slots x layer + staging when streaming."

@@ -26,8 +26,8 @@ from ollm.memory import (
 )
 from ollm.references import ModelReference
 from ollm.settings import Quantization, RuntimeSettings, WorkerSettings
-from ollm.specialization import SpecializationProvider, provider_for, providers
-from ollm.tensor_index import LayerLayout, index_tensors, llama_layout
+from ollm.specialization import SpecializationProvider, provider_for, providers, streaming_layout
+from ollm.tensor_index import LayerLayout, index_tensors
 
 __all__ = ["ModelKind", "RuntimePlan", "SupportLevel", "plan_model"]
 
@@ -282,8 +282,7 @@ def _plan_memory(
     held = weights
     if isinstance(layout, LayerLayout) and (forced or weights + activations > budget):
         assert provider is not None and provider.layer_streaming_pass is not None
-        held = _plan_streaming(memory, layout, plan.dtype, plan.device)
-        plan.applied_passes.append(provider.layer_streaming_pass)
+        held = _plan_streaming(plan, provider, layout, plan.dtype, plan.device)
         if plan.quantization != "none":
             # Streamed layers are read in the run dtype: packed streaming is not implemented yet.
             weights += memory.quantization_saved_bytes or 0
@@ -413,17 +412,29 @@ def _streaming_layout(
     if facts.path is None:
         return "the model is not materialized"
     config = catalogue.read_json(facts.path / "config.json") or {}
-    return llama_layout(index_tensors(facts.path), config)
+    return streaming_layout(facts.path, config)
 
 
-def _plan_streaming(memory: MemoryPlan, layout: LayerLayout, dtype: str, device: str) -> int:
-    """Fill in the streamed parts; returns the weights held at once."""
+def _plan_streaming(
+    plan: RuntimePlan, provider: SpecializationProvider, layout: LayerLayout, dtype: str, device: str
+) -> int:
+    """Fill in the streamed parts (and offloaded experts); returns the weights held at once."""
+    memory = plan.memory
     memory.layer_streaming = True
+    plan.applied_passes.append(provider.layer_streaming_pass or "")
+    experts = layout.has_experts()
+    if experts and provider.expert_offload_pass is not None:
+        plan.applied_passes.append(provider.expert_offload_pass)
+        memory.expert_offload = True
+        memory.experts_bytes = layout.expert_bytes(dtype)
+        memory.expert_buffer_bytes = layout.expert_buffer_bytes(dtype)
+        memory.expert_bytes_per_token = layout.expert_bytes_per_token(dtype)
     memory.resident_weights_bytes = layout.resident_bytes(dtype)
-    memory.layer_bytes = layout.layer_bytes(dtype)
+    memory.layer_bytes = layout.layer_bytes(dtype, experts)
     memory.stream_slots = min(STREAM_SLOTS, len(layout.layers))
-    memory.staging_bytes = layout.staging_bytes(dtype, device.split(":")[0])
-    return memory.resident_weights_bytes + memory.stream_slots * memory.layer_bytes + memory.staging_bytes
+    memory.slots_bytes = layout.slot_bytes(dtype, STREAM_SLOTS, experts)
+    memory.staging_bytes = layout.staging_bytes(dtype, device.split(":")[0]) * (2 if experts else 1)
+    return memory.resident_weights_bytes + memory.slots_bytes + memory.staging_bytes + (memory.expert_buffer_bytes or 0)
 
 
 def _weights_text(memory: MemoryPlan, weights: int) -> str:
@@ -432,10 +443,16 @@ def _weights_text(memory: MemoryPlan, weights: int) -> str:
     if not memory.layer_streaming:
         return f"weights {human(weights)}"
     assert memory.weights_in_memory_bytes is not None and memory.layer_bytes is not None
+    experts = (
+        f" + chosen experts at most {human(memory.expert_buffer_bytes or 0)} (of {human(memory.experts_bytes or 0)}"
+        f" on disk; {human(memory.expert_bytes_per_token or 0)} read per decoded token)"
+        if memory.expert_offload
+        else ""
+    )
     return (
         f"weights {human(weights)} streamed, {human(memory.weights_in_memory_bytes)} held: resident "
-        f"{human(memory.resident_weights_bytes or 0)} + {memory.stream_slots} layer slots x "
-        f"{human(memory.layer_bytes)} + staging {human(memory.staging_bytes or 0)}"
+        f"{human(memory.resident_weights_bytes or 0)} + layer slots {human(memory.slots_bytes or 0)} "
+        f"({memory.stream_slots} x {human(memory.layer_bytes)}) + staging {human(memory.staging_bytes or 0)}{experts}"
     )
 
 

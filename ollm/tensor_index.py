@@ -2,13 +2,16 @@
 
 Layer streaming reads a decoder layer's tensors at these offsets with positioned reads, and the
 planner sizes the streamed model (resident parts, one layer, the staging buffer) from the same
-index, so both agree on the numbers without importing torch or reading a weight.
+index, so both agree on the numbers without importing torch or reading a weight. How a family's
+tensors in the files map onto its layers' parameters (fused experts, MXFP4 pairs) is the family
+provider's (``ollm/specialization``); this module names no family.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -22,20 +25,6 @@ LAYER_PREFIX = "model.layers."
 # Casting reads go through a staging buffer of at most this many bytes, a piece at a time, so the
 # buffer stays small whatever the largest tensor is.
 STAGING_CHUNK_BYTES = 16 * 2**20
-# Every tensor a llama decoder layer holds; biases only when config.json asks for them.
-_LLAMA_LAYER = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-_ATTENTION_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
-_MLP_BIASES = tuple(f"mlp.{p}_proj.bias" for p in ("gate", "up", "down"))
 # Old checkpoints saved the rotary frequencies; they are recomputed from config.json.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -55,6 +44,13 @@ class TensorEntry:
     def needs_staging(self, dtype: str, device: str) -> bool:
         """A tensor read straight into its destination needs no staging: same dtype, on the host."""
         return device != "cpu" or self.dtype != _RUN_TO_SAFETENSORS[dtype]
+
+    def index(self, number: int) -> TensorEntry:
+        """``tensor[number]`` (one expert of a ``[experts, ...]`` tensor): contiguous in the file."""
+        size = self.nbytes // self.shape[0]
+        return TensorEntry(
+            f"{self.name}[{number}]", self.file, self.offset + number * size, size, self.dtype, self.shape[1:]
+        )
 
 
 def read_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -80,36 +76,146 @@ def index_tensors(path: Path) -> dict[str, TensorEntry]:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A tensor in the files that fills a parameter of a layer, or a part of one.
+
+    ``expert`` selects ``param[expert]`` of a ``[experts, ...]`` parameter and ``row`` a first row in
+    it (a fused gate/up parameter filled from separate gate and up tensors). With ``scales``, ``entry``
+    holds MXFP4 blocks ``[rows, groups, 16]``; dequantized they are ``[rows, groups * 32]``, stored
+    transposed (gpt-oss keeps its experts' inputs first).
+    """
+
+    entry: TensorEntry
+    expert: int | None = None
+    row: int = 0
+    scales: TensorEntry | None = None
+
+    def read_bytes(self) -> int:
+        return self.entry.nbytes + (self.scales.nbytes if self.scales else 0)
+
+
+@dataclass(frozen=True)
+class LayerParam:
+    """One parameter of a decoder layer: its shape in the model and the pieces that fill it."""
+
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    experts: int = 0  # > 0: dim 0 indexes experts, and a piece fills one expert's slice
+
+    def run_bytes(self, dtype: str) -> int:
+        return prod(self.shape) * RUN_BYTES[dtype]
+
+
+LayerParams = dict[str, LayerParam]  # name within the layer -> parameter
+
+
+@dataclass(frozen=True)
 class LayerLayout:
-    """A decoder's tensors split into what stays resident and what streams, one dict per layer."""
+    """A decoder's tensors split into what stays resident and what streams, one dict per layer.
+
+    Layers of one shape (the same parameter names and shapes) share a set of slots; a hybrid model
+    (qwen3-next's linear- and full-attention layers) has one set per kind of layer. Expert
+    parameters (``LayerParam.experts``) are not in the slots when experts are offloaded: only the
+    experts the router picks are read, at each forward.
+    """
 
     resident: dict[str, TensorEntry]  # full names: embeddings, final norm, untied head
-    layers: list[dict[str, TensorEntry]]  # per layer: name within the layer -> entry
+    layers: list[LayerParams]
+    experts_per_token: int = 0  # the router's top-k, for MoE layouts
 
     def resident_bytes(self, dtype: str) -> int:
         return sum(entry.run_bytes(dtype) for entry in self.resident.values())
 
-    def layer_bytes(self, dtype: str) -> int:
-        """One slot: every layer has the same shapes (checked), so any layer's size."""
-        return sum(entry.run_bytes(dtype) for entry in self.layers[0].values())
+    def signature(self, number: int, offload_experts: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """What a slot for layer ``number`` holds: its slot-bound parameters' names and shapes."""
+        layer = self.layers[number]
+        return tuple((name, p.shape) for name, p in sorted(layer.items()) if not (offload_experts and p.experts))
+
+    def kinds(self, offload_experts: bool) -> dict[tuple[tuple[str, tuple[int, ...]], ...], list[int]]:
+        """The layers of each shape, in order."""
+        kinds: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int]] = {}
+        for number in range(len(self.layers)):
+            kinds.setdefault(self.signature(number, offload_experts), []).append(number)
+        return kinds
+
+    def layer_bytes(self, dtype: str, offload_experts: bool) -> int:
+        """One slot of each kind of layer (the experts left out when they are offloaded)."""
+        return sum(
+            sum(p.run_bytes(dtype) for p in self.layers[numbers[0]].values() if not (offload_experts and p.experts))
+            for numbers in self.kinds(offload_experts).values()
+        )
+
+    def slot_bytes(self, dtype: str, slots: int, offload_experts: bool) -> int:
+        """Every slot: ``slots`` of each kind of layer (fewer when a kind has fewer layers)."""
+        return sum(
+            min(slots, len(numbers))
+            * sum(p.run_bytes(dtype) for p in self.layers[numbers[0]].values() if not (offload_experts and p.experts))
+            for numbers in self.kinds(offload_experts).values()
+        )
+
+    def has_experts(self) -> bool:
+        return any(p.experts for layer in self.layers for p in layer.values())
+
+    def expert_bytes(self, dtype: str) -> int:
+        """Every expert parameter of the model in ``dtype`` (what expert offload leaves on disk)."""
+        return sum(p.run_bytes(dtype) for layer in self.layers for p in layer.values() if p.experts)
+
+    def expert_buffer_bytes(self, dtype: str) -> int:
+        """The most one forward holds of read experts: every expert of the largest layer (a long prefill)."""
+        return max((sum(p.run_bytes(dtype) for p in layer.values() if p.experts) for layer in self.layers), default=0)
+
+    def expert_bytes_per_token(self, dtype: str) -> int:
+        """Expert bytes one decoded token reads: the router's top-k experts of every layer."""
+        total = 0
+        for layer in self.layers:
+            for p in layer.values():
+                if p.experts:
+                    total += self.experts_per_token * p.run_bytes(dtype) // p.experts
+        return total
 
     def staging_bytes(self, dtype: str, device: str) -> int:
-        """The reused read buffer: the largest piece of a tensor that must be cast or copied to a device."""
-        sizes = [e.nbytes for layer in self.layers for e in layer.values() if e.needs_staging(dtype, device)]
-        return min(max(sizes, default=0), STAGING_CHUNK_BYTES)
+        """Reused read buffers: the largest piece that must be cast or copied to a device (at most a
+        chunk); an MXFP4 piece is read whole with its scales and dequantized beside them."""
+        cast, mxfp4 = [0], [0]
+        for layer in self.layers:
+            for param in layer.values():
+                for piece in param.pieces:
+                    if piece.scales is not None:
+                        rows, groups = piece.entry.shape[0], piece.entry.shape[1]
+                        mxfp4.append(piece.read_bytes() + rows * groups * 32 * RUN_BYTES[dtype])
+                    elif piece.entry.needs_staging(dtype, device):
+                        cast.append(piece.entry.nbytes)
+        return min(max(cast), STAGING_CHUNK_BYTES) + max(mxfp4)
 
 
-def llama_layout(entries: dict[str, TensorEntry], config: dict[str, Any]) -> LayerLayout | str:
-    """The streaming layout of a llama checkpoint, or why it has none (a sentence for the plan)."""
+LayerParamsOf = Callable[[dict[str, TensorEntry], dict[str, Any]], "LayerParams | str"]
+
+
+def direct_params(layer: dict[str, TensorEntry], experts: str | None = None) -> LayerParams | str:
+    """Each tensor fills the parameter of its name; those under ``experts`` are ``[experts, ...]``."""
+    params: LayerParams = {}
+    for suffix, entry in layer.items():
+        if entry.dtype not in FLOATING_BYTES:
+            return f"{entry.name} is {entry.dtype}; only floating tensors (and MXFP4 experts) stream"
+        if experts is not None and suffix.startswith(experts + "."):
+            count = entry.shape[0]
+            pieces = tuple(Piece(entry.index(e), expert=e) for e in range(count))
+            params[suffix] = LayerParam(entry.shape, pieces, experts=count)
+        else:
+            params[suffix] = LayerParam(entry.shape, (Piece(entry),))
+    return params
+
+
+def decoder_layout(
+    entries: dict[str, TensorEntry], config: dict[str, Any], layer_params: LayerParamsOf, experts_per_token: int = 0
+) -> LayerLayout | str:
+    """The streaming layout of a decoder checkpoint, or why it has none (a sentence for the plan).
+
+    ``layer_params`` is the family's map from a layer's tensors in the files to its parameters."""
     try:
         count = int(config["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
         return "config.json has no num_hidden_layers"
-    expected = set(_LLAMA_LAYER)
-    if config.get("attention_bias"):
-        expected |= set(_ATTENTION_BIASES)
-    if config.get("mlp_bias"):
-        expected |= set(_MLP_BIASES)
     layers: list[dict[str, TensorEntry]] = [{} for _ in range(count)]
     resident: dict[str, TensorEntry] = {}
     for name, entry in entries.items():
@@ -128,14 +234,26 @@ def llama_layout(entries: dict[str, TensorEntry], config: dict[str, Any]) -> Lay
         resident.pop("lm_head.weight", None)  # the head is the embeddings' matrix
     if set(resident) != needed:
         missing, extra = sorted(needed - set(resident)), sorted(set(resident) - needed)
-        return f"not the llama layout outside the layers (missing {missing}, unexpected {extra})"
+        return f"not a decoder's layout outside the layers (missing {missing}, unexpected {extra})"
+    for name, entry in resident.items():
+        if entry.dtype not in FLOATING_BYTES:
+            return f"{name} is {entry.dtype}; only floating tensors stay resident"
+    params: list[LayerParams] = []
+    kinds = config.get("layer_types") or ["full_attention"] * count
+    first: dict[str, int] = {}  # the first layer of each kind: the others must have its parameters
     for number, layer in enumerate(layers):
-        if set(layer) != expected:
-            missing, extra = sorted(expected - set(layer)), sorted(set(layer) - expected)
-            return f"layer {number} is not a llama decoder layer (missing {missing}, unexpected {extra})"
-        for suffix, entry in layer.items():
-            if entry.dtype not in FLOATING_BYTES:
-                return f"{entry.name} is {entry.dtype}; only floating tensors stream"
-            if entry.shape != layers[0][suffix].shape:
-                return f"{entry.name} has shape {list(entry.shape)}, layer 0's has {list(layers[0][suffix].shape)}"
-    return LayerLayout(resident=resident, layers=layers)
+        mapped = layer_params(layer, config)
+        if isinstance(mapped, str):
+            return f"layer {number}: {mapped}"
+        like = first.setdefault(kinds[number], number)
+        want = {name: p.shape for name, p in params[like].items()} if like != number else None
+        have = {name: p.shape for name, p in mapped.items()}
+        if want is not None and have != want:
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            changed = sorted(name for name in set(want) & set(have) if want[name] != have[name])
+            return (
+                f"layer {number} is not like layer {like}, the first {kinds[number]} layer "
+                f"(missing {missing}, unexpected {extra}, other shapes {changed})"
+            )
+        params.append(mapped)
+    return LayerLayout(resident=resident, layers=params, experts_per_token=experts_per_token)

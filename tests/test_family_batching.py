@@ -19,6 +19,7 @@ import pytest
 from bench.families import FAMILIES, WINDOW, build_tiny
 from ollm.engine.base import stream
 from ollm.engine.batching import BatchingEngine
+from ollm.engine.layer_streaming import streamer_of
 from ollm.engine.loader import load_engine
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
 from ollm.plan import plan_model
@@ -109,17 +110,91 @@ def _concurrently(engine: BatchingEngine, requests: list[GenerationRequest]) -> 
     return [c.events for c in collectors], largest
 
 
+REQUESTS = [_request(w, n) for w, n in zip(PROMPT_WORDS, NEW_TOKENS, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def alone(engines: Callable[[str], Any]) -> Callable[[str], list[tuple[str, int]]]:
+    """Each request's answer run alone on the family's resident engine (computed once a family)."""
+    answers: dict[str, list[tuple[str, int]]] = {}
+
+    def get(family: str) -> list[tuple[str, int]]:
+        if family not in answers:
+            answers[family] = [_answer(list(stream(engines(family), r))) for r in REQUESTS]
+        return answers[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_greedy_tokens_equal_each_request_alone(family: str, engines: Callable[[str], Any]) -> None:
+def test_batched_greedy_tokens_equal_each_request_alone(
+    family: str, engines: Callable[[str], Any], alone: Callable[[str], list[tuple[str, int]]]
+) -> None:
     engine = engines(family)
     assert engine.info.fallback_reason is None or "one at a time" not in engine.info.fallback_reason
-    requests = [_request(w, n) for w, n in zip(PROMPT_WORDS, NEW_TOKENS, strict=True)]
-    alone = [_answer(list(stream(engine, r))) for r in requests]
-    together, largest = _concurrently(engine, [r.model_copy(update={"id": f"{r.id}-b"}) for r in requests])
-    assert [_answer(events) for events in together] == alone
-    assert [count for _, count in alone] == list(NEW_TOKENS)
+    answers = alone(family)
+    together, largest = _concurrently(engine, [r.model_copy(update={"id": f"{r.id}-b"}) for r in REQUESTS])
+    assert [_answer(events) for events in together] == answers
+    assert [count for _, count in answers] == list(NEW_TOKENS)
     assert largest >= 3, "the requests never decoded together"
     assert engine.active() == 0
+
+
+MOE = {"gpt-oss", "qwen3-next"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_layers_and_offloaded_experts_give_the_resident_tokens_alone_and_batched(
+    family: str,
+    tiny: dict[str, Path],
+    alone: Callable[[str], list[tuple[str, int]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    settings = _settings(tmp_path_factory)
+    settings.runtime.layer_streaming = "on"
+    plan = plan_model(str(tiny[family]), settings.runtime)
+    offload = [f"{family}.expert-offload"] if family in MOE else []
+    assert plan.backend == "optimized-native" and plan.memory.strategy == "streamed-layers"
+    assert [p for p in plan.applied_passes if p.endswith("-offload")] == [f"{family}.layer-offload", *offload]
+    engine = load_engine(plan, settings)
+    assert isinstance(engine, BatchingEngine)
+    try:
+        streamer = streamer_of(engine.runner.model)
+        assert streamer is not None
+        assert bool(streamer.experts) == (family in MOE)
+        assert [_answer(list(stream(engine, r))) for r in REQUESTS[:2]] == alone(family)[:2]
+        together, largest = _concurrently(engine, REQUESTS)
+        assert [_answer(events) for events in together] == alone(family)
+        assert largest >= 3
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_a_decoded_token_reads_the_routers_top_k_experts_of_each_layer(
+    family: str, tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory)
+    settings.runtime.layer_streaming = "on"
+    plan = plan_model(str(tiny[family]), settings.runtime)
+    memory = plan.memory
+    assert memory.expert_offload and memory.experts_bytes and memory.expert_bytes_per_token
+    # tiny: 4 experts, top-2 in each of 4 layers, so a token reads half of the experts' bytes.
+    assert memory.expert_bytes_per_token * 2 == memory.experts_bytes
+    engine = load_engine(plan, settings)
+    try:
+        streamer = streamer_of(engine.runner.model)  # type: ignore[attr-defined]
+        assert streamer is not None
+
+        def read(new_tokens: int) -> int:
+            before = sum(offload.bytes_read for offload in streamer.experts)
+            list(stream(engine, _request(9, new_tokens)))
+            return sum(offload.bytes_read for offload in streamer.experts) - before
+
+        # The same prefill, then 5 more decode steps: each reads the top-k experts of every layer.
+        assert read(6) - read(1) == 5 * memory.expert_bytes_per_token
+    finally:
+        engine.close()
 
 
 def test_a_sliding_window_layer_holds_its_window_at_any_context(

@@ -150,8 +150,8 @@ def test_budget_below_the_streaming_floor_refuses_with_numbers(synthetic: Path) 
         "over-budget", True, 0
     )  # fmt: skip
     assert plan.memory.refuses_load()
-    with pytest.raises(MemoryBudgetError, match=r"resident 12\.0 MiB \+ 2 layer slots x 432\.5 KiB \+ staging "
-                       r"64\.0 KiB.*Even streamed \(llama\.layer-offload\).*Loading refuses"):  # fmt: skip
+    with pytest.raises(MemoryBudgetError, match=r"resident 12\.0 MiB \+ layer slots 865\.0 KiB \(2 x 432\.5 KiB\) "
+                       r"\+ staging 64\.0 KiB.*Even streamed \(llama\.layer-offload\).*Loading refuses"):  # fmt: skip
         load_engine(plan, settings)
 
 
@@ -193,7 +193,7 @@ def test_layers_that_cannot_stream_fall_back_or_refuse(synthetic: Path, tmp_path
             save_file(tensors, str(broken / file.name))
         else:
             (broken / file.name).write_bytes(file.read_bytes())
-    why = "layer 3 is not a llama decoder layer (missing ['mlp.up_proj.weight']"
+    why = "layer 3 is not like layer 0, the first full_attention layer (missing ['mlp.up_proj.weight']"
     auto = _plan(broken)
     assert (
         not auto.memory.layer_streaming

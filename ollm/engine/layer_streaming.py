@@ -1,11 +1,17 @@
-"""Layer streaming (the ``llama.layer-offload`` pass): decoder layers read from disk as they run.
+"""Layer streaming (the ``<family>.layer-offload`` pass): decoder layers read from disk as they run.
 
 The model is built with its decoder layers' parameters not materialized; the resident parts
-(embeddings, final norm, an untied head, the rotary frequencies) are read once. Every decoder
-layer's parameters are then bound, permanently, to views of one of ``slots`` reusable buffers
-shaped like one layer (layer i -> slot i % slots), so loading layer i means filling its slot in
-place: nothing is allocated per forward and the module tree is the generic one, so batching,
-chunked MLPs and batch-invariant mode work unchanged.
+(embeddings, final norm, an untied head) are read once and the buffers (rotary frequencies,
+gemma3's embedding scale) computed as the constructors compute them. Which tensors in the files
+fill which parameter of a layer is the family provider's layout (``ollm/specialization``, read by
+``ollm/tensor_index.py``): plain tensors, experts fused from one tensor each (qwen3-next), MXFP4
+blocks dequantized as they are read (gpt-oss). Every decoder layer's parameters are then bound,
+permanently, to views of one of ``slots`` reusable buffers shaped like one layer of its kind
+(layers of one shape share a set of slots; a hybrid model has a set per kind), so loading layer i
+means filling its slot in place: nothing is allocated per forward and the module tree is the
+generic one, so batching, chunked MLPs and batch-invariant mode work unchanged. Mixture-of-experts
+layers keep their experts out of the slots: ``ExpertOffload`` reads only the experts the router
+picks, at each forward (ollm/engine/expert_offload.py).
 
 A forward pre-hook on layer i waits for layer i's fill and starts the fill of the next layer
 (wrapping to layer 0 for the next forward) on a background thread while layer i computes. When
@@ -25,7 +31,9 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -34,9 +42,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from ollm.engine.expert_offload import ExpertOffload
+from ollm.engine.mxfp4 import dequantize
 from ollm.engine.positioned_io import pread_full, tensor_bytes
 from ollm.errors import UnsupportedModelError
-from ollm.tensor_index import LayerLayout, TensorEntry, index_tensors, llama_layout
+from ollm.specialization import streaming_layout
+from ollm.tensor_index import LayerLayout, LayerParam, Piece, TensorEntry
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +116,63 @@ class _Filler:
             # The next piece reuses the pinned buffer: wait until this copy has read it.
             self.copy_stream.synchronize()
 
+    def fill_piece(self, piece: Piece, target: torch.Tensor) -> None:
+        """``target`` (the parameter, or its expert's slice) := what ``piece`` holds for it."""
+        if piece.scales is not None:
+            # MXFP4 (gpt-oss experts): read the blocks and scales, dequantize, store transposed.
+            blocks = torch.empty(piece.entry.shape, dtype=torch.uint8)
+            scales = torch.empty(piece.scales.shape, dtype=torch.uint8)
+            self.reader.read(piece.entry, tensor_bytes(blocks))
+            self.reader.read(piece.scales, tensor_bytes(scales))
+            values = dequantize(blocks, scales, target.dtype)
+            target.copy_(values.reshape(values.shape[0], -1).T)
+            return
+        if target.shape != piece.entry.shape:
+            target = target[piece.row : piece.row + piece.entry.shape[0]]  # fused: this piece's rows
+        self.fill(piece.entry, target)
+
 
 class LayerStreamer:
-    """Binds each decoder layer to a slot and keeps the next layer's slot filling in the background."""
+    """Binds each decoder layer to a slot and keeps the next layer's slot filling in the background.
+
+    Layers of one shape share ``slots`` buffers (a hybrid model has a set per kind of layer). With
+    ``offload_experts``, a layer's expert parameters are in no slot: an ``ExpertOffload`` reads the
+    experts the router picks at each forward.
+    """
 
     def __init__(
-        self, layers: nn.ModuleList, layout: LayerLayout, filler: _Filler, dtype: torch.dtype, slots: int
+        self,
+        layers: nn.ModuleList,
+        layout: LayerLayout,
+        filler: _Filler,
+        dtype: torch.dtype,
+        slots: int,
+        expert_filler: _Filler | None = None,
     ) -> None:
         self.layers = layers
         self.layout = layout
         self.filler = filler
-        self.slot_count = max(1, min(slots, len(layers)))
-        names = list(layout.layers[0])
-        self._slots = [self._slot(layout.layers[0], dtype, filler.device) for _ in range(self.slot_count)]
+        offload = expert_filler is not None
+        self._slots: list[dict[str, torch.Tensor]] = []
+        self._slot_of_layer = [0] * len(layers)
+        for numbers in layout.kinds(offload).values():
+            count = max(1, min(slots, len(numbers)))
+            first = len(self._slots)
+            shapes = {name: p for name, p in layout.layers[numbers[0]].items() if not (offload and p.experts)}
+            self._slots += [self._slot(shapes, dtype, filler.device) for _ in range(count)]
+            for position, number in enumerate(numbers):
+                self._slot_of_layer[number] = first + position % count
+        self._params = [
+            {name: p for name, p in layer.items() if not (offload and p.experts)} for layer in layout.layers
+        ]
+        self.experts: list[ExpertOffload] = []
         for number, layer in enumerate(layers):
-            views = self._slots[number % self.slot_count]
-            for name in names:
+            for name, view in self._slots[self._slot_of_layer[number]].items():
                 module_name, _, attribute = name.rpartition(".")
-                owner = layer.get_submodule(module_name)
-                setattr(owner, attribute, nn.Parameter(views[name], requires_grad=False))
-        self._holds = [-1] * self.slot_count  # which layer each slot holds now (-1: none, or being filled)
+                setattr(layer.get_submodule(module_name), attribute, nn.Parameter(view, requires_grad=False))
+            if expert_filler is not None:
+                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, dtype)
+        self._holds = [-1] * len(self._slots)  # which layer each slot holds now (-1: none, or being filled)
         self._pending: dict[int, Future[None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollm-layer-fill")
         self._after: dict[int, int] = {}  # layer -> the layer whose fill starts once it has run
@@ -133,22 +181,26 @@ class LayerStreamer:
             layer.register_forward_pre_hook(self._make_pre_hook(number))
             layer.register_forward_hook(self._make_post_hook(number))
 
+    @property
+    def slot_count(self) -> int:
+        return len(self._slots)
+
     @staticmethod
-    def _slot(shapes: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    def _slot(params: dict[str, LayerParam], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """One layer's parameters as views of one flat buffer."""
         item = torch.empty((), dtype=dtype).element_size()
-        sizes = {name: prod(entry.shape) * item for name, entry in shapes.items()}
+        sizes = {name: prod(param.shape) * item for name, param in params.items()}
         flat = torch.empty(sum(_aligned(size) for size in sizes.values()), dtype=torch.uint8, device=device)
         views, offset = {}, 0
-        for name, entry in shapes.items():
-            views[name] = flat[offset : offset + sizes[name]].view(dtype).view(entry.shape)
+        for name, param in params.items():
+            views[name] = flat[offset : offset + sizes[name]].view(dtype).view(param.shape)
             offset += _aligned(sizes[name])
         return views
 
     # -- filling -------------------------------------------------------------------------------
 
     def _slot_of(self, layer: int) -> int:
-        return layer % self.slot_count
+        return self._slot_of_layer[layer]
 
     def _fill(self, layer: int, slot_free: Any) -> None:
         slot = self._slot_of(layer)
@@ -157,8 +209,10 @@ class LayerStreamer:
             # The slot's previous layer may still be computing on the GPU: copies wait for it.
             self.filler.copy_stream.wait_event(slot_free)
         views = self._slots[slot]
-        for name, entry in sorted(self.layout.layers[layer].items(), key=lambda item: item[1].offset):
-            self.filler.fill(entry, views[name])
+        pieces = [(piece, name) for name, param in self._params[layer].items() for piece in param.pieces]
+        for piece, name in sorted(pieces, key=lambda item: (item[0].entry.file, item[0].entry.offset)):
+            target = views[name] if piece.expert is None else views[name][piece.expert]
+            self.filler.fill_piece(piece, target)
         self._holds[slot] = layer
         self.fills += 1
 
@@ -217,37 +271,59 @@ class LayerStreamer:
         self.filler.reader.close()
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (nothing allocated, no initializer run)
+    and their buffers computed as usual: the rotary frequencies and gemma3's embedding scale are
+    computed in the modules' constructors, not read from the files."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 def load_streamed(
     path: Path, dtype: torch.dtype, device: str, slots: int = 2, attn_implementation: str | None = None
 ) -> PreTrainedModel:
-    """A llama causal LM from ``path`` whose decoder layers stream from the files at each forward.
+    """A causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
-    Raises UnsupportedModelError (with the reason) when the checkpoint is not a llama layout that can
-    stream; the planner checks the same layout first, so this is a second line of defence.
+    The layout (which tensors fill which layer's parameters) is the family provider's; MoE layers'
+    experts are offloaded (read per forward, only the chosen ones). Raises UnsupportedModelError
+    (with the reason) when the checkpoint cannot stream; the planner checks the same layout first,
+    so this is a second line of defence.
     """
     config = AutoConfig.from_pretrained(path)
-    config_dict = config.to_dict()
-    layout = llama_layout(index_tensors(path), config_dict)
+    layout = streaming_layout(path, config.to_dict())
     if isinstance(layout, str):
         raise UnsupportedModelError(f"cannot stream the layers of {path}: {layout}")
-    with torch.device("meta"):  # parameters on the meta device: nothing allocated, no initializer run
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     target = torch.device(device)
-    decoder = model.model
-    expected = set(layout.layers[0])
-    built = {name for name, _ in decoder.layers[0].named_parameters()}
-    if built != expected:
-        raise UnsupportedModelError(
-            f"cannot stream the layers of {path}: the files' layer tensors {sorted(expected)} are not the "
-            f"model's {sorted(built)}"
-        )
-    files = {entry.file for entry in layout.resident.values()} | {
-        entry.file for layer in layout.layers for entry in layer.values()
-    }
+    for number, layer in enumerate(model.model.layers):
+        built = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        mapped = {name: param.shape for name, param in layout.layers[number].items()}
+        if built != mapped:
+            raise UnsupportedModelError(
+                f"cannot stream the layers of {path}: layer {number}'s tensors in the files {sorted(mapped.items())} "
+                f"are not the model's {sorted(built.items())}"
+            )
+    tensors = [p.entry for layer in layout.layers for param in layer.values() for p in param.pieces]
+    files = {entry.file for entry in [*layout.resident.values(), *tensors]}
+    files |= {p.scales.file for layer in layout.layers for param in layer.values() for p in param.pieces if p.scales}
     reader = _Reader(files)
     try:
-        filler = _Filler(reader, target, layout.staging_bytes(_RUN_NAMES[dtype], target.type))
-        return _assemble(path, model, layout, filler, dtype, slots)
+        run = _RUN_NAMES[dtype]
+        filler = _Filler(reader, target, layout.staging_bytes(run, target.type))
+        experts = _Filler(reader, target, layout.staging_bytes(run, target.type)) if layout.has_experts() else None
+        return _assemble(path, model, layout, filler, dtype, slots, experts)
     except BaseException:
         # Until the model owns the streamer (and its finalizer closes the files), this does.
         reader.close()
@@ -255,12 +331,18 @@ def load_streamed(
 
 
 def _assemble(
-    path: Path, model: Any, layout: LayerLayout, filler: _Filler, dtype: torch.dtype, slots: int
+    path: Path,
+    model: Any,
+    layout: LayerLayout,
+    filler: _Filler,
+    dtype: torch.dtype,
+    slots: int,
+    expert_filler: _Filler | None,
 ) -> PreTrainedModel:
     """Read the resident tensors, bind the layers to the streamer, and hand the files to the model."""
     target = filler.device
     decoder = model.model
-    tied = model.lm_head.weight is decoder.embed_tokens.weight
+    tied = "lm_head.weight" not in layout.resident  # the layout read tie_word_embeddings
     for name, entry in layout.resident.items():
         module_name, _, attribute = name.rpartition(".")
         tensor = torch.empty(entry.shape, dtype=dtype, device=target)
@@ -268,10 +350,11 @@ def _assemble(
         setattr(model.get_submodule(module_name), attribute, nn.Parameter(tensor, requires_grad=False))
     if tied:
         model.lm_head.weight = decoder.embed_tokens.weight
-    with torch.device(target):
-        # Non-persistent buffers (the rotary frequencies) are computed, not read: rebuild them here.
-        decoder.rotary_emb = type(decoder.rotary_emb)(config=model.config)
-    streamer = LayerStreamer(decoder.layers, layout, filler, dtype, slots)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(target)
+    streamer = LayerStreamer(decoder.layers, layout, filler, dtype, slots, expert_filler)
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         streamer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as transformers_logging
+from transformers.utils.quantization_config import Mxfp4Config
 
 from ollm.embeddings import Embedder
 from ollm.engine.audio_prompt import audio_inputs
@@ -202,6 +204,16 @@ def quantize_weights(model: Any, plan: RuntimePlan, dtype: torch.dtype) -> None:
     quantize_model(model, plan.quantization, compute)
 
 
+def _dequantizing(plan: RuntimePlan) -> dict[str, Any]:
+    """MXFP4 checkpoints (gpt-oss) dequantized as transformers loads them, tensor by tensor: its
+    MXFP4 kernels would otherwise be fetched from the Hugging Face Hub, which ollm never reaches."""
+    assert plan.path is not None
+    config = json.loads((plan.path / "config.json").read_text(encoding="utf-8"))
+    if (config.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        return {}
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
 def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     """A model with weights (echo is built by ``ollm.engine.load_engine``, without torch)."""
     if plan.kind == "embedding":
@@ -220,7 +232,9 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
         if plan.memory.layer_streaming:
             model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2, attention)
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                plan.path, dtype=dtype, attn_implementation=attention, **_dequantizing(plan)
+            )
             model = loaded.to(plan.device).eval()  # type: ignore[arg-type]
         if plan.quantization != "none":
             quantize_weights(model, plan, dtype)

@@ -8,6 +8,22 @@ provider up here instead of branching on model families in a loader, and only se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ollm.tensor_index import (
+    LayerLayout,
+    LayerParams,
+    LayerParamsOf,
+    TensorEntry,
+    decoder_layout,
+    direct_params,
+    index_tensors,
+)
+
+
+def _direct(layer: dict[str, TensorEntry], config: dict[str, Any]) -> LayerParams | str:
+    return direct_params(layer)
 
 
 @dataclass(frozen=True)
@@ -21,6 +37,11 @@ class SpecializationProvider:
     chunked_projection_pass: str | None = None
     layer_streaming_pass: str | None = None
     kv_offload_pass: str | None = None
+    expert_offload_pass: str | None = None
+    # How a layer's tensors in the files fill the layer's parameters (the layout layer streaming reads).
+    layer_params: LayerParamsOf = _direct
+    # The config.json key of the router's top-k, for mixture-of-experts families.
+    experts_per_token_key: str | None = None
 
     def missing_passes(self) -> list[str]:
         return [pass_id for pass_id in self.pass_ids if pass_id not in self.implemented_passes]
@@ -41,6 +62,16 @@ def provider_for(model_type: str | None) -> SpecializationProvider | None:
     if model_type is None:
         return None
     return _REGISTRY.get(model_type)
+
+
+def streaming_layout(path: Path, config: dict[str, Any]) -> LayerLayout | str:
+    """The family provider's layout of ``path``'s tensors (what layer streaming reads), or why none."""
+    provider = provider_for(config.get("model_type"))
+    if provider is None:
+        return f"no family provider for model_type {config.get('model_type')!r}"
+    key = provider.experts_per_token_key
+    top_k = int(config.get(key) or 0) if key else 0
+    return decoder_layout(index_tensors(path), config, provider.layer_params, top_k)
 
 
 def providers() -> list[SpecializationProvider]:

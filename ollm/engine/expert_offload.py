@@ -1,0 +1,83 @@
+"""Expert offload (the ``<family>.expert-offload`` pass): only the experts the router picks are read.
+
+A mixture-of-experts layer holds every expert's weights, but a token runs through the router's
+top-k of them: gpt-oss-20b picks 4 of 32, so a decoded token needs an eighth of the expert bytes.
+With layer streaming the expert parameters are in no layer slot; at each forward of an experts
+module a pre-hook looks at the router's choice, reads just those experts (positioned reads; MXFP4
+experts are dequantized as they are read) into ``[chosen, ...]`` parameters, and renumbers the
+router's indices onto them. The module's own forward (transformers' code, whichever experts
+implementation it dispatches to) then runs unchanged, over the chosen experts in ascending order,
+as the resident forward runs them: the output is the same, bit for bit. The buffers are dropped
+after the forward, so at most one layer's chosen experts are in memory.
+
+Both families' experts modules take ``(hidden_states, expert_indices, expert_weights)`` and index
+``[experts, ...]`` parameters by expert, with their count in ``num_experts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ollm.tensor_index import LayerParam, Piece
+
+
+class PieceFiller(Protocol):
+    device: torch.device
+
+    def fill_piece(self, piece: Piece, target: torch.Tensor) -> None: ...
+
+
+class ExpertOffload:
+    """Reads the chosen experts of one experts module at each of its forwards."""
+
+    def __init__(self, module: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, dtype: torch.dtype):
+        self.module = module
+        self.params = params  # attribute of the module -> its layout
+        self.filler = filler
+        self.dtype = dtype
+        self.count = next(iter(params.values())).experts
+        self.bytes_read = 0  # benchmarks compare it with the experts' size
+        self._pieces = {
+            name: [[p for p in param.pieces if p.expert == e] for e in range(self.count)]
+            for name, param in params.items()
+        }
+        self._release()
+        module.register_forward_pre_hook(self._read)
+        module.register_forward_hook(lambda *_: self._release())
+
+    @classmethod
+    def attach(
+        cls, layer: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, dtype: torch.dtype
+    ) -> list[ExpertOffload]:
+        """One offload for each experts module of ``layer`` (``params``: the layer's, by full name)."""
+        modules: dict[str, dict[str, LayerParam]] = {}
+        for name, param in params.items():
+            if param.experts:
+                module_name, _, attribute = name.rpartition(".")
+                modules.setdefault(module_name, {})[attribute] = param
+        return [cls(layer.get_submodule(name), found, filler, dtype) for name, found in modules.items()]
+
+    def _read(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden, indices, *rest = args
+        chosen = torch.unique(indices)  # sorted: the order the resident forward runs the experts in
+        renumber = torch.zeros(self.count, dtype=indices.dtype, device=indices.device)
+        renumber[chosen] = torch.arange(len(chosen), dtype=indices.dtype, device=indices.device)
+        experts = chosen.tolist()
+        for name, param in self.params.items():
+            buffer = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.filler.device)
+            for slot, expert in enumerate(experts):
+                for piece in self._pieces[name][expert]:
+                    self.filler.fill_piece(piece, buffer[slot])
+                    self.bytes_read += piece.read_bytes()
+            setattr(module, name, nn.Parameter(buffer, requires_grad=False))
+        setattr(module, "num_experts", len(experts))  # noqa: B010 (an int on an nn.Module)
+        return (hidden, renumber[indices], *rest)
+
+    def _release(self) -> None:
+        empty = torch.empty(0, dtype=self.dtype, device=self.filler.device)
+        for name in self.params:
+            setattr(self.module, name, nn.Parameter(empty, requires_grad=False))
+        setattr(self.module, "num_experts", self.count)  # noqa: B010 (an int on an nn.Module)
