@@ -68,6 +68,19 @@ SIZES = {
     # About 0.5 GB in bfloat16 for each family (the embedding alone is 49152 x 1024).
     "0.5g": Size(12, 1024, 16, 4, 64, 3072, 4, 512, torch.bfloat16),
 }
+# About 2.1-2.3 GB in bfloat16 for each family (bench.layer_streaming: a model four times its budget).
+# The MoE families have 16 experts of which the router picks 2, so a decoded token needs an eighth
+# of the expert bytes. Embeddings are tied, as small models' are, so the head is not a second copy;
+# the context is 1024 tokens.
+LARGE = {
+    "gemma3": Size(36, 1024, 16, 4, 64, 4096, 0, 512, torch.bfloat16),
+    "gpt-oss": Size(10, 1024, 16, 4, 64, 2048, 16, 512, torch.bfloat16),
+    "qwen3-next": Size(12, 1024, 16, 4, 64, 3072, 16, 512, torch.bfloat16),
+}
+
+
+def size_of(family: str, size: str) -> Size:
+    return LARGE[family] if size == "2g" else SIZES[size]
 
 
 def _config(family: str, size: Size, vocab_size: int, bos: int, eos: int) -> PretrainedConfig:
@@ -125,11 +138,19 @@ _MODELS: dict[str, type[PreTrainedModel]] = {
 
 def build_tiny(family: str, path: Path, tokenizer_dir: Path = SMOLLM2, size: str = "tiny") -> Path:
     """Save a random ``family`` checkpoint of ``size`` with the tokenizer of ``tokenizer_dir`` at ``path``."""
-    shape = SIZES[size]
+    shape = size_of(family, size)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = _config(family, shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if size == "2g":
+        config.tie_word_embeddings = True
+        config.max_position_embeddings = 1024  # as bench.layer_streaming's llama: a small KV cache beside the weights
     torch.manual_seed(0)
-    model = _MODELS[family](config).to(shape.dtype)  # type: ignore[arg-type]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(shape.dtype)  # built in its dtype: a 2 GB model is not first made in float32
+    try:
+        model = _MODELS[family](config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -172,7 +193,7 @@ def measure(reference: str, levels: list[int], max_tokens: int, dtype: str) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--size", choices=[*sorted(SIZES), "2g"], default="tiny")
     parser.add_argument("--family", action="append", choices=FAMILIES, help="Default: every family.")
     parser.add_argument("--model", help="Measure this model reference instead of the family checkpoints.")
     parser.add_argument("--streams", default="1,16", help="Comma-separated concurrency levels.")

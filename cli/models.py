@@ -157,7 +157,8 @@ def _print_info(info: dict[str, Any]) -> None:
                 f"peak {_human_bytes(memory['expected_peak_bytes'])} of a {_human_bytes(memory['budget_bytes'])} "
                 f"budget (weights {_human_bytes(memory['weights_bytes'])}{_quantized(plan)}{_streamed(memory)}, "
                 f"KV cache "
-                f"{_human_bytes(memory['kv_cache_bytes'])} for {memory['kv_cache_tokens']} tokens, activations "
+                f"{_human_bytes(memory['kv_cache_bytes'])} for {memory['kv_cache_tokens']} tokens{_kv_kinds(memory)}, "
+                "activations "
                 f"{_human_bytes(memory['activations_bytes'])}): {memory['strategy']}",
             )
         if plan["applied_passes"]:
@@ -272,6 +273,14 @@ def _quantized(plan: dict[str, Any]) -> str:
     """The quantization and what it saves, for the memory line."""
     saved = plan["memory"].get("quantization_saved_bytes")
     return f" {plan['quantization']}, {_human_bytes(saved)} saved" if saved else ""
+
+
+def _kv_kinds(memory: dict[str, Any]) -> str:
+    """The KV cache by layer kind, for models with more than one kind."""
+    kinds = memory.get("kv_cache_bytes_by_layer_kind") or {}
+    if len(kinds) < 2:
+        return ""
+    return " (" + ", ".join(f"{kind} {_human_bytes(size)}" for kind, size in kinds.items()) + ")"
 
 
 def _streamed(memory: dict[str, Any]) -> str:

@@ -226,9 +226,18 @@ class TextShape(BaseModel):
     def kv_bytes(self, tokens: int, dtype: str) -> int:
         """One sequence of ``tokens``: keys and values of every attention layer and KV head (a
         sliding layer's at most its window), plus each linear-attention layer's fixed state."""
-        columns = self.full_layers * tokens + self.sliding_layers * min(tokens, self.window)
-        kv = 2 * self.kv_heads * self.head_dim * columns
-        return (kv + self.linear_layers * self.linear_state) * DTYPE_BYTES[dtype]
+        return sum(self.kv_bytes_by_kind(tokens, dtype).values())
+
+    def kv_bytes_by_kind(self, tokens: int, dtype: str) -> dict[str, int]:
+        """``kv_bytes`` by layer kind (the names of config.json's layer_types), kinds present only."""
+        per_column = 2 * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        kinds = {
+            "full_attention": self.full_layers * tokens * per_column,
+            "sliding_attention": self.sliding_layers * min(tokens, self.window) * per_column,
+            "linear_attention": self.linear_layers * self.linear_state * DTYPE_BYTES[dtype],
+        }
+        counts = {"full_attention": self.full_layers, "sliding_attention": self.sliding_layers}
+        return {kind: size for kind, size in kinds.items() if counts.get(kind, self.linear_layers)}
 
     def activation_bytes(self, prefill_tokens: int, context: int, chunk_rows: int, batch: int, dtype: str) -> int:
         """The largest transient set of one forward: a prefill chunk of ``prefill_tokens`` tokens."""
@@ -270,6 +279,11 @@ class MemoryPlan(BaseModel):
     )
     kv_cache_tokens: int | None = Field(None, description="Tokens of KV cache the estimate covers.")
     kv_cache_bytes: int | None = None
+    kv_cache_bytes_by_layer_kind: dict[str, int] | None = Field(
+        None,
+        description="kv_cache_bytes by layer kind: full attention holds the context, sliding-window attention its "
+        "window, linear attention a fixed state per sequence.",
+    )
     activations_bytes: int | None = Field(None, description="The largest transient set of one forward.")
     expected_peak_bytes: int | None = Field(
         None, description="Weights held at once + KV cache (capped when capped) + activations."

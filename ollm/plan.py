@@ -263,6 +263,7 @@ def _plan_memory(
     if shape is not None and tokens is not None:
         memory.kv_cache_tokens = tokens
         memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype)
+        memory.kv_cache_bytes_by_layer_kind = shape.kv_bytes_by_kind(tokens, plan.dtype)
         step = min(prefill_tokens, tokens or prefill_tokens)
         memory.activations_bytes = shape.activation_bytes(
             step, max(tokens, step), plan.dense_projection_chunk_rows, max_batch, plan.dtype

@@ -287,3 +287,25 @@ def test_the_kv_budget_counts_the_padding_of_mixed_prompt_lengths(
         assert 2 <= largest_beside_long <= 4
     finally:
         engine.close()
+
+
+def test_the_plan_counts_kv_by_layer_kind_as_the_cache_manager_holds_it(
+    tiny: dict[str, Path], engines: Callable[[str], Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory)
+    tokens = 8 * WINDOW
+    per_column = 2 * 2 * 16 * 4  # keys and values, 2 KV heads of 16 float32 values
+    gemma = plan_model(str(tiny["gemma3"]), settings.runtime, context_tokens=tokens).memory
+    # 3 sliding layers count their window only; the 1 full layer the whole context.
+    assert gemma.kv_cache_bytes_by_layer_kind == {
+        "full_attention": tokens * per_column,
+        "sliding_attention": 3 * WINDOW * per_column,
+    }
+    assert gemma.kv_cache_bytes == sum(gemma.kv_cache_bytes_by_layer_kind.values())
+    qwen = plan_model(str(tiny["qwen3-next"]), settings.runtime, context_tokens=tokens).memory
+    assert qwen.kv_cache_bytes_by_layer_kind is not None
+    assert qwen.kv_cache_bytes_by_layer_kind["full_attention"] == tokens * per_column
+    # A linear-attention layer's state is what the cache manager holds for one sequence, at any length.
+    engine = engines("qwen3-next")
+    list(stream(engine, _request(30, 4)))
+    assert engine.caches.peak_bytes["linear_attention"] == qwen.kv_cache_bytes_by_layer_kind["linear_attention"]

@@ -19,7 +19,7 @@ from ollm.engine.loader import load_engine
 from ollm.generation import FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import plan_model
 from ollm.settings import load_settings
-from tests.mxfp4_checkpoint import QUANTIZATION_CONFIG, write_dequantized_twin, write_mxfp4_twin
+from bench.mxfp4_checkpoint import QUANTIZATION_CONFIG, write_dequantized_twin, write_mxfp4_twin
 
 
 def _random_packed(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
