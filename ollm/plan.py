@@ -230,7 +230,7 @@ def _encoder_note(plan: RuntimePlan) -> str:
     )
     total = sum(t.run_bytes(plan.dtype) for t in tensors.values())
     return (
-        f", one request at a time: the audio encoder and projector ({human(encoder)}) stay resident beside the "
+        f"; the audio encoder and projector ({human(encoder)}) stay resident beside the "
         f"decoder ({human(total - encoder)}) for the model's whole life, and the decoder's layers cannot stream"
     )
 

@@ -13,13 +13,13 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.utils.quantization_config import Mxfp4Config
 
 from bench.families import build_tiny
+from bench.mxfp4_checkpoint import QUANTIZATION_CONFIG, write_dequantized_twin, write_mxfp4_twin
 from ollm.engine import mxfp4
 from ollm.engine.base import stream
 from ollm.engine.loader import load_engine
 from ollm.generation import FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import plan_model
 from ollm.settings import load_settings
-from bench.mxfp4_checkpoint import QUANTIZATION_CONFIG, write_dequantized_twin, write_mxfp4_twin
 
 
 def _random_packed(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ No hub is reachable in CI, so each model is made from a config (a 2-layer T5, a 
 2-layer CLIP tower and a 2-layer Llama, a 2-layer Llama alone) with random weights and a small
 byte-level BPE tokenizer trained on the spot. Random weights say nothing about quality; they do
 exercise every code path: kind detection, loading through the Auto classes, the processor, the
-generate-driven single-request engine, streaming, seeds, images and the CLI.
+generate-driven single-request engine (T5), the batching engine with images (Llava), streaming, seeds
+and the CLI.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from transformers import (
 )
 
 from ollm.engine.base import Engine, stream
+from ollm.engine.batching import BatchingEngine
 from ollm.engine.loader import load_engine
 from ollm.generation import (
     ChatMessage,
@@ -55,6 +57,7 @@ from ollm.generation import (
 )
 from ollm.plan import plan_model
 from ollm.settings import Settings, load_settings
+from tests.together import submit_together
 
 # Model building and loading take seconds; a hang (an engine thread that died) must not take 10 minutes.
 pytestmark = pytest.mark.timeout(120)
@@ -505,3 +508,18 @@ def test_cli_prompt_json(tiny: dict[str, Path], engines: Callable[[str], Engine]
     in_process = _final(_run(engines(name), _request(name, messages=[message], max_new=4)))
     assert output["text"] == in_process.text
     assert usage["prompt_tokens"] == in_process.usage.prompt_tokens
+
+
+def test_image_requests_decode_in_one_batch_with_text_requests(engines: Callable[[str], Engine]) -> None:
+    engine = engines("llava")
+    assert isinstance(engine, BatchingEngine)
+    requests = [
+        _request("llava", max_new=10, messages=[_image_message(_png((255, 0, 0)))]),
+        _request("llava", max_new=8, prompt="a text request beside them"),
+        _request("llava", max_new=10, messages=[_image_message(_png((0, 0, 255)), text="and this one?")]),
+        _request("llava", max_new=6),
+    ]
+    alone = [_final(_run(engine, r)).text for r in requests]
+    events, largest = submit_together(engine, requests)
+    assert [_final(e).text for e in events] == alone
+    assert largest >= 3, "the image and text requests never decoded together"

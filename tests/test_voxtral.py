@@ -18,6 +18,7 @@ import torch
 from transformers.models.voxtral.modeling_voxtral import VoxtralModel
 
 from ollm.engine.base import Engine, stream
+from ollm.engine.batching import BatchingEngine
 from ollm.engine.loader import load_engine
 from ollm.generation import (
     ChatMessage,
@@ -35,6 +36,7 @@ from ollm.settings import Settings, load_settings
 from tests.spies import spy
 from tests.test_tiny_models import _llama
 from tests.tiny_voxtral import AUDIO_TOKEN, TOKENS_PER_WINDOW, TRANSCRIBE, build_voxtral, tone_b64
+from tests.together import submit_together
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -192,3 +194,17 @@ def test_model_without_audio_refuses_it(models: dict[str, Path], settings: Setti
         engine.close()
     assert error.status == 400
     assert f"model {reference} does not accept audio (it has no audio capability)" in error.message
+
+
+def test_audio_requests_decode_in_one_batch_with_text_requests(voxtral: Engine) -> None:
+    assert isinstance(voxtral, BatchingEngine)
+    requests = [
+        _request("v", max_new=12, messages=[_audio_message(tone_b64(1.0))]),
+        _request("v", max_new=10, prompt="hello there, how are you"),
+        _request("v", max_new=12, messages=[_audio_message(tone_b64(2.0, hz=1500.0), "and this?")]),
+        _request("v", max_new=8, prompt="one two three"),
+    ]
+    alone = [_final(list(stream(voxtral, r))).text for r in requests]
+    events, largest = submit_together(voxtral, requests)
+    assert [_final(e).text for e in events] == alone
+    assert largest >= 3, "the audio and text requests never decoded together"

@@ -3,8 +3,8 @@
 Kept apart from the engine that runs them: what a request needs before its prefill is computed
 here, per request, from its own audio; the engine only hands ``input_features`` to the prefill
 forward (where the audio encoder turns them into the embeddings that replace the placeholders).
-Whatever engine runs the model (one request at a time today, a batching core later) takes the
-same ``AudioInputs``.
+The batching engine hands ``input_features`` to the sequence's own prefill forward
+(``Sequence.model_inputs``); its decode steps run in the batch with every other request's.
 
 Voxtral's tokenizer is mistral-common's: its own chat format ([INST] ... [/INST], [BEGIN_AUDIO]
 and one [AUDIO] token per 80 ms) and its own transcription format (``lang:xx[TRANSCRIBE]``), both

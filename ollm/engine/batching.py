@@ -220,7 +220,8 @@ class BatchingEngine:
         cache = self.caches.new_cache()
         self._prefilling = group
         try:
-            mask, logits = self.runner.prefill([s.prompt_ids for s in group], cache)
+            inputs = group[0].model_inputs if len(group) == 1 else None  # the scheduler keeps them alone
+            mask, logits = self.runner.prefill([s.prompt_ids for s in group], cache, inputs)
             self.caches.count(cache)
             fresh = self._first_tokens(group, cache, mask, logits)
         except Exception as exc:

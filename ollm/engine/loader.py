@@ -26,7 +26,7 @@ from ollm.embeddings import Embedder
 from ollm.engine.audio_prompt import audio_inputs
 from ollm.engine.base import Engine, EventSink, refuse_audio
 from ollm.engine.batch_invariant import make_batch_invariant
-from ollm.engine.batching import BatchingEngine, supports_batching
+from ollm.engine.batching import BatchingEngine, SequenceBuilder, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
 from ollm.engine.gguf_weights import find_gguf, load_gguf_int4
@@ -249,31 +249,44 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
             refuse_audio(plan.reference, request)
             return factory.sequence(request, sink, submitted, render_ids(tokenizer, request))
 
-        why_not = supports_batching(model)
-        if why_not:
-            info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
-        max_batch = 1 if why_not else settings.worker.max_batch
-        if plan.batch_invariant:
-            make_batch_invariant(model, rows=max_batch)
-        kv_store = None
-        if plan.memory.kv_offload:
-            kv_store = KVOffloadStore(settings.runtime.resolved_kv_offload_dir(), plan.device)
-        return BatchingEngine(
-            model,
-            info,
-            build,
-            max_batch=max_batch,
-            max_tokens_per_step=settings.worker.max_tokens_per_step,
-            kv_cache_max_tokens=factory.kv_budget,
-            batch_invariant=plan.batch_invariant,
-            load_ms=(time.perf_counter() - started) * 1000,
-            kv_store=kv_store,
-        )
+        return _batching_engine(plan, settings, model, info, build, factory, started)
     if plan.kind == "seq2seq":
         return _seq2seq_engine(plan, settings, info, dtype, started)
     if plan.kind == "audio-text":
         return _audio_text_engine(plan, settings, info, dtype, started)
     return _image_text_engine(plan, settings, info, dtype, started)
+
+
+def _batching_engine(
+    plan: RuntimePlan,
+    settings: Settings,
+    model: Any,
+    info: ExecutionInfo,
+    build: SequenceBuilder,
+    factory: _SequenceFactory,
+    started: float,
+) -> BatchingEngine:
+    """The continuous-batching engine over ``model`` (text, image-text and audio-text alike)."""
+    why_not = supports_batching(model)
+    if why_not:
+        info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
+    max_batch = 1 if why_not else settings.worker.max_batch
+    if plan.batch_invariant:
+        make_batch_invariant(model, rows=max_batch)
+    kv_store = None
+    if plan.memory.kv_offload:
+        kv_store = KVOffloadStore(settings.runtime.resolved_kv_offload_dir(), plan.device)
+    return BatchingEngine(
+        model,
+        info,
+        build,
+        max_batch=max_batch,
+        max_tokens_per_step=settings.worker.max_tokens_per_step,
+        kv_cache_max_tokens=factory.kv_budget,
+        batch_invariant=plan.batch_invariant,
+        load_ms=(time.perf_counter() - started) * 1000,
+        kv_store=kv_store,
+    )
 
 
 def _seq2seq_engine(
@@ -316,7 +329,7 @@ def _image_text_engine(
         tokenizer.chat_template = processor.chat_template
     factory = _SequenceFactory(plan, model, tokenizer, settings)
 
-    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> Sequence:
         refuse_audio(plan.reference, request)
         images = [_decode_image(data) for m in request.messages or [] for data in m.images()]
         text = render_text(tokenizer, request, image_placeholders=True)
@@ -340,9 +353,10 @@ def _image_text_engine(
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         # prompt_ids include the image placeholder tokens the processor expanded: they fill the context too.
         seq = factory.sequence(request, sink, submitted, prompt_ids)
-        return seq, dict(inputs)
+        seq.model_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        return seq
 
-    return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
+    return _batching_engine(plan, settings, model, info, build, factory, started)
 
 
 def _audio_text_engine(
@@ -350,7 +364,8 @@ def _audio_text_engine(
 ) -> Engine:
     """Voxtral: a Whisper-style audio encoder and projector in front of a Mistral decoder.
 
-    The audio encoder runs once per request, inside the prefill forward; decode steps read the cache.
+    The audio encoder runs once per request, inside its prefill forward (alone, whole); decode steps
+    read the cache, batched with every other request's.
     """
     assert plan.path is not None
     model = AutoModelForMultimodalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
@@ -358,18 +373,17 @@ def _audio_text_engine(
     tokenizer = processor.tokenizer
     factory = _SequenceFactory(plan, model, tokenizer, settings)
 
-    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> tuple[Sequence, dict[str, Any]]:
+    def build(request: GenerationRequest, sink: EventSink, submitted: float) -> Sequence:
         _refuse_images(plan, request)
         inputs = audio_inputs(processor, request, settings.audio, plan.reference)
         if not inputs.prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         seq = factory.sequence(request, sink, submitted, inputs.prompt_ids)
-        kwargs: dict[str, Any] = {"input_ids": torch.tensor([inputs.prompt_ids], device=model.device)}
         if inputs.input_features is not None:
-            kwargs["input_features"] = inputs.input_features.to(model.device, dtype)
-        return seq, kwargs
+            seq.model_inputs = {"input_features": inputs.input_features.to(model.device, dtype)}
+        return seq
 
-    return SingleEngine(model, info, build, tokenizer.pad_token_id, (time.perf_counter() - started) * 1000)
+    return _batching_engine(plan, settings, model, info, build, factory, started)
 
 
 def load_embedder(plan: RuntimePlan, settings: Settings) -> Embedder:

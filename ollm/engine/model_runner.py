@@ -17,8 +17,11 @@ class ModelRunner:
         self.model = model
         self._device = model.device
 
-    def prefill(self, prompts: list[list[int]], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts left-padded into one forward over a fresh ``cache``."""
+    def prefill(
+        self, prompts: list[list[int]], cache: DynamicCache, inputs: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts left-padded into one forward over a fresh ``cache``; ``inputs``: one prompt's images
+        or audio (pixel values, features), encoded in this forward."""
         length = max(len(ids) for ids in prompts)
         # Padding positions are masked out, so the id placed there is irrelevant.
         input_ids = torch.zeros((len(prompts), length), dtype=torch.long, device=self._device)
@@ -27,7 +30,7 @@ class ModelRunner:
             input_ids[row, length - len(ids) :] = torch.tensor(ids, device=self._device)
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return mask, self._forward(input_ids, mask, positions, cache, logits_to_keep=1)
+        return mask, self._forward(input_ids, mask, positions, cache, logits_to_keep=1, **(inputs or {}))
 
     def prefill_chunk(self, ids: list[int], done: int, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The next chunk of one long prompt whose first ``done`` tokens are in ``cache``."""
@@ -51,6 +54,7 @@ class ModelRunner:
         positions: torch.Tensor,
         cache: DynamicCache,
         logits_to_keep: int = 0,
+        **inputs: torch.Tensor,
     ) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
@@ -59,5 +63,6 @@ class ModelRunner:
             cache=cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **inputs,
         )
         return out.logits[:, -1, :]

@@ -10,7 +10,9 @@ earlier one that is waiting for memory). Each step admits waiting sequences whil
   row, so it is counted as rows x the longest row's final length (prompt + max new tokens), in the
   columns the cache manager says a row really holds (a sliding-window-only model holds its window).
 
-A sequence that does not fit waits until running ones finish; nothing is preempted or dropped.
+A sequence with images or audio (``Sequence.model_inputs``) prefills alone and whole: its encoder
+runs in that one forward. A sequence that does not fit waits until running ones finish; nothing is
+preempted or dropped.
 The first waiting sequence is admitted into an empty batch whatever its size: the sequence
 builder already refused any request that could never fit.
 """
@@ -84,6 +86,13 @@ class Scheduler:
             need = len(seq.prompt_ids)
             if (committed or group) and self.kv_tokens([*committed, *group, seq]) > self.kv_budget:
                 break  # Waits until running sequences finish and free the cache.
+            if seq.model_inputs:
+                if group:
+                    break  # Its own forward, next step.
+                # Images or audio are encoded in one forward with the whole prompt: never chunked.
+                self.waiting.popleft()
+                seq.admitted_at = time.perf_counter()
+                return StepPlan([[seq]])
             if need > self.step_tokens:
                 if group:
                     break  # Its chunks start next step, when this group has joined.

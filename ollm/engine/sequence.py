@@ -65,6 +65,9 @@ class Sequence:
         self.admitted_at = submitted_at
         self.first_token_at: float | None = None
         self.prefill_done_at = submitted_at
+        # Extra inputs of the prefill forward (an image's pixel values, audio's features): such a
+        # sequence prefills alone and whole, then decodes in the batch like any other.
+        self.model_inputs: dict[str, torch.Tensor] = {}
 
     @property
     def id(self) -> str:
