@@ -303,6 +303,9 @@ class MemoryPlan(BaseModel):
         None, description="Streaming: layer buffers of each kind of layer (one computes, one fills)."
     )
     slots_bytes: int | None = Field(None, description="Streaming: every layer buffer (a set per kind of layer).")
+    encoder_bytes: int | None = Field(
+        None, description="Streaming: the image or audio encoder, read when it runs (once a request) and dropped after."
+    )
     expert_offload: bool = Field(
         False, description="Mixture-of-experts layers read only the experts the router picks (<family>.expert-offload)."
     )

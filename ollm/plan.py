@@ -406,8 +406,8 @@ def _streaming_layout(
         return "specialization is disabled (use_specialization=false, --no-specialization)"
     if runtime.backend == "transformers-generic":
         return "the backend is forced to transformers-generic"
-    if plan.kind != "causal-lm":
-        return f"layer streaming runs causal LMs, not {plan.kind} models"
+    if plan.kind not in ("causal-lm", "image-text", "audio-text"):
+        return f"layer streaming runs decoders, not {plan.kind} models"
     if plan.device.split(":")[0] not in ("cpu", "cuda"):
         return f"layer streaming runs on cpu or cuda, not {plan.device}"
     if facts.path is None:
@@ -430,12 +430,18 @@ def _plan_streaming(
         memory.experts_bytes = layout.expert_bytes(dtype)
         memory.expert_buffer_bytes = layout.expert_buffer_bytes(dtype)
         memory.expert_bytes_per_token = layout.expert_bytes_per_token(dtype)
+    if layout.on_demand and provider.on_demand_pass is not None:
+        plan.applied_passes.append(provider.on_demand_pass)
+        memory.encoder_bytes = layout.on_demand_bytes(dtype)
     memory.resident_weights_bytes = layout.resident_bytes(dtype)
     memory.layer_bytes = layout.layer_bytes(dtype, experts)
     memory.stream_slots = min(STREAM_SLOTS, len(layout.layers))
     memory.slots_bytes = layout.slot_bytes(dtype, STREAM_SLOTS, experts)
-    memory.staging_bytes = layout.staging_bytes(dtype, device.split(":")[0]) * (2 if experts else 1)
-    return memory.resident_weights_bytes + memory.slots_bytes + memory.staging_bytes + (memory.expert_buffer_bytes or 0)
+    side = experts or bool(layout.on_demand)  # a second staging buffer for reads on the compute thread
+    memory.staging_bytes = layout.staging_bytes(dtype, device.split(":")[0]) * (2 if side else 1)
+    # Experts and an encoder are never read at once: the encoder runs before the decoder layers.
+    on_compute = max(memory.expert_buffer_bytes or 0, memory.encoder_bytes or 0)
+    return memory.resident_weights_bytes + memory.slots_bytes + memory.staging_bytes + on_compute
 
 
 def _weights_text(memory: MemoryPlan, weights: int) -> str:

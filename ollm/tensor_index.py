@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from typing import Any
 FLOATING_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 RUN_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _RUN_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-LAYER_PREFIX = "model.layers."
 # Casting reads go through a staging buffer of at most this many bytes, a piece at a time, so the
 # buffer stays small whatever the largest tensor is.
 STAGING_CHUNK_BYTES = 16 * 2**20
@@ -119,12 +118,19 @@ class LayerLayout:
     experts the router picks are read, at each forward.
     """
 
-    resident: dict[str, TensorEntry]  # full names: embeddings, final norm, untied head
+    resident: dict[str, TensorEntry]  # full names: embeddings, final norm, untied head, small modules
     layers: list[LayerParams]
     experts_per_token: int = 0  # the router's top-k, for MoE layouts
+    layers_module: str = "model.layers"  # where the decoder layers are in the model
+    # Encoders read when they run and dropped after (module name -> its tensors, by name within it).
+    on_demand: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
 
     def resident_bytes(self, dtype: str) -> int:
         return sum(entry.run_bytes(dtype) for entry in self.resident.values())
+
+    def on_demand_bytes(self, dtype: str) -> int:
+        """The largest on-demand module: the most of them held at once (one runs at a time)."""
+        return max((sum(e.run_bytes(dtype) for e in m.values()) for m in self.on_demand.values()), default=0)
 
     def signature(self, number: int, offload_experts: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """What a slot for layer ``number`` holds: its slot-bound parameters' names and shapes."""
@@ -185,6 +191,7 @@ class LayerLayout:
                         mxfp4.append(piece.read_bytes() + rows * groups * 32 * RUN_BYTES[dtype])
                     elif piece.entry.needs_staging(dtype, device):
                         cast.append(piece.entry.nbytes)
+        cast += [e.nbytes for m in self.on_demand.values() for e in m.values() if e.needs_staging(dtype, device)]
         return min(max(cast), STAGING_CHUNK_BYTES) + max(mxfp4)
 
 
@@ -206,43 +213,65 @@ def direct_params(layer: dict[str, TensorEntry], experts: str | None = None) -> 
     return params
 
 
+# Where a checkpoint's decoder layers are: a causal LM's, or the language model inside an image-text
+# (gemma3, llava) or audio-text (voxtral) model. Whatever is outside the layers stays resident.
+DECODER_PREFIXES = ("model.layers.", "model.language_model.layers.", "language_model.model.layers.")
+
+
 def decoder_layout(
-    entries: dict[str, TensorEntry], config: dict[str, Any], layer_params: LayerParamsOf, experts_per_token: int = 0
+    entries: dict[str, TensorEntry],
+    config: dict[str, Any],
+    layer_params: LayerParamsOf,
+    experts_per_token: int = 0,
+    on_demand: tuple[str, ...] = (),
 ) -> LayerLayout | str:
     """The streaming layout of a decoder checkpoint, or why it has none (a sentence for the plan).
 
-    ``layer_params`` is the family's map from a layer's tensors in the files to its parameters."""
+    ``layer_params`` is the family's map from a layer's tensors in the files to its parameters;
+    tensors under an ``on_demand`` module (an image or audio encoder) are read when it runs."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    assert isinstance(text, dict)
     try:
-        count = int(config["num_hidden_layers"])
+        count = int(text["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
         return "config.json has no num_hidden_layers"
+    prefix = next((p for p in DECODER_PREFIXES if any(name.startswith(p) for name in entries)), None)
+    if prefix is None:
+        return f"no decoder layers under {list(DECODER_PREFIXES)}"
     layers: list[dict[str, TensorEntry]] = [{} for _ in range(count)]
     resident: dict[str, TensorEntry] = {}
+    modules: dict[str, dict[str, TensorEntry]] = {module: {} for module in on_demand}
     for name, entry in entries.items():
         if name.endswith(_IGNORED_SUFFIXES):
             continue
-        if name.startswith(LAYER_PREFIX):
-            index, _, suffix = name[len(LAYER_PREFIX) :].partition(".")
+        if name.startswith(prefix):
+            index, _, suffix = name[len(prefix) :].partition(".")
             if not index.isdigit() or int(index) >= count:
                 return f"tensor {name} belongs to no layer of the {count} in config.json"
             layers[int(index)][suffix] = entry
+        elif module := next((m for m in on_demand if name.startswith(m + ".")), None):
+            modules[module][name[len(module) + 1 :]] = entry
         else:
             resident[name] = entry
-    tied = bool(config.get("tie_word_embeddings", False))
-    needed = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if tied else {"lm_head.weight"})
+    tied = config.get("tie_word_embeddings")
+    tied = bool(text.get("tie_word_embeddings", False) if tied is None else tied)
+    heads = [name for name in resident if name.endswith("lm_head.weight")]
+    base = prefix[: -len("layers.")]
+    needed = {base + "embed_tokens.weight", base + "norm.weight"} | (set() if tied else set(heads[:1]))
     if tied:
-        resident.pop("lm_head.weight", None)  # the head is the embeddings' matrix
-    if set(resident) != needed:
-        missing, extra = sorted(needed - set(resident)), sorted(set(resident) - needed)
-        return f"not a decoder's layout outside the layers (missing {missing}, unexpected {extra})"
-    for name, entry in resident.items():
+        for head in heads:
+            del resident[head]  # the head is the embeddings' matrix
+    if not needed <= set(resident) or (not tied and not heads):
+        missing = sorted(needed - set(resident)) + ([] if tied or heads else ["lm_head.weight"])
+        return f"not a decoder's layout outside the layers (missing {missing})"
+    for name, entry in [*resident.items(), *((n, e) for m in modules.values() for n, e in m.items())]:
         if entry.dtype not in FLOATING_BYTES:
             return f"{name} is {entry.dtype}; only floating tensors stay resident"
     params: list[LayerParams] = []
-    kinds = config.get("layer_types") or ["full_attention"] * count
+    kinds = text.get("layer_types") or ["full_attention"] * count
     first: dict[str, int] = {}  # the first layer of each kind: the others must have its parameters
     for number, layer in enumerate(layers):
-        mapped = layer_params(layer, config)
+        mapped = layer_params(layer, text)
         if isinstance(mapped, str):
             return f"layer {number}: {mapped}"
         like = first.setdefault(kinds[number], number)
@@ -256,4 +285,10 @@ def decoder_layout(
                 f"(missing {missing}, unexpected {extra}, other shapes {changed})"
             )
         params.append(mapped)
-    return LayerLayout(resident=resident, layers=params, experts_per_token=experts_per_token)
+    return LayerLayout(
+        resident=resident,
+        layers=params,
+        experts_per_token=experts_per_token,
+        layers_module=prefix[:-1],
+        on_demand={module: tensors for module, tensors in modules.items() if tensors},
+    )

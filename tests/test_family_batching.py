@@ -290,7 +290,7 @@ def test_the_kv_budget_counts_the_padding_of_mixed_prompt_lengths(
 
 
 def test_the_plan_counts_kv_by_layer_kind_as_the_cache_manager_holds_it(
-    tiny: dict[str, Path], engines: Callable[[str], Any], tmp_path_factory: pytest.TempPathFactory
+    tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     settings = _settings(tmp_path_factory)
     tokens = 8 * WINDOW
@@ -306,6 +306,10 @@ def test_the_plan_counts_kv_by_layer_kind_as_the_cache_manager_holds_it(
     assert qwen.kv_cache_bytes_by_layer_kind is not None
     assert qwen.kv_cache_bytes_by_layer_kind["full_attention"] == tokens * per_column
     # A linear-attention layer's state is what the cache manager holds for one sequence, at any length.
-    engine = engines("qwen3-next")
-    list(stream(engine, _request(30, 4)))
-    assert engine.caches.peak_bytes["linear_attention"] == qwen.kv_cache_bytes_by_layer_kind["linear_attention"]
+    engine = load_engine(plan_model(str(tiny["qwen3-next"]), settings.runtime), settings)
+    assert isinstance(engine, BatchingEngine)
+    try:
+        list(stream(engine, _request(30, 4)))
+        assert engine.caches.peak_bytes["linear_attention"] == qwen.kv_cache_bytes_by_layer_kind["linear_attention"]
+    finally:
+        engine.close()

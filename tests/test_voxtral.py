@@ -8,7 +8,6 @@ Float32, so greedy tokens are equal on every CPU.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,14 +104,12 @@ def _error(events: list[Event]) -> ErrorEvent:
     return events[0]
 
 
-def test_plan_is_audio_text_and_says_why_not_optimized(models: dict[str, Path], settings: Settings) -> None:
+def test_plan_is_audio_text_and_optimized(models: dict[str, Path], settings: Settings) -> None:
     plan = plan_model(str(models["voxtral"]), settings.runtime)
     assert (plan.kind, plan.model_type, plan.specialization_provider) == ("audio-text", "voxtral", "voxtral")
-    assert plan.backend == "transformers-generic" and plan.specialization_state == "planned"
-    assert plan.fallback_reason is not None and "voxtral.audio-encoder-offload" in plan.fallback_reason
-    # Why, in bytes: what stays resident without the passes.
-    resident = r"audio encoder and projector \([\d.]+ KiB\) stay resident beside the decoder \([\d.]+ KiB\)"
-    assert re.search(resident, plan.fallback_reason)
+    assert plan.backend == "optimized-native" and plan.specialization_state == "applied"
+    # The weights fit: nothing streams, so the encoder stays loaded.
+    assert plan.applied_passes == [] and plan.memory.strategy == "resident"
     assert plan.context_length == 2048
 
 
@@ -208,3 +205,28 @@ def test_audio_requests_decode_in_one_batch_with_text_requests(voxtral: Engine) 
     events, largest = submit_together(voxtral, requests)
     assert [_final(e).text for e in events] == alone
     assert largest >= 3, "the audio and text requests never decoded together"
+
+
+def test_streamed_decoder_and_audio_encoder_read_when_it_runs_give_the_resident_tokens(
+    voxtral: Engine, models: dict[str, Path], settings: Settings
+) -> None:
+    requests = [
+        _request("v", max_new=8, messages=[_audio_message(tone_b64(1.0))]),
+        _request("v", max_new=8, prompt="hello there, how are you"),
+    ]
+    resident = [_final(list(stream(voxtral, r))).text for r in requests]
+    streamed_settings = settings.model_copy(deep=True)
+    streamed_settings.runtime.layer_streaming = "on"
+    plan = plan_model(str(models["voxtral"]), streamed_settings.runtime)
+    assert plan.backend == "optimized-native" and plan.memory.layer_streaming
+    assert plan.applied_passes == ["voxtral.layer-offload", "voxtral.audio-encoder-offload"]
+    assert plan.memory.encoder_bytes and plan.memory.resident_weights_bytes
+    engine = load_engine(plan, streamed_settings)
+    try:
+        encoders = engine.runner.model.encoders  # type: ignore[attr-defined]
+        assert [type(e.module).__name__ for e in encoders] == ["VoxtralEncoder"]
+        assert [_final(list(stream(engine, r))).text for r in requests] == resident
+        assert encoders[0].reads == 1  # the text request never read the audio encoder
+        assert encoders[0].module.conv1.weight.numel() == 0  # dropped after it ran
+    finally:
+        engine.close()

@@ -1,4 +1,5 @@
-"""Expert offload (the ``<family>.expert-offload`` pass): only the experts the router picks are read.
+"""Expert offload (the ``<family>.expert-offload`` pass): only the experts the router picks are read;
+and encoder offload: an image or audio tower read when it runs.
 
 A mixture-of-experts layer holds every expert's weights, but a token runs through the router's
 top-k of them: gpt-oss-20b picks 4 of 32, so a decoded token needs an eighth of the expert bytes.
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ollm.tensor_index import LayerParam, Piece
+from ollm.tensor_index import LayerParam, Piece, TensorEntry
 
 
 class PieceFiller(Protocol):
@@ -81,3 +82,41 @@ class ExpertOffload:
         for name in self.params:
             setattr(self.module, name, nn.Parameter(empty, requires_grad=False))
         setattr(self.module, "num_experts", self.count)  # noqa: B010 (an int on an nn.Module)
+
+
+class TensorFiller(PieceFiller, Protocol):
+    def fill(self, entry: TensorEntry, target: torch.Tensor) -> None: ...
+
+
+class ModuleOffload:
+    """An encoder (image, audio) read from the files when it runs and dropped after it has run.
+
+    With the layers streaming, a vision or audio tower would otherwise stay resident for the
+    model's whole life while it runs once per request (in that request's prefill): the pre-hook
+    reads its parameters, the post-hook frees them."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, TensorEntry], filler: TensorFiller, dtype: torch.dtype):
+        self.module = module
+        self.tensors = tensors  # name within the module -> where it is in the files
+        self.filler = filler
+        self.dtype = dtype
+        self.reads = 0  # forwards that read the module (tests look at it)
+        self._release()
+        module.register_forward_pre_hook(lambda *_: self._read())
+        module.register_forward_hook(lambda *_: self._release())
+
+    def _read(self) -> None:
+        for name, entry in self.tensors.items():
+            tensor = torch.empty(entry.shape, dtype=self.dtype, device=self.filler.device)
+            self.filler.fill(entry, tensor)
+            self._set(name, tensor)
+        self.reads += 1
+
+    def _release(self) -> None:
+        empty = torch.empty(0, dtype=self.dtype, device=self.filler.device)
+        for name in self.tensors:
+            self._set(name, empty)
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        owner, _, attribute = name.rpartition(".")
+        setattr(self.module.get_submodule(owner), attribute, nn.Parameter(tensor, requires_grad=False))

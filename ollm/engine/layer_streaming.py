@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-from ollm.engine.expert_offload import ExpertOffload
+from ollm.engine.expert_offload import ExpertOffload, ModuleOffload
 from ollm.engine.mxfp4 import dequantize
 from ollm.engine.positioned_io import pread_full, tensor_bytes
 from ollm.errors import UnsupportedModelError
@@ -291,7 +294,12 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def load_streamed(
-    path: Path, dtype: torch.dtype, device: str, slots: int = 2, attn_implementation: str | None = None
+    path: Path,
+    dtype: torch.dtype,
+    device: str,
+    slots: int = 2,
+    attn_implementation: str | None = None,
+    auto_class: Any = AutoModelForCausalLM,
 ) -> PreTrainedModel:
     """A causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
@@ -305,9 +313,10 @@ def load_streamed(
     if isinstance(layout, str):
         raise UnsupportedModelError(f"cannot stream the layers of {path}: {layout}")
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = auto_class.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    layout = _in_model_names(layout, model)
     target = torch.device(device)
-    for number, layer in enumerate(model.model.layers):
+    for number, layer in enumerate(model.get_submodule(layout.layers_module)):
         built = {name: tuple(p.shape) for name, p in layer.named_parameters()}
         mapped = {name: param.shape for name, param in layout.layers[number].items()}
         if built != mapped:
@@ -318,16 +327,42 @@ def load_streamed(
     tensors = [p.entry for layer in layout.layers for param in layer.values() for p in param.pieces]
     files = {entry.file for entry in [*layout.resident.values(), *tensors]}
     files |= {p.scales.file for layer in layout.layers for param in layer.values() for p in param.pieces if p.scales}
+    files |= {entry.file for module in layout.on_demand.values() for entry in module.values()}
     reader = _Reader(files)
     try:
         run = _RUN_NAMES[dtype]
         filler = _Filler(reader, target, layout.staging_bytes(run, target.type))
-        experts = _Filler(reader, target, layout.staging_bytes(run, target.type)) if layout.has_experts() else None
-        return _assemble(path, model, layout, filler, dtype, slots, experts)
+        # Experts and encoders are read on the compute thread, while a layer may be filling in the
+        # background: they have their own staging buffer.
+        on_compute = layout.has_experts() or bool(layout.on_demand)
+        side = _Filler(reader, target, layout.staging_bytes(run, target.type)) if on_compute else None
+        return _assemble(path, model, layout, filler, dtype, slots, side)
     except BaseException:
         # Until the model owns the streamer (and its finalizer closes the files), this does.
         reader.close()
         raise
+
+
+def _in_model_names(layout: LayerLayout, model: Any) -> LayerLayout:
+    """``layout`` with the model's names for what is outside the layers. Checkpoints keep their
+    original names (``language_model.model.layers`` for Voxtral) while transformers' classes nest
+    them differently (``model.language_model.layers``); transformers' own renaming rules map them."""
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    names = dict(model.state_dict())
+
+    def rename(name: str) -> str:
+        return str(rename_source_key(name, renamings, [], model.base_model_prefix, names)[0])
+
+    def module(name: str, some_tensor: str) -> str:
+        return rename(f"{name}.{some_tensor}").removesuffix(f".{some_tensor}")
+
+    first = next(iter(layout.layers[0])) if layout.layers and layout.layers[0] else "weight"
+    return replace(
+        layout,
+        resident={rename(name): entry for name, entry in layout.resident.items()},
+        layers_module=module(f"{layout.layers_module}.0", first).removesuffix(".0"),
+        on_demand={module(m, next(iter(t))): t for m, t in layout.on_demand.items()},
+    )
 
 
 def _assemble(
@@ -337,24 +372,26 @@ def _assemble(
     filler: _Filler,
     dtype: torch.dtype,
     slots: int,
-    expert_filler: _Filler | None,
+    side: _Filler | None,
 ) -> PreTrainedModel:
     """Read the resident tensors, bind the layers to the streamer, and hand the files to the model."""
     target = filler.device
-    decoder = model.model
-    tied = "lm_head.weight" not in layout.resident  # the layout read tie_word_embeddings
+    tied = not any(name.endswith("lm_head.weight") for name in layout.resident)  # the layout read the config
     for name, entry in layout.resident.items():
         module_name, _, attribute = name.rpartition(".")
         tensor = torch.empty(entry.shape, dtype=dtype, device=target)
         filler.fill(entry, tensor)  # in pieces when it is larger than the staging buffer
         setattr(model.get_submodule(module_name), attribute, nn.Parameter(tensor, requires_grad=False))
     if tied:
-        model.lm_head.weight = decoder.embed_tokens.weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.to(target)
-    streamer = LayerStreamer(decoder.layers, layout, filler, dtype, slots, expert_filler)
+    if side is not None:
+        model.encoders = [ModuleOffload(model.get_submodule(m), t, side, dtype) for m, t in layout.on_demand.items()]
+    experts = side if layout.has_experts() else None
+    streamer = LayerStreamer(model.get_submodule(layout.layers_module), layout, filler, dtype, slots, experts)
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         streamer.close()

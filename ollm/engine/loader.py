@@ -289,6 +289,20 @@ def _batching_engine(
     )
 
 
+def _multimodal_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> Any:
+    """An image-text or audio-text model: its decoder layers streamed and its encoder read when it
+    runs when the plan says so, else loaded whole; its MLPs chunked when the plan says so."""
+    assert plan.path is not None
+    if plan.memory.layer_streaming:
+        slots = plan.memory.stream_slots or 2
+        model = load_streamed(plan.path, dtype, plan.device, slots, auto_class=auto_class)
+    else:
+        model = auto_class.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
+    if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
+        chunk_mlps(model, plan.dense_projection_chunk_rows)
+    return model
+
+
 def _seq2seq_engine(
     plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
 ) -> Engine:
@@ -321,7 +335,7 @@ def _image_text_engine(
     plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
 ) -> Engine:
     assert plan.path is not None
-    model = AutoModelForImageTextToText.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()  # type: ignore[arg-type]
+    model = _multimodal_model(plan, AutoModelForImageTextToText, dtype)
     processor = AutoProcessor.from_pretrained(plan.path)
     tokenizer = processor.tokenizer
     if processor.chat_template and not tokenizer.chat_template:
@@ -368,7 +382,7 @@ def _audio_text_engine(
     read the cache, batched with every other request's.
     """
     assert plan.path is not None
-    model = AutoModelForMultimodalLM.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
+    model = _multimodal_model(plan, AutoModelForMultimodalLM, dtype)
     processor = AutoProcessor.from_pretrained(plan.path)
     tokenizer = processor.tokenizer
     factory = _SequenceFactory(plan, model, tokenizer, settings)

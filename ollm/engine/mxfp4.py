@@ -28,39 +28,17 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _EMAX = 2
 
 
-# dtype -> (the integer type of its bits, where its 8-bit exponent field starts). FP4 values times a power
-# of two are the FP4 value's bits with the power added to the exponent field: one gather and one add,
-# about twice as fast as looking up floats and scaling them (expert offload dequantizes per step).
-_BITS = {torch.bfloat16: (torch.int16, 7), torch.float32: (torch.int32, 23)}
-
-
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 ``blocks`` [..., G, 16] and ``scales`` [..., G] to ``dtype`` [..., G * 32], as transformers'
     ``convert_moe_packed_tensors`` computes them (before its transpose)."""
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    if dtype in _BITS and _normal(scales, dtype):
-        integer, exponent_at = _BITS[dtype]
-        bits = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device).view(integer)
-        pairs = torch.stack((bits.repeat(16), bits.repeat_interleave(16)), dim=-1)  # a byte's (low, high) values
-        raw = pairs[blocks.to(torch.int64)]  # [..., G, 16, 2]
-        shift = ((scales.to(integer) - _SCALE_BIAS) << exponent_at)[..., None, None]
-        nonzero = (raw & ~(1 << (raw.element_size() * 8 - 1))) != 0  # zeros stay (signed) zeros
-        return torch.where(nonzero, raw + shift, raw).view(dtype).flatten(-3)
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
     blocks = blocks.to(torch.uint8)
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).to(torch.int64)  # [..., G, 16, 2]
     values = lut[codes].flatten(-2)  # [..., G, 32]
     exponents = scales.to(torch.int32).unsqueeze(-1) - _SCALE_BIAS
     return torch.ldexp(values, exponents).flatten(-2)
-
-
-def _normal(scales: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Every value stays a normal number of ``dtype`` (no overflow, no subnormal): the bit path is exact."""
-    if scales.numel() == 0:
-        return True
-    low, high = int(scales.min()) - _SCALE_BIAS, int(scales.max()) - _SCALE_BIAS
-    return low - 1 >= -126 and high + 2 <= 127  # 0.5 * 2**low .. 6 * 2**high; both dtypes' normal exponents
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

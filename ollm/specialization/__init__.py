@@ -42,6 +42,9 @@ class SpecializationProvider:
     layer_params: LayerParamsOf = _direct
     # The config.json key of the router's top-k, for mixture-of-experts families.
     experts_per_token_key: str | None = None
+    # Encoders (image, audio) that, when the layers stream, are read when they run and dropped after.
+    on_demand_modules: tuple[str, ...] = ()
+    on_demand_pass: str | None = None
 
     def missing_passes(self) -> list[str]:
         return [pass_id for pass_id in self.pass_ids if pass_id not in self.implemented_passes]
@@ -69,9 +72,11 @@ def streaming_layout(path: Path, config: dict[str, Any]) -> LayerLayout | str:
     provider = provider_for(config.get("model_type"))
     if provider is None:
         return f"no family provider for model_type {config.get('model_type')!r}"
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
     key = provider.experts_per_token_key
-    top_k = int(config.get(key) or 0) if key else 0
-    return decoder_layout(index_tensors(path), config, provider.layer_params, top_k)
+    top_k = int(text.get(key) or 0) if key else 0
+    return decoder_layout(index_tensors(path), config, provider.layer_params, top_k, provider.on_demand_modules)
 
 
 def providers() -> list[SpecializationProvider]:

@@ -3,12 +3,19 @@
 Every layer has the same parameters (sliding and full attention differ in their cache only), so
 layers stream through one set of slots; the sliding-window layers' KV is held at the window by the
 engine's cache manager (``SlidingWindow`` in ollm/engine/cache_manager.py). Image-text checkpoints
-run resident: their decoder lives under ``model.language_model`` beside the vision tower.
+keep their decoder under ``model.language_model``; when its layers stream, the vision tower is read
+when an image request's prefill runs it and dropped after (``gemma3.vision-encoder-offload``).
 """
 
 from ollm.specialization import SpecializationProvider, register
 
-_PASSES = ("gemma3.sdpa-attention", "gemma3.sliding-window-kv", "gemma3.chunked-mlp", "gemma3.layer-offload")
+_PASSES = (
+    "gemma3.sdpa-attention",
+    "gemma3.sliding-window-kv",
+    "gemma3.chunked-mlp",
+    "gemma3.layer-offload",
+    "gemma3.vision-encoder-offload",
+)
 
 register(
     SpecializationProvider(
@@ -19,5 +26,7 @@ register(
         attention_pass="gemma3.sdpa-attention",
         chunked_projection_pass="gemma3.chunked-mlp",
         layer_streaming_pass="gemma3.layer-offload",
+        on_demand_modules=("model.vision_tower",),
+        on_demand_pass="gemma3.vision-encoder-offload",
     )
 )
