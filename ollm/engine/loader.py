@@ -226,9 +226,7 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.memory.refuses_load():
         raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
-        # The <family>.sdpa-attention pass: SDPA's fused kernels, which never hold [tokens x tokens]
-        # (tests/test_attention_memory.py), rather than whatever the checkpoint's config asks for.
-        attention = "sdpa" if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
+        attention = _attention(plan)
         if plan.memory.layer_streaming:
             model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2, attention)
         else:
@@ -289,15 +287,23 @@ def _batching_engine(
     )
 
 
+def _attention(plan: RuntimePlan) -> str | None:
+    """The <family>.sdpa-attention pass: SDPA's fused kernels, which never hold [tokens x tokens]
+    (tests/test_attention_memory.py), rather than whatever the checkpoint's config asks for."""
+    return "sdpa" if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
+
+
 def _multimodal_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> Any:
     """An image-text or audio-text model: its decoder layers streamed and its encoder read when it
     runs when the plan says so, else loaded whole; its MLPs chunked when the plan says so."""
     assert plan.path is not None
+    attention = _attention(plan)
     if plan.memory.layer_streaming:
         slots = plan.memory.stream_slots or 2
-        model = load_streamed(plan.path, dtype, plan.device, slots, auto_class=auto_class)
+        model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class)
     else:
-        model = auto_class.from_pretrained(plan.path, dtype=dtype).to(plan.device).eval()
+        model = auto_class.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
+        model = model.to(plan.device).eval()
     if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
         chunk_mlps(model, plan.dense_projection_chunk_rows)
     return model

@@ -3,7 +3,7 @@
 Every layer has the same parameters (sliding and full attention differ in their cache only), so
 layers stream through one set of slots; the sliding-window layers' KV is held at the window by the
 engine's cache manager (``SlidingWindow`` in ollm/engine/cache_manager.py). Image-text checkpoints
-keep their decoder under ``model.language_model``; when its layers stream, the vision tower is read
+keep their decoder under ``language_model.model``; when its layers stream, the vision tower is read
 when an image request's prefill runs it and dropped after (``gemma3.vision-encoder-offload``).
 """
 
@@ -26,7 +26,7 @@ register(
         attention_pass="gemma3.sdpa-attention",
         chunked_projection_pass="gemma3.chunked-mlp",
         layer_streaming_pass="gemma3.layer-offload",
-        on_demand_modules=("model.vision_tower",),
+        on_demand_modules=("vision_tower",),  # as the files name it; the model nests it under model.
         on_demand_pass="gemma3.vision-encoder-offload",
     )
 )
