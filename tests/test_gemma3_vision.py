@@ -1,5 +1,6 @@
 """A tiny random Gemma 3 image-text checkpoint (tests/tiny_gemma3_vision.py), planned and loaded by ollm's
-real loading code, answering a chat request with an image and one without."""
+real loading code: a chat request with an image and one without, image requests batched with text
+requests, and the layers streamed with the vision tower read when it runs."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from PIL import Image
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from ollm.engine.base import stream
+from ollm.engine.batching import BatchingEngine
 from ollm.engine.loader import load_engine
 from ollm.generation import ChatMessage, ContentPart, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
 from ollm.plan import plan_model
 from ollm.settings import load_settings
 from tests.tiny_gemma3_vision import MM_TOKENS_PER_IMAGE, build
+from tests.together import submit_together
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build(tmp_path_factory.mktemp("tiny-gemma3") / "model", default_model_dir)
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> str:
@@ -29,15 +37,15 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _request(message: ChatMessage) -> GenerationRequest:
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+def _request(message: ChatMessage, max_new_tokens: int = 6) -> GenerationRequest:
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     return GenerationRequest(model="tiny-gemma3", messages=[message], sampling=sampling)
 
 
 def test_gemma3_image_text_loads_and_answers(
-    tmp_path: Path, default_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = build(tmp_path / "tiny-gemma3", default_model_dir)
+    path = checkpoint
     settings = load_settings({"runtime": {"models_dir": tmp_path / "models", "dtype": "float32"}})
     plan = plan_model(str(path), settings.runtime)
     assert plan.kind == "image-text"
@@ -80,9 +88,9 @@ def test_gemma3_image_text_loads_and_answers(
 
 
 def test_streamed_layers_and_a_vision_tower_read_when_it_runs_give_the_resident_tokens(
-    tmp_path: Path, default_model_dir: Path
+    checkpoint: Path, tmp_path: Path
 ) -> None:
-    path = build(tmp_path / "tiny-gemma3", default_model_dir)
+    path = checkpoint
     settings = load_settings({"runtime": {"models_dir": tmp_path / "models", "dtype": "float32"}})
     image = ContentPart(type="image", image=_png((20, 20, 220)))
     requests = [
@@ -109,3 +117,29 @@ def test_streamed_layers_and_a_vision_tower_read_when_it_runs_give_the_resident_
     (tower,) = model.encoders
     assert tower.reads == 1  # the image request's prefill only
     assert all(p.numel() == 0 for p in tower.module.parameters())  # dropped after it ran
+
+
+def test_image_requests_decode_in_one_batch_with_text_requests(checkpoint: Path, tmp_path: Path) -> None:
+    path = checkpoint
+    settings = load_settings({"runtime": {"models_dir": tmp_path / "models", "dtype": "float32"}})
+    engine = load_engine(plan_model(str(path), settings.runtime), settings)
+    assert isinstance(engine, BatchingEngine)
+    try:
+        red, blue = (ContentPart(type="image", image=_png(color)) for color in ((220, 20, 20), (20, 20, 220)))
+        requests = [
+            _request(ChatMessage(role="user", content=[red, ContentPart(type="text", text="what is it?")]), 12),
+            _request(ChatMessage(role="user", content="a text request beside them"), 10),
+            _request(ChatMessage(role="user", content=[blue, ContentPart(type="text", text="and this?")]), 12),
+            _request(ChatMessage(role="user", content="hello world"), 8),
+        ]
+        alone = [list(stream(engine, r))[-1] for r in requests]
+        events, largest = submit_together(engine, requests)
+        assert [_text(e[-1]) for e in events] == [_text(a) for a in alone]
+        assert largest >= 3, "the image and text requests never decoded together"
+    finally:
+        engine.close()
+
+
+def _text(event: Any) -> str:
+    assert isinstance(event, FinalEvent), event
+    return event.text
