@@ -229,7 +229,9 @@ class WorkerSettings(Section):
         "available when it starts (the device's memory on a GPU), shared by `ollm serve`'s embedded workers.",
     )
     max_loaded_models: int = Field(3, ge=0, description="Models one worker holds at once at most (0: no limit).")
-    max_batch: int = Field(16, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
+    # 32: measured on SmolLM2 (CPU, one run), 32 streams gave 1.33x the tokens/s of 16 once they
+    # batched together instead of 16 of them waiting; the KV budget still bounds what is admitted.
+    max_batch: int = Field(32, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
     max_tokens_per_step: int = Field(
         256, ge=16, description="Prompt tokens prefilled per engine step, so prefill never stalls decoding."
     )
