@@ -297,7 +297,9 @@ def _plan_memory(
     # times over while it runs: read back from its file, the keys/values handed to attention, and
     # their copy expanded to every query head (grouped-query attention with a mask repeats the KV heads).
     kv_pass = _kv_offload_pass(plan, provider, runtime)
-    resident_kv = (2 + shape.heads // max(shape.kv_heads, 1)) * kv // max(shape.layers, 1)
+    # Only full-attention layers offload; sliding-window and linear-attention layers stay in memory.
+    full_kv = (memory.kv_cache_bytes_by_layer_kind or {}).get("full_attention", 0)
+    resident_kv = (kv - full_kv) + (2 + shape.heads // max(shape.kv_heads, 1)) * full_kv // max(shape.full_layers, 1)
     if kv_pass is not None and kv_offload_wanted(memory, runtime.kv_offload, held, resident_kv):
         plan.applied_passes.append(kv_pass)
         memory.kv_offload = True

@@ -19,6 +19,7 @@ import pytest
 from bench.families import FAMILIES, WINDOW, build_tiny
 from ollm.engine.base import stream
 from ollm.engine.batching import BatchingEngine
+from ollm.engine.kv_offload import OffloadedLayer
 from ollm.engine.layer_streaming import streamer_of
 from ollm.engine.loader import load_engine
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
@@ -144,7 +145,7 @@ MOE = {"gpt-oss", "qwen3-next"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_streamed_layers_and_offloaded_experts_give_the_resident_tokens_alone_and_batched(
+def test_streamed_layers_offloaded_experts_and_kv_give_the_resident_tokens_alone_and_batched(
     family: str,
     tiny: dict[str, Path],
     alone: Callable[[str], list[tuple[str, int]]],
@@ -152,16 +153,24 @@ def test_streamed_layers_and_offloaded_experts_give_the_resident_tokens_alone_an
 ) -> None:
     settings = _settings(tmp_path_factory)
     settings.runtime.layer_streaming = "on"
+    settings.runtime.kv_offload = "on"
+    settings.runtime.kv_offload_dir = tmp_path_factory.mktemp("kv")
     plan = plan_model(str(tiny[family]), settings.runtime)
-    offload = [f"{family}.expert-offload"] if family in MOE else []
-    assert plan.backend == "optimized-native" and plan.memory.strategy == "streamed-layers"
-    assert [p for p in plan.applied_passes if p.endswith("-offload")] == [f"{family}.layer-offload", *offload]
+    experts = [f"{family}.expert-offload"] if family in MOE else []
+    assert plan.backend == "optimized-native" and plan.memory.strategy == "streamed-layers-kv-offload"
+    offloads = [f"{family}.layer-offload", *experts, f"{family}.kv-offload"]
+    assert [p for p in plan.applied_passes if p.endswith("-offload")] == offloads
     engine = load_engine(plan, settings)
     assert isinstance(engine, BatchingEngine)
     try:
         streamer = streamer_of(engine.runner.model)
         assert streamer is not None
         assert bool(streamer.experts) == (family in MOE)
+        # Full-attention layers' KV lives in the store; sliding and linear-attention layers stay in memory.
+        cache = engine.caches.new_cache()
+        offloaded = [type(layer) is OffloadedLayer for layer in cache.layers]
+        engine.caches.release(cache)
+        assert offloaded == [kind == "full_attention" for kind in engine.runner.model.config.layer_types]
         assert [_answer(list(stream(engine, r))) for r in REQUESTS[:2]] == alone(family)[:2]
         together, largest = _concurrently(engine, REQUESTS)
         assert [_answer(events) for events in together] == alone(family)

@@ -15,6 +15,7 @@ _PASSES = (
     "gemma3.chunked-mlp",
     "gemma3.layer-offload",
     "gemma3.vision-encoder-offload",
+    "gemma3.kv-offload",
 )
 
 register(
@@ -26,6 +27,7 @@ register(
         attention_pass="gemma3.sdpa-attention",
         chunked_projection_pass="gemma3.chunked-mlp",
         layer_streaming_pass="gemma3.layer-offload",
+        kv_offload_pass="gemma3.kv-offload",
         on_demand_modules=("vision_tower",),  # as the files name it; the model nests it under model.
         on_demand_pass="gemma3.vision-encoder-offload",
     )

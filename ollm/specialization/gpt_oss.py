@@ -32,25 +32,22 @@ def layer_params(layer: dict[str, TensorEntry], config: dict[str, Any]) -> Layer
     return plain if isinstance(plain, str) else params | plain
 
 
+_PASSES = (
+    "gpt-oss.mxfp4-dequant-on-load",
+    "gpt-oss.layer-offload",
+    "gpt-oss.expert-offload",
+    "gpt-oss.sliding-window-kv",
+    "gpt-oss.kv-offload",
+)
+
 register(
     SpecializationProvider(
         name="gpt-oss",
         model_types=frozenset({"gpt_oss"}),
-        pass_ids=(
-            "gpt-oss.mxfp4-dequant-on-load",
-            "gpt-oss.layer-offload",
-            "gpt-oss.expert-offload",
-            "gpt-oss.sliding-window-kv",
-        ),
-        implemented_passes=frozenset(
-            {
-                "gpt-oss.mxfp4-dequant-on-load",
-                "gpt-oss.layer-offload",
-                "gpt-oss.expert-offload",
-                "gpt-oss.sliding-window-kv",
-            }
-        ),
+        pass_ids=_PASSES,
+        implemented_passes=frozenset(_PASSES),
         layer_streaming_pass="gpt-oss.layer-offload",
+        kv_offload_pass="gpt-oss.kv-offload",
         expert_offload_pass="gpt-oss.expert-offload",
         layer_params=layer_params,
         experts_per_token_key="num_experts_per_tok",

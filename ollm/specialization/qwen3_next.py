@@ -51,6 +51,7 @@ _PASSES = (
     "qwen3-next.linear-attention-state",
     "qwen3-next.layer-offload",
     "qwen3-next.expert-offload",
+    "qwen3-next.kv-offload",
 )
 
 register(
@@ -61,6 +62,7 @@ register(
         implemented_passes=frozenset(_PASSES),
         attention_pass="qwen3-next.sdpa-attention",
         layer_streaming_pass="qwen3-next.layer-offload",
+        kv_offload_pass="qwen3-next.kv-offload",
         expert_offload_pass="qwen3-next.expert-offload",
         layer_params=layer_params,
         experts_per_token_key="num_experts_per_tok",
