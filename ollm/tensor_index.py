@@ -24,6 +24,8 @@ _RUN_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Casting reads go through a staging buffer of at most this many bytes, a piece at a time, so the
 # buffer stays small whatever the largest tensor is.
 STAGING_CHUNK_BYTES = 16 * 2**20
+# MXFP4 blocks are dequantized this many rows at a time (bounded temporaries: int64 codes, values).
+MXFP4_ROWS = 256
 # Old checkpoints saved the rotary frequencies; they are recomputed from config.json.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -181,14 +183,15 @@ class LayerLayout:
 
     def staging_bytes(self, dtype: str, device: str) -> int:
         """Reused read buffers: the largest piece that must be cast or copied to a device (at most a
-        chunk); an MXFP4 piece is read whole with its scales and dequantized beside them."""
+        chunk); an MXFP4 piece is read whole with its scales and dequantized a few rows at a time."""
         cast, mxfp4 = [0], [0]
         for layer in self.layers:
             for param in layer.values():
                 for piece in param.pieces:
                     if piece.scales is not None:
-                        rows, groups = piece.entry.shape[0], piece.entry.shape[1]
-                        mxfp4.append(piece.read_bytes() + rows * groups * 32 * RUN_BYTES[dtype])
+                        rows, groups = min(piece.entry.shape[0], MXFP4_ROWS), piece.entry.shape[1]
+                        # The blocks and scales, then per chunk of rows: int64 codes and the values.
+                        mxfp4.append(piece.read_bytes() + rows * groups * 32 * (8 + 2 * RUN_BYTES[dtype]))
                     elif piece.entry.needs_staging(dtype, device):
                         cast.append(piece.entry.nbytes)
         cast += [e.nbytes for m in self.on_demand.values() for e in m.values() if e.needs_staging(dtype, device)]

@@ -8,8 +8,10 @@ module a pre-hook looks at the router's choice, reads just those experts (positi
 experts are dequantized as they are read) into ``[chosen, ...]`` parameters, and renumbers the
 router's indices onto them. The module's own forward (transformers' code, whichever experts
 implementation it dispatches to) then runs unchanged, over the chosen experts in ascending order,
-as the resident forward runs them: the output is the same, bit for bit. The buffers are dropped
-after the forward, so at most one layer's chosen experts are in memory.
+as the resident forward runs them: the output is the same, bit for bit. The chosen experts are read
+into views of one buffer per expert parameter shape, shared by every layer (the layers run one after
+another) and allocated once: no allocation, page faults or zeroing per forward, and at most one
+layer's experts in memory.
 
 Both families' experts modules take ``(hidden_states, expert_indices, expert_weights)`` and index
 ``[experts, ...]`` parameters by expert, with their count in ``num_experts``.
@@ -34,11 +36,19 @@ class PieceFiller(Protocol):
 class ExpertOffload:
     """Reads the chosen experts of one experts module at each of its forwards."""
 
-    def __init__(self, module: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, dtype: torch.dtype):
+    def __init__(
+        self,
+        module: nn.Module,
+        params: dict[str, LayerParam],
+        filler: PieceFiller,
+        dtype: torch.dtype,
+        buffers: dict[tuple[int, ...], torch.Tensor],
+    ):
         self.module = module
         self.params = params  # attribute of the module -> its layout
         self.filler = filler
         self.dtype = dtype
+        self._buffers = buffers  # [experts, ...] shape -> the buffer every layer's experts are read into
         self.count = next(iter(params.values())).experts
         self.bytes_read = 0  # benchmarks compare it with the experts' size
         self._pieces = {
@@ -51,15 +61,21 @@ class ExpertOffload:
 
     @classmethod
     def attach(
-        cls, layer: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, dtype: torch.dtype
+        cls,
+        layer: nn.Module,
+        params: dict[str, LayerParam],
+        filler: PieceFiller,
+        dtype: torch.dtype,
+        buffers: dict[tuple[int, ...], torch.Tensor],
     ) -> list[ExpertOffload]:
-        """One offload for each experts module of ``layer`` (``params``: the layer's, by full name)."""
+        """One offload for each experts module of ``layer`` (``params``: the layer's, by full name);
+        ``buffers`` is shared by every layer's offloads."""
         modules: dict[str, dict[str, LayerParam]] = {}
         for name, param in params.items():
             if param.experts:
                 module_name, _, attribute = name.rpartition(".")
                 modules.setdefault(module_name, {})[attribute] = param
-        return [cls(layer.get_submodule(name), found, filler, dtype) for name, found in modules.items()]
+        return [cls(layer.get_submodule(name), found, filler, dtype, buffers) for name, found in modules.items()]
 
     def _read(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden, indices, *rest = args
@@ -68,7 +84,7 @@ class ExpertOffload:
         renumber[chosen] = torch.arange(len(chosen), dtype=indices.dtype, device=indices.device)
         experts = chosen.tolist()
         for name, param in self.params.items():
-            buffer = torch.empty((len(experts), *param.shape[1:]), dtype=self.dtype, device=self.filler.device)
+            buffer = self._buffer(param.shape)[: len(experts)]
             for slot, expert in enumerate(experts):
                 for piece in self._pieces[name][expert]:
                     self.filler.fill_piece(piece, buffer[slot])
@@ -77,7 +93,13 @@ class ExpertOffload:
         setattr(module, "num_experts", len(experts))  # noqa: B010 (an int on an nn.Module)
         return (hidden, renumber[indices], *rest)
 
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self._buffers:
+            self._buffers[shape] = torch.empty(shape, dtype=self.dtype, device=self.filler.device)
+        return self._buffers[shape]
+
     def _release(self) -> None:
+        """The module holds no view of the shared buffers between its forwards."""
         empty = torch.empty(0, dtype=self.dtype, device=self.filler.device)
         for name in self.params:
             setattr(self.module, name, nn.Parameter(empty, requires_grad=False))

@@ -50,7 +50,7 @@ from ollm.engine.mxfp4 import dequantize
 from ollm.engine.positioned_io import pread_full, tensor_bytes
 from ollm.errors import UnsupportedModelError
 from ollm.specialization import streaming_layout
-from ollm.tensor_index import LayerLayout, LayerParam, Piece, TensorEntry
+from ollm.tensor_index import MXFP4_ROWS, LayerLayout, LayerParam, Piece, TensorEntry
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,10 @@ class _Filler:
             scales = torch.empty(piece.scales.shape, dtype=torch.uint8)
             self.reader.read(piece.entry, tensor_bytes(blocks))
             self.reader.read(piece.scales, tensor_bytes(scales))
-            values = dequantize(blocks, scales, target.dtype)
-            target.copy_(values.reshape(values.shape[0], -1).T)
+            # A few rows at a time: dequantizing builds int64 codes, 16x the blocks' bytes.
+            for first in range(0, blocks.shape[0], MXFP4_ROWS):
+                rows = slice(first, first + MXFP4_ROWS)
+                target[:, rows].copy_(dequantize(blocks[rows], scales[rows], target.dtype).T)
             return
         if target.shape != piece.entry.shape:
             target = target[piece.row : piece.row + piece.entry.shape[0]]  # fused: this piece's rows
@@ -169,12 +171,13 @@ class LayerStreamer:
             {name: p for name, p in layer.items() if not (offload and p.experts)} for layer in layout.layers
         ]
         self.experts: list[ExpertOffload] = []
+        shared: dict[tuple[int, ...], torch.Tensor] = {}  # the experts' read buffers, one per shape
         for number, layer in enumerate(layers):
             for name, view in self._slots[self._slot_of_layer[number]].items():
                 module_name, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(module_name), attribute, nn.Parameter(view, requires_grad=False))
             if expert_filler is not None:
-                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, dtype)
+                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, dtype, shared)
         self._holds = [-1] * len(self._slots)  # which layer each slot holds now (-1: none, or being filled)
         self._pending: dict[int, Future[None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollm-layer-fill")
