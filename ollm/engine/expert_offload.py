@@ -30,6 +30,8 @@ from ollm.tensor_index import LayerParam, Piece, TensorEntry
 class PieceFiller(Protocol):
     device: torch.device
 
+    def after_compute(self) -> None: ...
+
     def fill_piece(self, piece: Piece, target: torch.Tensor) -> None: ...
 
 
@@ -83,6 +85,7 @@ class ExpertOffload:
         renumber = torch.zeros(self.count, dtype=indices.dtype, device=indices.device)
         renumber[chosen] = torch.arange(len(chosen), dtype=indices.dtype, device=indices.device)
         experts = chosen.tolist()
+        self.filler.after_compute()  # the previous layer's experts may still be computing from the buffer
         for name, param in self.params.items():
             buffer = self._buffer(param.shape)[: len(experts)]
             for slot, expert in enumerate(experts):
@@ -128,6 +131,7 @@ class ModuleOffload:
         module.register_forward_hook(lambda *_: self._release())
 
     def _read(self) -> None:
+        self.filler.after_compute()  # its memory may come from tensors the queued compute still reads
         for name, entry in self.tensors.items():
             tensor = torch.empty(entry.shape, dtype=self.dtype, device=self.filler.device)
             self.filler.fill(entry, tensor)

@@ -119,6 +119,11 @@ class _Filler:
             # The next piece reuses the pinned buffer: wait until this copy has read it.
             self.copy_stream.synchronize()
 
+    def after_compute(self) -> None:
+        """On CUDA, the next copies wait for the compute queued so far (it may still read the target)."""
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
     def fill_piece(self, piece: Piece, target: torch.Tensor) -> None:
         """``target`` (the parameter, or its expert's slice) := what ``piece`` holds for it."""
         if piece.scales is not None:
