@@ -9,7 +9,7 @@ MODELS_STAMP := $(VENV)/.models-stamp
 # Test processes (pytest-xdist); each starts its own session stacks (redis-server, real and echo stacks).
 TEST_WORKERS ?= 2
 
-.PHONY: dev serve test lint bench clean
+.PHONY: dev serve test lint bench bench-memory clean
 
 dev: $(MODELS_STAMP)
 
@@ -42,6 +42,13 @@ lint: dev
 
 bench: dev
 	$(BIN)/python -m bench.run
+
+# Each family's 2 GB checkpoint under a quarter of its size: peak RSS, decode at 1 and 16 streams, the
+# greedy text against the resident model (about 5 minutes a family; docs/memory.md).
+bench-memory: dev
+	for family in llama gemma3 gpt-oss qwen3-next; do \
+		$(BIN)/python -m bench.layer_streaming --family $$family --budget 512MiB --text-check || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV)
