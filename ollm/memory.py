@@ -313,6 +313,11 @@ class MemoryPlan(BaseModel):
     expert_buffer_bytes: int | None = Field(
         None, description="Expert offload: the most read at once (every expert of one layer, on a long prefill)."
     )
+    expert_cache_bytes: int | None = Field(
+        None,
+        description="Expert offload: recently used experts kept ready (dequantized) with what the budget has room "
+        "for beside the rest, less a margin; counted in expected_peak_bytes.",
+    )
     expert_bytes_per_token: int | None = Field(
         None, description="Expert offload: bytes one decoded token reads (the router's top-k of every layer)."
     )

@@ -308,6 +308,7 @@ def _plan_memory(
         memory.fits = memory.expected_peak_bytes <= budget
     if memory.fits:
         memory.strategy = _strategy(memory.layer_streaming, memory.kv_offload)
+        cache_text = _plan_expert_cache(memory, budget)
         if memory.layer_streaming or memory.kv_offload:
             kv_text = (
                 f"KV cache for {tokens} tokens {human(kv)} on disk, {human(resident_kv)} of it in memory"
@@ -323,7 +324,7 @@ def _plan_memory(
                 if on
             )
             memory.reason = (
-                f"{how}: {weights_text}; {kv_text}; activations {human(activations)}: expected peak "
+                f"{how}: {weights_text}; {kv_text}; activations {human(activations)}{cache_text}: expected peak "
                 f"{human(memory.expected_peak_bytes)}, within the budget of {human(budget)} ({memory.budget_source})"
             )
         return
@@ -444,6 +445,21 @@ def _plan_streaming(
     # Experts and an encoder are never read at once: the encoder runs before the decoder layers.
     on_compute = max(memory.expert_buffer_bytes or 0, memory.encoder_bytes or 0)
     return memory.resident_weights_bytes + memory.slots_bytes + memory.staging_bytes + on_compute
+
+
+# What the expert cache leaves of the budget: the MoE peaks measured up to 177 MiB above the plan
+# (docs/memory.md), so the cache never takes the last of it.
+EXPERT_CACHE_MARGIN = 256 * 2**20
+
+
+def _plan_expert_cache(memory: MemoryPlan, budget: int) -> str:
+    """With expert offload, what the budget has room for beside the rest keeps recently used experts."""
+    if not memory.expert_offload or memory.expected_peak_bytes is None:
+        return ""
+    room = budget - memory.expected_peak_bytes - EXPERT_CACHE_MARGIN
+    memory.expert_cache_bytes = min(memory.experts_bytes or 0, max(room, 0))
+    memory.expected_peak_bytes += memory.expert_cache_bytes
+    return f"; recently used experts cached: {human(memory.expert_cache_bytes)}" if memory.expert_cache_bytes else ""
 
 
 def _weights_text(memory: MemoryPlan, weights: int) -> str:

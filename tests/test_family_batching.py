@@ -185,9 +185,14 @@ def test_a_decoded_token_reads_the_routers_top_k_experts_of_each_layer(
 ) -> None:
     settings = _settings(tmp_path_factory)
     settings.runtime.layer_streaming = "on"
+    roomy = plan_model(str(tiny[family]), settings.runtime).memory
+    assert roomy.expected_peak_bytes and roomy.expert_cache_bytes is not None
+    # A budget with no room for the expert cache beside the rest: every step reads its experts.
+    settings.runtime.memory_budget = roomy.expected_peak_bytes - roomy.expert_cache_bytes + 2**20
     plan = plan_model(str(tiny[family]), settings.runtime)
     memory = plan.memory
     assert memory.expert_offload and memory.experts_bytes and memory.expert_bytes_per_token
+    assert memory.expert_cache_bytes == 0
     # tiny: 4 experts, top-2 in each of 4 layers, so a token reads half of the experts' bytes.
     assert memory.expert_bytes_per_token * 2 == memory.experts_bytes
     engine = load_engine(plan, settings)
@@ -294,6 +299,35 @@ def test_the_kv_budget_counts_the_padding_of_mixed_prompt_lengths(
         assert all(isinstance(c.events[-1], FinalEvent) for c in [long, *shorts])
         # Counting prompt + max tokens per row (10 for a short one) would have let all 8 in.
         assert 2 <= largest_beside_long <= 4
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_with_room_in_the_budget_used_experts_are_cached_and_not_read_again(
+    family: str, tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory)
+    settings.runtime.layer_streaming = "on"
+    plan = plan_model(str(tiny[family]), settings.runtime)  # auto: gigabytes of room beside a tiny model
+    assert plan.memory.expert_cache_bytes == plan.memory.experts_bytes
+    assert plan.memory.reason is not None and "recently used experts cached" in plan.memory.reason
+    engine = load_engine(plan, settings)
+    try:
+        streamer = streamer_of(engine.runner.model)  # type: ignore[attr-defined]
+        assert streamer is not None
+
+        def run() -> tuple[str, int]:
+            before = sum(offload.bytes_read for offload in streamer.experts)
+            final = list(stream(engine, _request(9, 6)))[-1]
+            assert isinstance(final, FinalEvent)
+            return final.text, sum(offload.bytes_read for offload in streamer.experts) - before
+
+        first, read = run()
+        again, read_again = run()
+        assert read > 0 and read_again == 0  # the same prompt picks the same experts: all cached
+        assert again == first and streamer.expert_store.hits > 0
+        assert streamer.expert_store.cached_bytes <= plan.memory.expert_cache_bytes
     finally:
         engine.close()
 

@@ -11,7 +11,9 @@ implementation it dispatches to) then runs unchanged, over the chosen experts in
 as the resident forward runs them: the output is the same, bit for bit. The chosen experts are read
 into views of one buffer per expert parameter shape, shared by every layer (the layers run one after
 another) and allocated once: no allocation, page faults or zeroing per forward, and at most one
-layer's experts in memory.
+layer's experts in memory. When the memory plan leaves room beside the rest (``expert_cache_bytes``),
+recently used experts are also kept, ready (dequantized), in a least-recently-used cache: a hit is a
+copy instead of a read and, for MXFP4, a dequantization.
 
 Both families' experts modules take ``(hidden_states, expert_indices, expert_weights)`` and index
 ``[experts, ...]`` parameters by expert, with their count in ``num_experts``.
@@ -19,6 +21,7 @@ Both families' experts modules take ``(hidden_states, expert_indices, expert_wei
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import torch
@@ -35,22 +38,55 @@ class PieceFiller(Protocol):
     def fill_piece(self, piece: Piece, target: torch.Tensor) -> None: ...
 
 
+class ExpertStore:
+    """What every layer's expert offload shares: the read buffers and the cache of recent experts."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, cache_bytes: int) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
+        self.hits = 0  # experts served from the cache (tests and benchmarks look at it)
+        self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cache: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+
+    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The ``[experts, ...]`` buffer of this shape, allocated on first use."""
+        if shape not in self._buffers:
+            self._buffers[shape] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._buffers[shape]
+
+    def cached(self, key: tuple[int, str, int]) -> torch.Tensor | None:
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def keep(self, key: tuple[int, str, int], tensor: torch.Tensor) -> None:
+        """Cache a copy of ``tensor``, evicting the least recently used experts to make room."""
+        size = tensor.nbytes
+        if size > self.cache_bytes:
+            return
+        while self.cached_bytes + size > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self.cached_bytes -= evicted.nbytes
+        self._cache[key] = tensor.clone()
+        self.cached_bytes += size
+
+
 class ExpertOffload:
     """Reads the chosen experts of one experts module at each of its forwards."""
 
     def __init__(
-        self,
-        module: nn.Module,
-        params: dict[str, LayerParam],
-        filler: PieceFiller,
-        dtype: torch.dtype,
-        buffers: dict[tuple[int, ...], torch.Tensor],
+        self, module: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore, key: int
     ):
         self.module = module
         self.params = params  # attribute of the module -> its layout
         self.filler = filler
-        self.dtype = dtype
-        self._buffers = buffers  # [experts, ...] shape -> the buffer every layer's experts are read into
+        self.dtype = store.dtype
+        self.store = store
+        self.key = key  # this module's place in the store's cache keys
         self.count = next(iter(params.values())).experts
         self.bytes_read = 0  # benchmarks compare it with the experts' size
         self._pieces = {
@@ -63,21 +99,19 @@ class ExpertOffload:
 
     @classmethod
     def attach(
-        cls,
-        layer: nn.Module,
-        params: dict[str, LayerParam],
-        filler: PieceFiller,
-        dtype: torch.dtype,
-        buffers: dict[tuple[int, ...], torch.Tensor],
+        cls, layer: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore, first_key: int
     ) -> list[ExpertOffload]:
-        """One offload for each experts module of ``layer`` (``params``: the layer's, by full name);
-        ``buffers`` is shared by every layer's offloads."""
+        """One offload for each experts module of ``layer`` (``params``: the layer's, by full name),
+        keyed from ``first_key`` on in the ``store`` every layer shares."""
         modules: dict[str, dict[str, LayerParam]] = {}
         for name, param in params.items():
             if param.experts:
                 module_name, _, attribute = name.rpartition(".")
                 modules.setdefault(module_name, {})[attribute] = param
-        return [cls(layer.get_submodule(name), found, filler, dtype, buffers) for name, found in modules.items()]
+        return [
+            cls(layer.get_submodule(name), found, filler, store, first_key + number)
+            for number, (name, found) in enumerate(modules.items())
+        ]
 
     def _read(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden, indices, *rest = args
@@ -87,19 +121,20 @@ class ExpertOffload:
         experts = chosen.tolist()
         self.filler.after_compute()  # the previous layer's experts may still be computing from the buffer
         for name, param in self.params.items():
-            buffer = self._buffer(param.shape)[: len(experts)]
+            buffer = self.store.buffer(param.shape)[: len(experts)]
             for slot, expert in enumerate(experts):
+                key = (self.key, name, expert)
+                hit = self.store.cached(key)
+                if hit is not None:
+                    buffer[slot].copy_(hit)
+                    continue
                 for piece in self._pieces[name][expert]:
                     self.filler.fill_piece(piece, buffer[slot])
                     self.bytes_read += piece.read_bytes()
+                self.store.keep(key, buffer[slot])
             setattr(module, name, nn.Parameter(buffer, requires_grad=False))
         setattr(module, "num_experts", len(experts))  # noqa: B010 (an int on an nn.Module)
         return (hidden, renumber[indices], *rest)
-
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if shape not in self._buffers:
-            self._buffers[shape] = torch.empty(shape, dtype=self.dtype, device=self.filler.device)
-        return self._buffers[shape]
 
     def _release(self) -> None:
         """The module holds no view of the shared buffers between its forwards."""

@@ -45,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-from ollm.engine.expert_offload import ExpertOffload, ModuleOffload
+from ollm.engine.expert_offload import ExpertOffload, ExpertStore, ModuleOffload
 from ollm.engine.mxfp4 import dequantize
 from ollm.engine.positioned_io import pread_full, tensor_bytes
 from ollm.errors import UnsupportedModelError
@@ -158,6 +158,7 @@ class LayerStreamer:
         dtype: torch.dtype,
         slots: int,
         expert_filler: _Filler | None = None,
+        expert_cache_bytes: int = 0,
     ) -> None:
         self.layers = layers
         self.layout = layout
@@ -176,13 +177,14 @@ class LayerStreamer:
             {name: p for name, p in layer.items() if not (offload and p.experts)} for layer in layout.layers
         ]
         self.experts: list[ExpertOffload] = []
-        shared: dict[tuple[int, ...], torch.Tensor] = {}  # the experts' read buffers, one per shape
+        self.expert_store = ExpertStore(dtype, filler.device, expert_cache_bytes)
         for number, layer in enumerate(layers):
             for name, view in self._slots[self._slot_of_layer[number]].items():
                 module_name, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(module_name), attribute, nn.Parameter(view, requires_grad=False))
             if expert_filler is not None:
-                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, dtype, shared)
+                store, first = self.expert_store, len(self.experts)
+                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, store, first)
         self._holds = [-1] * len(self._slots)  # which layer each slot holds now (-1: none, or being filled)
         self._pending: dict[int, Future[None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollm-layer-fill")
@@ -308,6 +310,7 @@ def load_streamed(
     slots: int = 2,
     attn_implementation: str | None = None,
     auto_class: Any = AutoModelForCausalLM,
+    expert_cache_bytes: int = 0,
 ) -> PreTrainedModel:
     """A causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
@@ -344,7 +347,7 @@ def load_streamed(
         # background: they have their own staging buffer.
         on_compute = layout.has_experts() or bool(layout.on_demand)
         side = _Filler(reader, target, layout.staging_bytes(run, target.type)) if on_compute else None
-        return _assemble(path, model, layout, filler, dtype, slots, side)
+        return _assemble(path, model, layout, filler, dtype, slots, side, expert_cache_bytes)
     except BaseException:
         # Until the model owns the streamer (and its finalizer closes the files), this does.
         reader.close()
@@ -381,6 +384,7 @@ def _assemble(
     dtype: torch.dtype,
     slots: int,
     side: _Filler | None,
+    expert_cache_bytes: int,
 ) -> PreTrainedModel:
     """Read the resident tensors, bind the layers to the streamer, and hand the files to the model."""
     target = filler.device
@@ -399,7 +403,8 @@ def _assemble(
     if side is not None:
         model.encoders = [ModuleOffload(model.get_submodule(m), t, side, dtype) for m, t in layout.on_demand.items()]
     experts = side if layout.has_experts() else None
-    streamer = LayerStreamer(model.get_submodule(layout.layers_module), layout, filler, dtype, slots, experts)
+    layers = model.get_submodule(layout.layers_module)
+    streamer = LayerStreamer(layers, layout, filler, dtype, slots, experts, expert_cache_bytes)
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         streamer.close()

@@ -228,7 +228,8 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.kind == "causal-lm":
         attention = _attention(plan)
         if plan.memory.layer_streaming:
-            model = load_streamed(plan.path, dtype, plan.device, plan.memory.stream_slots or 2, attention)
+            slots, cache = plan.memory.stream_slots or 2, plan.memory.expert_cache_bytes or 0
+            model = load_streamed(plan.path, dtype, plan.device, slots, attention, expert_cache_bytes=cache)
         else:
             loaded = AutoModelForCausalLM.from_pretrained(
                 plan.path, dtype=dtype, attn_implementation=attention, **_dequantizing(plan)
@@ -300,7 +301,8 @@ def _multimodal_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) ->
     attention = _attention(plan)
     if plan.memory.layer_streaming:
         slots = plan.memory.stream_slots or 2
-        model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class)
+        cache = plan.memory.expert_cache_bytes or 0
+        model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class, cache)
     else:
         model = auto_class.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
         model = model.to(plan.device).eval()
