@@ -315,7 +315,7 @@ class MemoryPlan(BaseModel):
     )
     expert_cache_bytes: int | None = Field(
         None,
-        description="Expert offload: recently used experts kept ready (dequantized) with what the budget has room "
+        description="Expert offload: the first experts used, kept ready (dequantized) in what the budget has room "
         "for beside the rest, less a margin; counted in expected_peak_bytes.",
     )
     expert_bytes_per_token: int | None = Field(

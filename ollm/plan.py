@@ -453,13 +453,13 @@ EXPERT_CACHE_MARGIN = 256 * 2**20
 
 
 def _plan_expert_cache(memory: MemoryPlan, budget: int) -> str:
-    """With expert offload, what the budget has room for beside the rest keeps recently used experts."""
+    """With expert offload, what the budget has room for beside the rest keeps the first experts used."""
     if not memory.expert_offload or memory.expected_peak_bytes is None:
         return ""
     room = budget - memory.expected_peak_bytes - EXPERT_CACHE_MARGIN
     memory.expert_cache_bytes = min(memory.experts_bytes or 0, max(room, 0))
     memory.expected_peak_bytes += memory.expert_cache_bytes
-    return f"; recently used experts cached: {human(memory.expert_cache_bytes)}" if memory.expert_cache_bytes else ""
+    return f"; experts cached as they are used: {human(memory.expert_cache_bytes)}" if memory.expert_cache_bytes else ""
 
 
 def _weights_text(memory: MemoryPlan, weights: int) -> str:

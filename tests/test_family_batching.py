@@ -311,7 +311,7 @@ def test_with_room_in_the_budget_used_experts_are_cached_and_not_read_again(
     settings.runtime.layer_streaming = "on"
     plan = plan_model(str(tiny[family]), settings.runtime)  # auto: gigabytes of room beside a tiny model
     assert plan.memory.expert_cache_bytes == plan.memory.experts_bytes
-    assert plan.memory.reason is not None and "recently used experts cached" in plan.memory.reason
+    assert plan.memory.reason is not None and "experts cached as they are used" in plan.memory.reason
     engine = load_engine(plan, settings)
     try:
         streamer = streamer_of(engine.runner.model)  # type: ignore[attr-defined]
