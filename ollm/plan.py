@@ -27,7 +27,7 @@ from ollm.memory import (
 from ollm.references import ModelReference
 from ollm.settings import Quantization, RuntimeSettings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers, streaming_layout
-from ollm.tensor_index import LayerLayout, index_tensors
+from ollm.tensor_index import LayerLayout
 
 __all__ = ["ModelKind", "RuntimePlan", "SupportLevel", "plan_model"]
 
@@ -211,28 +211,13 @@ def _choose_backend(plan: RuntimePlan, provider: SpecializationProvider | None, 
         plan.fallback_reason = (
             f"{provider.name} provider passes {provider.missing_passes()} are not implemented yet; "
             "running transformers-generic"
-        ) + _encoder_note(plan)
+        )
     else:
         plan.specialization_state = "applied"
         plan.support_level = "optimized"
         plan.backend = "optimized-native"
         if provider.attention_pass is not None:
             plan.applied_passes.insert(0, provider.attention_pass)
-
-
-def _encoder_note(plan: RuntimePlan) -> str:
-    """For audio-text models: what stays resident without the passes, in bytes read from the file headers."""
-    if plan.kind != "audio-text" or plan.path is None:
-        return ""
-    tensors = index_tensors(plan.path)
-    encoder = sum(
-        t.run_bytes(plan.dtype) for name, t in tensors.items() if "audio_tower" in name or "projector" in name
-    )
-    total = sum(t.run_bytes(plan.dtype) for t in tensors.values())
-    return (
-        f"; the audio encoder and projector ({human(encoder)}) stay resident beside the "
-        f"decoder ({human(total - encoder)}) for the model's whole life, and the decoder's layers cannot stream"
-    )
 
 
 def _plan_memory(
