@@ -34,10 +34,15 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    blocks = blocks.to(torch.uint8)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).to(torch.int64)  # [..., G, 16, 2]
-    values = lut[codes].flatten(-2)  # [..., G, 32]
-    exponents = scales.to(torch.int32).unsqueeze(-1) - _SCALE_BIAS
+    # A byte's two values at once (low nibble first): one lookup per byte, not per value.
+    pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)
+    values = pairs[blocks.to(torch.int64)].flatten(-2)  # [..., G, 32]
+    powers = torch.exp2(scales.to(torch.float32) - _SCALE_BIAS).to(dtype).unsqueeze(-1)
+    if bool(torch.isfinite(powers).all()) and bool((powers >= torch.finfo(dtype).tiny).all()):
+        # Multiplying by a power of two is exact, and twice as fast as ldexp (measured on CPU): expert
+        # offload dequantizes the chosen experts at every step.
+        return (values * powers).flatten(-2)
+    exponents = scales.to(torch.int32).unsqueeze(-1) - _SCALE_BIAS  # beyond the dtype's normal range
     return torch.ldexp(values, exponents).flatten(-2)
 
 
