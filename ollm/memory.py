@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from ollm.errors import SettingsError
-from ollm.tensor_index import RUN_BYTES, read_header
+from ollm.tensor_index import MXFP4_BLOCKS, MXFP4_SCALES, RUN_BYTES, read_header, text_config
 
 DTYPE_BYTES = RUN_BYTES
 # safetensors dtype -> bytes per element; floating tensors are cast to the run dtype on load.
@@ -24,7 +24,6 @@ _SAFETENSORS_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
 }  # fmt: skip
 _FLOATING = {"F64", "F32", "F16", "BF16"}
-_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -164,9 +163,9 @@ def safetensors_weight_bytes(path: Path, dtype: str) -> int | None:
                 continue
             kind = entry["dtype"]
             size = run_bytes if kind in _FLOATING else _SAFETENSORS_BYTES.get(kind, 4)
-            if name.endswith(_MXFP4_BLOCKS) and kind == "U8":
+            if name.endswith(MXFP4_BLOCKS) and kind == "U8":
                 size = 2 * run_bytes  # two 4-bit values a byte, dequantized on load (gpt-oss experts)
-            elif name.endswith(_MXFP4_SCALES) and kind == "U8":
+            elif name.endswith(MXFP4_SCALES) and kind == "U8":
                 size = 0  # folded into the dequantized values
             total += prod(entry["shape"]) * size
     return total
@@ -191,8 +190,7 @@ class TextShape(BaseModel):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TextShape | None:
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        assert isinstance(text, dict)
+        text = text_config(config)
         try:
             layers = int(text["num_hidden_layers"])
             hidden = int(text["hidden_size"])
@@ -231,13 +229,12 @@ class TextShape(BaseModel):
     def kv_bytes_by_kind(self, tokens: int, dtype: str) -> dict[str, int]:
         """``kv_bytes`` by layer kind (the names of config.json's layer_types), kinds present only."""
         per_column = 2 * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]
-        kinds = {
-            "full_attention": self.full_layers * tokens * per_column,
-            "sliding_attention": self.sliding_layers * min(tokens, self.window) * per_column,
-            "linear_attention": self.linear_layers * self.linear_state * DTYPE_BYTES[dtype],
+        per_layer = {
+            "full_attention": (self.full_layers, tokens * per_column),
+            "sliding_attention": (self.sliding_layers, min(tokens, self.window) * per_column),
+            "linear_attention": (self.linear_layers, self.linear_state * DTYPE_BYTES[dtype]),
         }
-        counts = {"full_attention": self.full_layers, "sliding_attention": self.sliding_layers}
-        return {kind: size for kind, size in kinds.items() if counts.get(kind, self.linear_layers)}
+        return {kind: count * size for kind, (count, size) in per_layer.items() if count}
 
     def activation_bytes(self, prefill_tokens: int, context: int, chunk_rows: int, batch: int, dtype: str) -> int:
         """The largest transient set of one forward: a prefill chunk of ``prefill_tokens`` tokens."""

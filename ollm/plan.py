@@ -267,7 +267,7 @@ def _plan_memory(
     assert budget is not None
     held = weights
     if isinstance(layout, LayerLayout) and (forced or weights + activations > budget):
-        assert provider is not None and provider.layer_streaming_pass is not None
+        assert provider is not None
         held = _plan_streaming(plan, provider, layout, plan.dtype, plan.device)
         if plan.quantization != "none":
             # Streamed layers are read in the run dtype: packed streaming is not implemented yet.
@@ -410,7 +410,8 @@ def _plan_streaming(
     """Fill in the streamed parts (and offloaded experts); returns the weights held at once."""
     memory = plan.memory
     memory.layer_streaming = True
-    plan.applied_passes.append(provider.layer_streaming_pass or "")
+    assert provider.layer_streaming_pass is not None  # a layout exists only for a family that streams
+    plan.applied_passes.append(provider.layer_streaming_pass)
     experts = layout.has_experts()
     if experts and provider.expert_offload_pass is not None:
         plan.applied_passes.append(provider.expert_offload_pass)

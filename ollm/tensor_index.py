@@ -26,6 +26,8 @@ _RUN_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 STAGING_CHUNK_BYTES = 16 * 2**20
 # MXFP4 blocks are dequantized this many rows at a time (bounded temporaries: int64 codes, values).
 MXFP4_ROWS = 256
+# An MXFP4 tensor <name> is two in the files (gpt-oss's experts): its packed values and their scales.
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 # Old checkpoints saved the rotary frequencies; they are recomputed from config.json.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -52,6 +54,12 @@ class TensorEntry:
         return TensorEntry(
             f"{self.name}[{number}]", self.file, self.offset + number * size, size, self.dtype, self.shape[1:]
         )
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's part of a config.json: its ``text_config`` (image-text, audio-text), else itself."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
 
 
 def read_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -134,10 +142,13 @@ class LayerLayout:
         """The largest on-demand module: the most of them held at once (one runs at a time)."""
         return max((sum(e.run_bytes(dtype) for e in m.values()) for m in self.on_demand.values()), default=0)
 
+    def slot_params(self, number: int, offload_experts: bool) -> LayerParams:
+        """What a slot holds of layer ``number``: its parameters, the experts left out when offloaded."""
+        return {name: p for name, p in self.layers[number].items() if not (offload_experts and p.experts)}
+
     def signature(self, number: int, offload_experts: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """What a slot for layer ``number`` holds: its slot-bound parameters' names and shapes."""
-        layer = self.layers[number]
-        return tuple((name, p.shape) for name, p in sorted(layer.items()) if not (offload_experts and p.experts))
+        """The slot-bound parameters' names and shapes: layers with the same one share slots."""
+        return tuple((name, p.shape) for name, p in sorted(self.slot_params(number, offload_experts).items()))
 
     def kinds(self, offload_experts: bool) -> dict[tuple[tuple[str, tuple[int, ...]], ...], list[int]]:
         """The layers of each shape, in order."""
@@ -148,18 +159,24 @@ class LayerLayout:
 
     def layer_bytes(self, dtype: str, offload_experts: bool) -> int:
         """One slot of each kind of layer (the experts left out when they are offloaded)."""
-        return sum(
-            sum(p.run_bytes(dtype) for p in self.layers[numbers[0]].values() if not (offload_experts and p.experts))
-            for numbers in self.kinds(offload_experts).values()
-        )
+        return self.slot_bytes(dtype, 1, offload_experts)
 
     def slot_bytes(self, dtype: str, slots: int, offload_experts: bool) -> int:
         """Every slot: ``slots`` of each kind of layer (fewer when a kind has fewer layers)."""
-        return sum(
-            min(slots, len(numbers))
-            * sum(p.run_bytes(dtype) for p in self.layers[numbers[0]].values() if not (offload_experts and p.experts))
-            for numbers in self.kinds(offload_experts).values()
-        )
+        total = 0
+        for numbers in self.kinds(offload_experts).values():
+            one = sum(p.run_bytes(dtype) for p in self.slot_params(numbers[0], offload_experts).values())
+            total += min(slots, len(numbers)) * one
+        return total
+
+    def files(self) -> set[Path]:
+        """Every file a tensor of the layout is in: the files streaming keeps open."""
+        entries = [*self.resident.values(), *(e for module in self.on_demand.values() for e in module.values())]
+        for layer in self.layers:
+            for param in layer.values():
+                for piece in param.pieces:
+                    entries += [piece.entry] + ([piece.scales] if piece.scales else [])
+        return {entry.file for entry in entries}
 
     def has_experts(self) -> bool:
         return any(p.experts for layer in self.layers for p in layer.values())
@@ -190,8 +207,8 @@ class LayerLayout:
                 for piece in param.pieces:
                     if piece.scales is not None:
                         rows, groups = min(piece.entry.shape[0], MXFP4_ROWS), piece.entry.shape[1]
-                        # The blocks and scales, then per chunk of rows: int64 codes and the values.
-                        mxfp4.append(piece.read_bytes() + rows * groups * 32 * (8 + 2 * RUN_BYTES[dtype]))
+                        # The blocks and scales, then per chunk of rows: an int64 index a byte, and the values twice.
+                        mxfp4.append(piece.read_bytes() + rows * groups * (16 * 8 + 32 * 2 * RUN_BYTES[dtype]))
                     elif piece.entry.needs_staging(dtype, device):
                         cast.append(piece.entry.nbytes)
         cast += [e.nbytes for m in self.on_demand.values() for e in m.values() if e.needs_staging(dtype, device)]
@@ -232,8 +249,7 @@ def decoder_layout(
 
     ``layer_params`` is the family's map from a layer's tensors in the files to its parameters;
     tensors under an ``on_demand`` module (an image or audio encoder) are read when it runs."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    assert isinstance(text, dict)
+    text = text_config(config)
     try:
         count = int(text["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):

@@ -53,7 +53,7 @@ class ExpertStore:
         self.cached_bytes = 0
         self.hits = 0  # experts served from the cache (tests and benchmarks look at it)
         self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
-        self._cache: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._cache: dict[tuple[int, str, int], torch.Tensor] = {}  # (module's id, parameter, expert)
 
     def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The ``[experts, ...]`` buffer of this shape, allocated on first use."""
@@ -77,15 +77,12 @@ class ExpertStore:
 class ExpertOffload:
     """Reads the chosen experts of one experts module at each of its forwards."""
 
-    def __init__(
-        self, module: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore, key: int
-    ):
+    def __init__(self, module: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore):
         self.module = module
         self.params = params  # attribute of the module -> its layout
         self.filler = filler
         self.dtype = store.dtype
         self.store = store
-        self.key = key  # this module's place in the store's cache keys
         self.count = next(iter(params.values())).experts
         self.bytes_read = 0  # benchmarks compare it with the experts' size
         self._pieces = {
@@ -98,19 +95,16 @@ class ExpertOffload:
 
     @classmethod
     def attach(
-        cls, layer: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore, first_key: int
+        cls, layer: nn.Module, params: dict[str, LayerParam], filler: PieceFiller, store: ExpertStore
     ) -> list[ExpertOffload]:
         """One offload for each experts module of ``layer`` (``params``: the layer's, by full name),
-        keyed from ``first_key`` on in the ``store`` every layer shares."""
+        sharing the ``store`` with every layer."""
         modules: dict[str, dict[str, LayerParam]] = {}
         for name, param in params.items():
             if param.experts:
                 module_name, _, attribute = name.rpartition(".")
                 modules.setdefault(module_name, {})[attribute] = param
-        return [
-            cls(layer.get_submodule(name), found, filler, store, first_key + number)
-            for number, (name, found) in enumerate(modules.items())
-        ]
+        return [cls(layer.get_submodule(name), found, filler, store) for name, found in modules.items()]
 
     def _read(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden, indices, *rest = args
@@ -122,7 +116,7 @@ class ExpertOffload:
         for name, param in self.params.items():
             buffer = self.store.buffer(param.shape)[: len(experts)]
             for slot, expert in enumerate(experts):
-                key = (self.key, name, expert)
+                key = (id(self.module), name, expert)
                 hit = self.store.cached(key)
                 if hit is not None:
                     buffer[slot].copy_(hit)

@@ -132,7 +132,7 @@ class _Filler:
             scales = torch.empty(piece.scales.shape, dtype=torch.uint8)
             self.reader.read(piece.entry, tensor_bytes(blocks))
             self.reader.read(piece.scales, tensor_bytes(scales))
-            # A few rows at a time: dequantizing builds int64 codes, 16x the blocks' bytes.
+            # A few rows at a time: dequantizing builds an int64 index, 8x the blocks' bytes.
             for first in range(0, blocks.shape[0], MXFP4_ROWS):
                 rows = slice(first, first + MXFP4_ROWS)
                 target[:, rows].copy_(dequantize(blocks[rows], scales[rows], target.dtype).T)
@@ -169,13 +169,11 @@ class LayerStreamer:
         for numbers in layout.kinds(offload).values():
             count = max(1, min(slots, len(numbers)))
             first = len(self._slots)
-            shapes = {name: p for name, p in layout.layers[numbers[0]].items() if not (offload and p.experts)}
+            shapes = layout.slot_params(numbers[0], offload)
             self._slots += [self._slot(shapes, dtype, filler.device) for _ in range(count)]
             for position, number in enumerate(numbers):
                 self._slot_of_layer[number] = first + position % count
-        self._params = [
-            {name: p for name, p in layer.items() if not (offload and p.experts)} for layer in layout.layers
-        ]
+        self._params = [layout.slot_params(number, offload) for number in range(len(layout.layers))]
         self.experts: list[ExpertOffload] = []
         self.expert_store = ExpertStore(dtype, filler.device, expert_cache_bytes)
         for number, layer in enumerate(layers):
@@ -183,8 +181,7 @@ class LayerStreamer:
                 module_name, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(module_name), attribute, nn.Parameter(view, requires_grad=False))
             if expert_filler is not None:
-                store, first = self.expert_store, len(self.experts)
-                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, store, first)
+                self.experts += ExpertOffload.attach(layer, layout.layers[number], expert_filler, self.expert_store)
         self._holds = [-1] * len(self._slots)  # which layer each slot holds now (-1: none, or being filled)
         self._pending: dict[int, Future[None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollm-layer-fill")
@@ -335,11 +332,7 @@ def load_streamed(
                 f"cannot stream the layers of {path}: layer {number}'s tensors in the files {sorted(mapped.items())} "
                 f"are not the model's {sorted(built.items())}"
             )
-    tensors = [p.entry for layer in layout.layers for param in layer.values() for p in param.pieces]
-    files = {entry.file for entry in [*layout.resident.values(), *tensors]}
-    files |= {p.scales.file for layer in layout.layers for param in layer.values() for p in param.pieces if p.scales}
-    files |= {entry.file for module in layout.on_demand.values() for entry in module.values()}
-    reader = _Reader(files)
+    reader = _Reader(layout.files())
     try:
         run = _RUN_NAMES[dtype]
         filler = _Filler(reader, target, layout.staging_bytes(run, target.type))

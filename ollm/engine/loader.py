@@ -226,20 +226,8 @@ def load_engine(plan: RuntimePlan, settings: Settings) -> Engine:
     if plan.memory.refuses_load():
         raise MemoryBudgetError(f"cannot load {plan.reference}: {plan.memory.reason}")
     if plan.kind == "causal-lm":
-        attention = _attention(plan)
-        if plan.memory.layer_streaming:
-            slots, cache = plan.memory.stream_slots or 2, plan.memory.expert_cache_bytes or 0
-            model = load_streamed(plan.path, dtype, plan.device, slots, attention, expert_cache_bytes=cache)
-        else:
-            loaded = AutoModelForCausalLM.from_pretrained(
-                plan.path, dtype=dtype, attn_implementation=attention, **_dequantizing(plan)
-            )
-            model = loaded.to(plan.device).eval()  # type: ignore[arg-type]
-        if plan.quantization != "none":
-            quantize_weights(model, plan, dtype)
+        model = _decoder_model(plan, AutoModelForCausalLM, dtype)
         _contiguous_head_input(model)
-        if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
-            chunk_mlps(model, plan.dense_projection_chunk_rows)
         tokenizer = AutoTokenizer.from_pretrained(plan.path)
         factory = _SequenceFactory(plan, model, tokenizer, settings)
 
@@ -294,9 +282,9 @@ def _attention(plan: RuntimePlan) -> str | None:
     return "sdpa" if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
 
 
-def _multimodal_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> Any:
-    """An image-text or audio-text model: its decoder layers streamed and its encoder read when it
-    runs when the plan says so, else loaded whole; its MLPs chunked when the plan says so."""
+def _decoder_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> Any:
+    """A causal, image-text or audio-text model as the plan says: its decoder layers streamed (and an
+    encoder read when it runs) or loaded whole; its weights quantized and its MLPs chunked when asked."""
     assert plan.path is not None
     attention = _attention(plan)
     if plan.memory.layer_streaming:
@@ -304,8 +292,11 @@ def _multimodal_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) ->
         cache = plan.memory.expert_cache_bytes or 0
         model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class, cache)
     else:
-        model = auto_class.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention)
+        extra = _dequantizing(plan)
+        model = auto_class.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention, **extra)
         model = model.to(plan.device).eval()
+    if plan.quantization != "none":  # causal LMs only: the plan skips it for the others
+        quantize_weights(model, plan, dtype)
     if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
         chunk_mlps(model, plan.dense_projection_chunk_rows)
     return model
@@ -343,7 +334,7 @@ def _image_text_engine(
     plan: RuntimePlan, settings: Settings, info: ExecutionInfo, dtype: torch.dtype, started: float
 ) -> Engine:
     assert plan.path is not None
-    model = _multimodal_model(plan, AutoModelForImageTextToText, dtype)
+    model = _decoder_model(plan, AutoModelForImageTextToText, dtype)
     processor = AutoProcessor.from_pretrained(plan.path)
     tokenizer = processor.tokenizer
     if processor.chat_template and not tokenizer.chat_template:
@@ -390,7 +381,7 @@ def _audio_text_engine(
     read the cache, batched with every other request's.
     """
     assert plan.path is not None
-    model = _multimodal_model(plan, AutoModelForMultimodalLM, dtype)
+    model = _decoder_model(plan, AutoModelForMultimodalLM, dtype)
     processor = AutoProcessor.from_pretrained(plan.path)
     tokenizer = processor.tokenizer
     factory = _SequenceFactory(plan, model, tokenizer, settings)

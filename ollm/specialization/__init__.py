@@ -19,6 +19,7 @@ from ollm.tensor_index import (
     decoder_layout,
     direct_params,
     index_tensors,
+    text_config,
 )
 
 
@@ -72,10 +73,8 @@ def streaming_layout(path: Path, config: dict[str, Any]) -> LayerLayout | str:
     provider = provider_for(config.get("model_type"))
     if provider is None:
         return f"no family provider for model_type {config.get('model_type')!r}"
-    nested = config.get("text_config")
-    text: dict[str, Any] = nested if isinstance(nested, dict) else config
     key = provider.experts_per_token_key
-    top_k = int(text.get(key) or 0) if key else 0
+    top_k = int(text_config(config).get(key) or 0) if key else 0
     return decoder_layout(index_tensors(path), config, provider.layer_params, top_k, provider.on_demand_modules)
 
 

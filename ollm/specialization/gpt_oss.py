@@ -12,19 +12,17 @@ not support SDPA), so the plan's activation estimate counts the attention scores
 from typing import Any
 
 from ollm.specialization import SpecializationProvider, register
-from ollm.tensor_index import LayerParam, LayerParams, Piece, TensorEntry, direct_params
-
-_BLOCKS, _SCALES = "_blocks", "_scales"
+from ollm.tensor_index import MXFP4_BLOCKS, MXFP4_SCALES, LayerParam, LayerParams, Piece, TensorEntry, direct_params
 
 
 def layer_params(layer: dict[str, TensorEntry], config: dict[str, Any]) -> LayerParams | str:
     rest = dict(layer)
     params: LayerParams = {}
-    for name in [n for n in layer if n.endswith(_BLOCKS)]:
-        base = name[: -len(_BLOCKS)]
-        blocks, scales = rest.pop(name), rest.pop(base + _SCALES, None)
+    for name in [n for n in layer if n.endswith(MXFP4_BLOCKS)]:
+        base = name[: -len(MXFP4_BLOCKS)]
+        blocks, scales = rest.pop(name), rest.pop(base + MXFP4_SCALES, None)
         if scales is None or len(blocks.shape) != 4 or scales.shape != blocks.shape[:3]:
-            return f"{blocks.name} has no matching {base}{_SCALES} beside it"
+            return f"{blocks.name} has no matching {base}{MXFP4_SCALES} beside it"
         experts, rows, groups, _ = blocks.shape
         pieces = tuple(Piece(blocks.index(e), expert=e, scales=scales.index(e)) for e in range(experts))
         params[base] = LayerParam((experts, groups * 32, rows), pieces, experts=experts)
