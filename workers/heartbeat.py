@@ -63,6 +63,9 @@ class Heartbeat:
         self._draining = False
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # One beat at a time: a beat reads the status, then writes it; two interleaved (the thread's
+        # and a load's announcement) could write the older status last and hide the load.
+        self._beating = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ollm-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -70,16 +73,17 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        key = self.keys.worker(self.name)
-        fields: dict[Any, Any] = {**self._static, **self._status(), "in_flight": self._in_flight()}
-        fields["draining"] = int(self._draining)
-        if self._draining:
-            fields["models"] = json.dumps([])
-        with self.connection.pipeline() as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.pexpire(key, self.ttl_ms)
-            pipe.sadd(self.keys.workers, self.name)
-            pipe.execute()
+        with self._beating:
+            key = self.keys.worker(self.name)
+            fields: dict[Any, Any] = {**self._static, **self._status(), "in_flight": self._in_flight()}
+            fields["draining"] = int(self._draining)
+            if self._draining:
+                fields["models"] = json.dumps([])
+            with self.connection.pipeline() as pipe:
+                pipe.hset(key, mapping=fields)
+                pipe.pexpire(key, self.ttl_ms)
+                pipe.sadd(self.keys.workers, self.name)
+                pipe.execute()
 
     def drain(self) -> None:
         """Advertise no models but keep beating: no new requests come here, while the ones still
