@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from ollm.engine.threads import on_fresh_thread
 from ollm.errors import ContextLengthError, InvalidRequestError
 from ollm.generation import EmbeddingRequest, EmbeddingResult
 
@@ -28,6 +29,11 @@ class Embedder:
         self._lock = threading.Lock()
 
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        # On a thread that ends with the request, not the worker's job thread: a job thread that ran
+        # a forward would keep an OpenMP pool that slows every engine step (ollm/engine/threads.py).
+        return on_fresh_thread(lambda: self._embed(request), name="ollm-embed")
+
+    def _embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         ids = [self._ids(item, request.truncate) for item in request.inputs]
         vectors: list[list[float]] = []
         for start in range(0, len(ids), _BATCH):

@@ -107,6 +107,10 @@ def resolve_budget(setting: int | str, device: str) -> tuple[int, str]:
     return budget, f"auto: {human(free)} free on {device} less a margin of {human(margin)}"
 
 
+# Spare columns every row's full-attention KV is allocated with, so a decode step writes in place
+# instead of copying the cache (ollm/engine/slack_layer.py).
+FULL_ATTENTION_SLACK = 32
+
 # Weight-only quantization (runtime.quantization, ollm/engine/quantize.py): int4 groups of this many
 # inputs; torch's int4 CPU packing tiles 16 output rows by 32 inputs.
 INT4_GROUP = 32
@@ -221,16 +225,17 @@ class TextShape(BaseModel):
     def full_layers(self) -> int:
         return self.layers - self.sliding_layers - self.linear_layers
 
-    def kv_bytes(self, tokens: int, dtype: str) -> int:
+    def kv_bytes(self, tokens: int, dtype: str, spare: int = 0) -> int:
         """One sequence of ``tokens``: keys and values of every attention layer and KV head (a
         sliding layer's at most its window), plus each linear-attention layer's fixed state."""
-        return sum(self.kv_bytes_by_kind(tokens, dtype).values())
+        return sum(self.kv_bytes_by_kind(tokens, dtype, spare).values())
 
-    def kv_bytes_by_kind(self, tokens: int, dtype: str) -> dict[str, int]:
-        """``kv_bytes`` by layer kind (the names of config.json's layer_types), kinds present only."""
+    def kv_bytes_by_kind(self, tokens: int, dtype: str, spare: int = 0) -> dict[str, int]:
+        """``kv_bytes`` by layer kind (the names of config.json's layer_types), kinds present only;
+        ``spare``: the columns a full layer in memory holds beyond its tokens (FULL_ATTENTION_SLACK)."""
         per_column = 2 * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]
         per_layer = {
-            "full_attention": (self.full_layers, tokens * per_column),
+            "full_attention": (self.full_layers, (tokens + spare if tokens else 0) * per_column),
             "sliding_attention": (self.sliding_layers, min(tokens, self.window) * per_column),
             "linear_attention": (self.linear_layers, self.linear_state * DTYPE_BYTES[dtype]),
         }

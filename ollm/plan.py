@@ -15,6 +15,7 @@ from ollm.catalogue import ModelKind
 from ollm.devices import resolve_device, resolve_dtype
 from ollm.errors import ModelNotFoundError, UnsupportedModelError
 from ollm.memory import (
+    FULL_ATTENTION_SLACK,
     MemoryPlan,
     MemoryStrategy,
     TextShape,
@@ -247,8 +248,9 @@ def _plan_memory(
     shape = facts.shape
     if shape is not None and tokens is not None:
         memory.kv_cache_tokens = tokens
-        memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype)
-        memory.kv_cache_bytes_by_layer_kind = shape.kv_bytes_by_kind(tokens, plan.dtype)
+        # In memory, a full layer also holds the spare columns it grows into (slack_layer.py).
+        memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype, FULL_ATTENTION_SLACK)
+        memory.kv_cache_bytes_by_layer_kind = shape.kv_bytes_by_kind(tokens, plan.dtype, FULL_ATTENTION_SLACK)
         step = min(prefill_tokens, tokens or prefill_tokens)
         memory.activations_bytes = shape.activation_bytes(
             step, max(tokens, step), plan.dense_projection_chunk_rows, max_batch, plan.dtype
@@ -283,11 +285,16 @@ def _plan_memory(
     # their copy expanded to every query head (grouped-query attention with a mask repeats the KV heads).
     kv_pass = _kv_offload_pass(plan, provider, runtime)
     # Only full-attention layers offload; sliding-window and linear-attention layers stay in memory.
-    full_kv = (memory.kv_cache_bytes_by_layer_kind or {}).get("full_attention", 0)
-    resident_kv = (kv - full_kv) + (2 + shape.heads // max(shape.kv_heads, 1)) * full_kv // max(shape.full_layers, 1)
+    # Offloaded layers hold exactly their tokens, on disk (no spare columns).
+    exact = shape.kv_bytes_by_kind(tokens, plan.dtype)
+    full_kv = exact.get("full_attention", 0)
+    resident_kv = sum(exact.values()) - full_kv
+    resident_kv += (2 + shape.heads // max(shape.kv_heads, 1)) * full_kv // max(shape.full_layers, 1)
     if kv_pass is not None and kv_offload_wanted(memory, runtime.kv_offload, held, resident_kv):
         plan.applied_passes.append(kv_pass)
         memory.kv_offload = True
+        memory.kv_cache_bytes_by_layer_kind, memory.kv_cache_bytes = exact, sum(exact.values())
+        kv = memory.kv_cache_bytes
         memory.kv_resident_bytes = resident_kv
         memory.expected_peak_bytes = held + activations + resident_kv
         memory.fits = memory.expected_peak_bytes <= budget
@@ -314,7 +321,8 @@ def _plan_memory(
             )
         return
     memory.strategy = "over-budget"
-    per_token = max(shape.kv_bytes(1, plan.dtype), 1)
+    # What one more token of context costs (the fixed parts, linear state and spare columns, cancel out).
+    per_token = max(shape.kv_bytes(2, plan.dtype) - shape.kv_bytes(1, plan.dtype), 1)
     # With the cache offloaded there is nothing left to cap: the weights held and one forward are the overrun.
     memory.kv_cache_token_limit = 0 if memory.kv_offload else max(budget - held - activations, 0) // per_token
     layer_pass = (provider and provider.layer_streaming_pass) or "layer streaming (no pass for this family)"

@@ -23,6 +23,7 @@ from ollm.engine.kv_offload import OffloadedLayer
 from ollm.engine.layer_streaming import streamer_of
 from ollm.engine.loader import load_engine
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
+from ollm.memory import FULL_ATTENTION_SLACK
 from ollm.plan import plan_model
 from ollm.settings import Settings, load_settings
 
@@ -224,12 +225,14 @@ def test_a_sliding_window_layer_holds_its_window_at_any_context(
         assert final.usage.prompt_tokens >= 8 * WINDOW
         # gemma3 tiny: 3 sliding layers and 1 full layer, 2 KV heads of 16 float32 values, keys and values.
         per_column = 2 * 16 * 4 * 2
+        # The full layer holds the prompt and its spare columns, which the 3 decode steps fill.
+        assert context - final.usage.prompt_tokens < FULL_ATTENTION_SLACK
         assert engine.caches.peak_bytes == {
             "sliding_attention": 3 * (WINDOW - 1) * per_column,
-            "full_attention": 1 * context * per_column,
+            "full_attention": 1 * (final.usage.prompt_tokens + FULL_ATTENTION_SLACK) * per_column,
         }
-        # Admission counts what a row really holds: its full layers' columns.
-        assert engine.caches.columns_held(8 * WINDOW) == 8 * WINDOW
+        # Admission counts what a row really holds: its full layers' columns and their spare ones.
+        assert engine.caches.columns_held(8 * WINDOW) == 8 * WINDOW + FULL_ATTENTION_SLACK
     finally:
         engine.close()
 
@@ -341,13 +344,13 @@ def test_the_plan_counts_kv_by_layer_kind_as_the_cache_manager_holds_it(
     gemma = plan_model(str(tiny["gemma3"]), settings.runtime, context_tokens=tokens).memory
     # 3 sliding layers count their window only; the 1 full layer the whole context.
     assert gemma.kv_cache_bytes_by_layer_kind == {
-        "full_attention": tokens * per_column,
+        "full_attention": (tokens + FULL_ATTENTION_SLACK) * per_column,
         "sliding_attention": 3 * WINDOW * per_column,
     }
     assert gemma.kv_cache_bytes == sum(gemma.kv_cache_bytes_by_layer_kind.values())
     qwen = plan_model(str(tiny["qwen3-next"]), settings.runtime, context_tokens=tokens).memory
     assert qwen.kv_cache_bytes_by_layer_kind is not None
-    assert qwen.kv_cache_bytes_by_layer_kind["full_attention"] == tokens * per_column
+    assert qwen.kv_cache_bytes_by_layer_kind["full_attention"] == (tokens + FULL_ATTENTION_SLACK) * per_column
     # A linear-attention layer's state is what the cache manager holds for one sequence, at any length.
     engine = load_engine(plan_model(str(tiny["qwen3-next"]), settings.runtime), settings)
     assert isinstance(engine, BatchingEngine)

@@ -17,6 +17,7 @@ from ollm.engine.base import Engine, stream
 from ollm.engine.kv_offload import KVOffloadStore, OffloadedLayer, release, remove_leftovers
 from ollm.engine.loader import load_engine
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
+from ollm.memory import FULL_ATTENTION_SLACK
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings, load_settings
 from tests.conftest import DEFAULT_CHAT_MODEL
@@ -260,14 +261,15 @@ def test_plan_offloads_when_the_context_does_not_fit_beside_the_weights(
     assert roomy.applied_passes == ["llama.sdpa-attention"] and roomy.memory.strategy == "resident"
     weights, activations = roomy.memory.weights_bytes, roomy.memory.activations_bytes
     assert weights is not None and activations is not None
-    assert roomy.memory.kv_cache_bytes == 4000 * KV_PER_TOKEN
+    # The context and the spare columns each full layer grows into (slack_layer.py).
+    assert roomy.memory.kv_cache_bytes == (4000 + FULL_ATTENTION_SLACK) * KV_PER_TOKEN
     # Room for the weights, a forward and 60% of the context's cache: not enough to keep it resident.
     budget = weights + activations + 4000 * KV_PER_TOKEN * 6 // 10
     tight = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget), context_tokens=4000)
     assert tight.applied_passes == ["llama.sdpa-attention", "llama.kv-offload"]
     memory = tight.memory
     assert (memory.strategy, memory.fits, memory.kv_cache_token_limit) == ("kv-offload", True, None)
-    assert memory.kv_cache_bytes == 4000 * KV_PER_TOKEN  # the whole context, on disk
+    assert memory.kv_cache_bytes == 4000 * KV_PER_TOKEN  # the whole context, on disk, no spare columns
     # The running layer's: read back, handed to attention, and expanded from 2 KV heads to 4 (twice that).
     assert memory.kv_resident_bytes == 4 * 4000 * KV_PER_TOKEN // 8
     assert memory.expected_peak_bytes == weights + activations + memory.kv_resident_bytes

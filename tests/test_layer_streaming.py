@@ -26,6 +26,7 @@ from ollm.engine.loader import load_engine
 from ollm.engine.positioned_io import tensor_bytes
 from ollm.errors import MemoryBudgetError, UnsupportedModelError
 from ollm.generation import ChatMessage, ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams
+from ollm.memory import FULL_ATTENTION_SLACK
 from ollm.plan import RuntimePlan, plan_model
 from ollm.settings import Settings, load_settings
 from server.app import create_app
@@ -120,7 +121,8 @@ def test_plan_streams_the_layers_when_the_weights_do_not_fit(synthetic: Path) ->
     resident = (SHAPE.vocab * SHAPE.hidden + SHAPE.hidden) * 4  # tied head: embeddings and final norm
     staging = 512 * 64 * 2  # the largest bfloat16 tensor of a layer, read and cast to float32
     held = resident + 2 * _layer_bytes(4) + staging
-    budget = held + 256 * KV_PER_TOKEN_F32 + roomy.activations_bytes
+    kv = (256 + FULL_ATTENTION_SLACK) * KV_PER_TOKEN_F32  # the context and its spare columns
+    budget = held + kv + roomy.activations_bytes
     assert budget < roomy.weights_bytes + roomy.activations_bytes  # resident, it would not fit
 
     plan = _plan(synthetic, memory_budget=budget)
@@ -132,7 +134,7 @@ def test_plan_streams_the_layers_when_the_weights_do_not_fit(synthetic: Path) ->
         resident, _layer_bytes(4), 2, staging
     )  # fmt: skip
     assert memory.weights_in_memory_bytes == held
-    assert plan.expected_peak_bytes() == held + 256 * KV_PER_TOKEN_F32 + roomy.activations_bytes == budget
+    assert plan.expected_peak_bytes() == held + kv + roomy.activations_bytes == budget
     assert plan.applied_passes == ["llama.sdpa-attention", "llama.layer-offload"]
     assert memory.reason is not None and "decoder layers stream from disk" in memory.reason
 

@@ -16,7 +16,7 @@ from ollm.engine.batch_invariant import _fixed_rows_linear
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.loader import load_engine
 from ollm.errors import MemoryBudgetError, SettingsError
-from ollm.memory import parse_size
+from ollm.memory import FULL_ATTENTION_SLACK, parse_size
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings, load_settings
 
@@ -91,18 +91,19 @@ def test_plan_estimates_weights_kv_and_activations_from_the_files(
     assert (memory.budget_bytes, memory.budget_source) == (2**30, "runtime.memory_budget")
     assert memory.weights_bytes == PARAMETERS * 4
     assert memory.kv_cache_tokens == 1024
-    assert memory.kv_cache_bytes == 1024 * KV_PER_TOKEN_F32
+    # The context and the spare columns its full layers grow into (slack_layer.py).
+    assert memory.kv_cache_bytes == (1024 + FULL_ATTENTION_SLACK) * KV_PER_TOKEN_F32
     assert memory.activations_bytes is not None and memory.activations_bytes > 0
     assert plan.expected_peak_bytes() == memory.weights_bytes + memory.kv_cache_bytes + memory.activations_bytes
     assert (memory.strategy, memory.fits, memory.required_passes) == ("resident", True, [])
 
     # bfloat16 halves the weights and the cache: the headers are counted in the run dtype.
     half = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="bfloat16", memory_budget="1GiB")).memory
-    assert (half.weights_bytes, half.kv_cache_bytes) == (PARAMETERS * 2, 1024 * KV_PER_TOKEN_F32 // 2)
+    assert (half.weights_bytes, half.kv_cache_bytes) == (PARAMETERS * 2, memory.kv_cache_bytes // 2)
 
     # A given context sizes the cache.
     short = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32"), context_tokens=100).memory
-    assert short.kv_cache_bytes == 100 * KV_PER_TOKEN_F32
+    assert short.kv_cache_bytes == (100 + FULL_ATTENTION_SLACK) * KV_PER_TOKEN_F32
 
 
 def test_auto_budget_is_free_memory_less_a_margin(llama_dir: Path, tmp_runtime: RuntimeSettings) -> None:

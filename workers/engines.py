@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def load_models(references: list[str], settings: Settings) -> tuple[dict[str, Engine], dict[str, Embedder]]:
+    from ollm.engine.threads import on_fresh_thread
+
+    # On a thread that ends with the load: its OpenMP pool would otherwise slow every engine step.
+    return on_fresh_thread(lambda: _load_models(references, settings), name="ollm-load-models")
+
+
+def _load_models(references: list[str], settings: Settings) -> tuple[dict[str, Engine], dict[str, Embedder]]:
     from ollm.engine import load_engine
     from workers.memory import plan_for
 

@@ -34,6 +34,7 @@ from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.model_runner import ModelRunner
 from ollm.engine.scheduler import ChunkedPrefill, Scheduler
 from ollm.engine.sequence import Sequence
+from ollm.engine.threads import IdleEndingThread
 from ollm.generation import ExecutionInfo, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -92,21 +93,19 @@ class BatchingEngine:
         # Admitted, in a prefill forward, in no other list: a step that fails must still end them.
         self._prefilling: list[Sequence] = []
         self._batch: _Batch | None = None
-        self._closed = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ollm-engine", daemon=True)
-        self._thread.start()
+        # The loop's thread ends while the engine is idle, so it keeps no OpenMP pool (threads.py).
+        self._loop = IdleEndingThread(self._step, self._idle, name="ollm-engine")
 
     # -- the Engine interface ------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         self._inbox.put((request, sink, time.perf_counter()))
-        self._wake.set()
+        self._loop.wake()
 
     def cancel(self, request_id: str) -> None:
         with self._cancel_lock:
             self._cancelled.add(request_id)
-        self._wake.set()
+        self._loop.wake()
 
     def ready(self) -> bool:
         return True
@@ -122,29 +121,30 @@ class BatchingEngine:
         return len(batch.seqs) if batch else 0
 
     def close(self) -> None:
-        self._closed.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._loop.close()
         if self._kv_store is not None:
             self._kv_store.close()
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._closed.is_set():
-                self._take_new_requests()
-                self._apply_cancellations()
-                if not (self._batch or self.scheduler.chunked or self.scheduler.waiting):
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                try:
-                    self._prefill_step()
-                    self._decode_step()
-                except Exception as exc:  # A bug outside the guarded steps must not take the worker down.
-                    log.exception("engine step failed")
-                    self._fail_everything(f"generation failed: {exc}")
+    def _idle(self) -> bool:
+        return self._inbox.empty() and not (self._batch or self.scheduler.chunked or self.scheduler.waiting)
+
+    @torch.inference_mode()
+    def _step(self) -> bool:
+        """One round of the loop: new requests, cancellations, a prefill and a decode step; False
+        when there was nothing to run."""
+        self._take_new_requests()
+        self._apply_cancellations()
+        if not (self._batch or self.scheduler.chunked or self.scheduler.waiting):
+            return False
+        try:
+            self._prefill_step()
+            self._decode_step()
+        except Exception as exc:  # A bug outside the guarded steps must not take the worker down.
+            log.exception("engine step failed")
+            self._fail_everything(f"generation failed: {exc}")
+        return True
 
     def _take_new_requests(self) -> None:
         while True:

@@ -4,7 +4,8 @@ The running batch shares one cache whose attention layers are left-padded to a c
 **columns** (the batch's attention-mask length); a row's real tokens are its last columns. What a
 layer holds for those columns depends on its kind:
 
-- full attention (``DynamicLayer``, or ``OffloadedLayer`` with KV offload): every column;
+- full attention (``SlackLayer``, which writes each step into spare columns, or ``OffloadedLayer``
+  with KV offload): every column, plus the spare ones;
 - sliding-window attention (``DynamicSlidingWindowLayer``; gemma3, gpt-oss): the last
   ``window - 1`` columns at most, so a long context costs memory only in the full layers;
 - linear attention (``LinearAttentionLayer``; qwen3-next): a fixed-size conv and recurrent state per
@@ -28,6 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 
 from ollm.engine.kv_offload import KVOffloadStore, OffloadedLayer, release
+from ollm.engine.slack_layer import SLACK, SlackLayer
 
 
 def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -50,6 +52,8 @@ def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
 def _set_kv(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
     if isinstance(layer, OffloadedLayer):
         layer.store(keys, values)
+    elif isinstance(layer, SlackLayer):
+        layer.replace(keys, values)
     else:
         layer.keys, layer.values = keys, values
 
@@ -85,7 +89,7 @@ class LayerKind:
 
 class FullAttention(LayerKind):
     name = "full_attention"
-    layer_types = (DynamicLayer, OffloadedLayer)
+    layer_types = (DynamicLayer, SlackLayer, OffloadedLayer)
 
     def join(self, old: DynamicLayer, new: DynamicLayer, columns: int) -> None:
         (ok, ov), (nk, nv) = _kv(old), _kv(new)
@@ -97,12 +101,21 @@ class FullAttention(LayerKind):
         keys, values = _kv(layer)
         _set_kv(layer, keys.index_select(0, rows)[:, :, first:], values.index_select(0, rows)[:, :, first:])
 
+    def __init__(self, slack: int = 0) -> None:
+        self.slack = slack
+
+    @classmethod
+    def of(cls, layer: DynamicLayer) -> FullAttention:
+        return cls(SLACK if isinstance(layer, SlackLayer) else 0)
+
     def columns_held(self, columns: int) -> int:
-        return columns
+        return columns + self.slack
 
     def nbytes(self, layer: DynamicLayer) -> int:
         if isinstance(layer, OffloadedLayer):
             return 0  # in the store's files, not in memory
+        if isinstance(layer, SlackLayer):
+            return layer.room_bytes()
         if layer.keys is None or layer.values is None:
             return 0
         return layer.keys.nbytes + layer.values.nbytes
@@ -200,7 +213,9 @@ class CacheManager:
     def __init__(self, config: Any, kv_store: KVOffloadStore | None = None) -> None:
         self._config = config
         self._store = kv_store
-        kinds = [kind_of(layer) for layer in DynamicCache(config=config).layers]
+        # The kinds of the layers new_cache makes (an offloaded cache's are read without making one).
+        layers = DynamicCache(config=config).layers if kv_store is not None else self.new_cache().layers
+        kinds = [kind_of(layer) for layer in layers]
         if None in kinds:
             raise ValueError(unsupported_layers(config))
         self._kinds: list[LayerKind] = [kind for kind in kinds if kind is not None]
@@ -211,7 +226,10 @@ class CacheManager:
     def new_cache(self) -> DynamicCache:
         if self._store is not None:
             return self._store.new_cache(self._config)
-        return DynamicCache(config=self._config)
+        cache = DynamicCache(config=self._config)
+        # Full-attention layers write each step in place (slack_layer.py) instead of concatenating.
+        cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
 
     def join(self, old: DynamicCache, new: DynamicCache, columns: int) -> None:
         """Append ``new``'s rows to ``old``, both left-padded to ``columns``; ``new`` is released."""
