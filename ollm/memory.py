@@ -138,31 +138,16 @@ def packed_bytes(shape: tuple[int, int], mode: str, dtype: str) -> int:
 
 
 def quantization_saved_bytes(path: Path, dtype: str, mode: str) -> int:
-    """What ``runtime.quantization`` saves: the decoder layers' 2-D weights and the LM head in
-    ``dtype`` less their packed size. A head tied to the input embeddings costs its packed copy
-    instead (the embeddings stay for the lookup; ollm/engine/quantize.py says why)."""
-
-    def saving(shape: tuple[int, int]) -> int:
-        return shape[0] * shape[1] * DTYPE_BYTES[dtype] - packed_bytes(shape, mode, dtype)
-
+    """What ``runtime.quantization`` saves: the decoder layers' 2-D weights in ``dtype`` less their packed size."""
     saved = 0
-    head: tuple[int, int] | None = None
-    embeddings: tuple[int, int] | None = None
     for file in sorted(path.glob("*.safetensors")):
         for name, entry in read_header(file)[0].items():
             shape = tuple(entry.get("shape") or ())
-            if not (name.endswith(".weight") and quantizable(shape, mode)):
-                continue
-            if _DECODER_LAYER.search(name):
-                saved += saving((shape[0], shape[1]))
-            elif name.endswith("lm_head.weight"):
-                head = (shape[0], shape[1])
-            elif name.endswith("embed_tokens.weight"):
-                embeddings = (shape[0], shape[1])
-    if head is not None:
-        saved += saving(head)
-    elif embeddings is not None:
-        saved -= packed_bytes(embeddings, mode, dtype)
+            if name.endswith(".weight") and _DECODER_LAYER.search(name) and quantizable(shape, mode):
+                out_features, in_features = shape
+                saved += out_features * in_features * DTYPE_BYTES[dtype] - packed_bytes(
+                    (out_features, in_features), mode, dtype
+                )
     return saved
 
 

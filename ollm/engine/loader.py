@@ -79,7 +79,7 @@ class _SequenceFactory:
     def __init__(self, plan: RuntimePlan, model: Any, tokenizer: PreTrainedTokenizerBase, settings: Settings):
         self.plan = plan
         self.tokenizer = tokenizer
-        self.vocab_size = int(model.get_output_embeddings().out_features)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.context = plan.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         self.settings_kv_budget = settings.worker.kv_cache_max_tokens
         self.kv_budget = kv_token_budget(plan, settings)
