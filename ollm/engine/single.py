@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -21,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from ollm.engine.base import EventSink, prepared
 from ollm.engine.sequence import Sequence
+from ollm.engine.threads import IdleEndingThread
 from ollm.generation import ExecutionInfo, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,15 @@ class SingleEngine:
         self._build = build
         self._pad = pad_token_id
         self._load_ms = load_ms
-        self._inbox: queue.Queue[tuple[GenerationRequest, EventSink, float] | None] = queue.Queue()
+        self._inbox: queue.Queue[tuple[GenerationRequest, EventSink, float]] = queue.Queue()
         self._current: Sequence | None = None
         self._cancelled: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="ollm-engine-single", daemon=True)
-        self._thread.start()
+        # The loop's thread ends while the engine is idle, so it keeps no OpenMP pool (threads.py).
+        self._loop = IdleEndingThread(self._step, self._inbox.empty, name="ollm-engine-single")
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         self._inbox.put((request, sink, time.perf_counter()))
+        self._loop.wake()
 
     def cancel(self, request_id: str) -> None:
         self._cancelled.add(request_id)
@@ -107,17 +108,20 @@ class SingleEngine:
         return 1 if self._current else 0
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        self._loop.close()
 
-    def _run(self) -> None:
-        while (item := self._inbox.get()) is not None:
-            request, sink, submitted = item
-            try:
-                self._serve(request, sink, submitted)
-            finally:
-                self._current = None
-                self._cancelled.discard(request.id)
+    def _step(self) -> bool:
+        """Serve the next request whole; False when there is none."""
+        try:
+            request, sink, submitted = self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+        try:
+            self._serve(request, sink, submitted)
+        finally:
+            self._current = None
+            self._cancelled.discard(request.id)
+        return True
 
     def _serve(self, request: GenerationRequest, sink: EventSink, submitted: float) -> None:
         built = prepared(partial(self._build, request, sink, submitted), sink)
