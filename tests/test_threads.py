@@ -3,8 +3,10 @@ in place (ollm/engine/slack_layer.py)."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -90,7 +92,16 @@ def test_the_engine_thread_ends_when_idle_and_answers_after(
         assert isinstance(first, FinalEvent) and isinstance(again, FinalEvent)
         assert again.text == first.text
     finally:
+        model = weakref.ref(engine.runner.model)  # type: ignore[attr-defined]
         engine.close()
+    # Closed, the engine holds no cycle with its loop: the model goes with its last holder, without
+    # waiting for a garbage collection (the worker's unload measures the memory given back).
+    gc.disable()
+    try:
+        del engine, engines
+        assert model() is None
+    finally:
+        gc.enable()
 
 
 def test_a_slack_layer_returns_what_concatenation_does_and_moves_once_per_slack() -> None:

@@ -199,7 +199,7 @@ class Residency:
         close = getattr(model, "close", None)
         if callable(close):
             close()
-        del model
+        del model, close  # a bound close() would keep the model alive through the collection
         _free_memory()
         log.info("unloaded %s", resident.name)
         if not resident.pinned:

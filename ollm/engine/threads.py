@@ -51,6 +51,14 @@ def on_fresh_thread(work: Callable[[], T], name: str) -> T:
     return outcome[0]
 
 
+def _nothing_to_do() -> bool:
+    return False
+
+
+def _always_idle() -> bool:
+    return True
+
+
 class IdleEndingThread:
     """Runs ``step`` over and over on one thread; ``step`` returns False when it had nothing to do.
 
@@ -83,6 +91,10 @@ class IdleEndingThread:
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=timeout)
+        # The owner holds this loop and the loop held the owner's methods: without the cycle, a
+        # closed engine (and its model) is freed as soon as its last holder lets go, not at a
+        # later garbage collection.
+        self._step, self._idle = _nothing_to_do, _always_idle
 
     def _run(self) -> None:
         while not self._closed:
