@@ -225,10 +225,10 @@ class TextShape(BaseModel):
     def full_layers(self) -> int:
         return self.layers - self.sliding_layers - self.linear_layers
 
-    def kv_bytes(self, tokens: int, dtype: str, spare: int = 0) -> int:
+    def kv_bytes(self, tokens: int, dtype: str) -> int:
         """One sequence of ``tokens``: keys and values of every attention layer and KV head (a
         sliding layer's at most its window), plus each linear-attention layer's fixed state."""
-        return sum(self.kv_bytes_by_kind(tokens, dtype, spare).values())
+        return sum(self.kv_bytes_by_kind(tokens, dtype).values())
 
     def kv_bytes_by_kind(self, tokens: int, dtype: str, spare: int = 0) -> dict[str, int]:
         """``kv_bytes`` by layer kind (the names of config.json's layer_types), kinds present only;

@@ -249,8 +249,8 @@ def _plan_memory(
     if shape is not None and tokens is not None:
         memory.kv_cache_tokens = tokens
         # In memory, a full layer also holds the spare columns it grows into (slack_layer.py).
-        memory.kv_cache_bytes = shape.kv_bytes(tokens, plan.dtype, FULL_ATTENTION_SLACK)
-        memory.kv_cache_bytes_by_layer_kind = shape.kv_bytes_by_kind(tokens, plan.dtype, FULL_ATTENTION_SLACK)
+        by_kind = shape.kv_bytes_by_kind(tokens, plan.dtype, FULL_ATTENTION_SLACK)
+        memory.kv_cache_bytes_by_layer_kind, memory.kv_cache_bytes = by_kind, sum(by_kind.values())
         step = min(prefill_tokens, tokens or prefill_tokens)
         memory.activations_bytes = shape.activation_bytes(
             step, max(tokens, step), plan.dense_projection_chunk_rows, max_batch, plan.dtype

@@ -15,8 +15,9 @@ from transformers.cache_utils import DynamicLayer
 
 from ollm.engine import threads
 from ollm.engine.base import stream
-from ollm.engine.slack_layer import SLACK, SlackLayer
+from ollm.engine.slack_layer import SlackLayer
 from ollm.generation import FinalEvent, GenerationRequest, SamplingParams
+from ollm.memory import FULL_ATTENTION_SLACK
 from ollm.settings import load_settings
 from tests.conftest import DEFAULT_CHAT_MODEL
 from workers.engines import load_models
@@ -108,17 +109,17 @@ def test_a_slack_layer_returns_what_concatenation_does_and_moves_once_per_slack(
     torch.manual_seed(0)
     slack, plain = SlackLayer(), DynamicLayer()
     rooms = set()
-    for step in range(2 * SLACK + 5):
+    for step in range(2 * FULL_ATTENTION_SLACK + 5):
         columns = 7 if step == 0 else 1  # a prefill, then decode steps
         keys, values = torch.randn(2, 3, columns, 4), torch.randn(2, 3, columns, 4)
         got, want = slack.update(keys, values), plain.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         rooms.add(got[0].untyped_storage().data_ptr())
-    # 7 + 2*SLACK + 4 columns written: the first room and two moves, not one copy per step.
+    # 7 + 2*FULL_ATTENTION_SLACK + 4 columns written: the first room and two moves, not one copy per step.
     assert len(rooms) == 3
     # A join or a trim hands it exact tensors: the room is freed and the next update makes a new one.
     slack.replace(want[0][:1], want[1][:1])
     assert slack.room_bytes() == want[0][:1].nbytes + want[1][:1].nbytes
     keys = torch.randn(1, 3, 1, 4)
     assert torch.equal(slack.update(keys, keys)[0][:, :, -1:], keys)
-    assert slack.room_bytes() == 2 * (want[0].shape[2] + 1 + SLACK) * 3 * 4 * 4
+    assert slack.room_bytes() == 2 * (want[0].shape[2] + 1 + FULL_ATTENTION_SLACK) * 3 * 4 * 4

@@ -127,8 +127,11 @@ class BatchingEngine:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        return bool(self._batch or self.scheduler.chunked or self.scheduler.waiting)
+
     def _idle(self) -> bool:
-        return self._inbox.empty() and not (self._batch or self.scheduler.chunked or self.scheduler.waiting)
+        return self._inbox.empty() and not self._has_work()
 
     @torch.inference_mode()
     def _step(self) -> bool:
@@ -136,7 +139,7 @@ class BatchingEngine:
         when there was nothing to run."""
         self._take_new_requests()
         self._apply_cancellations()
-        if not (self._batch or self.scheduler.chunked or self.scheduler.waiting):
+        if not self._has_work():
             return False
         try:
             self._prefill_step()

@@ -29,7 +29,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 
 from ollm.engine.kv_offload import KVOffloadStore, OffloadedLayer, release
-from ollm.engine.slack_layer import SLACK, SlackLayer
+from ollm.engine.slack_layer import SlackLayer
+from ollm.memory import FULL_ATTENTION_SLACK
 
 
 def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -106,7 +107,7 @@ class FullAttention(LayerKind):
 
     @classmethod
     def of(cls, layer: DynamicLayer) -> FullAttention:
-        return cls(SLACK if isinstance(layer, SlackLayer) else 0)
+        return cls(FULL_ATTENTION_SLACK if isinstance(layer, SlackLayer) else 0)
 
     def columns_held(self, columns: int) -> int:
         return columns + self.slack

@@ -4,9 +4,10 @@ Transformers' ``DynamicLayer.update`` builds new key and value tensors (``torch.
 forward, so a decode step copies the whole batch's KV once per layer: at 16 rows of 150 columns
 of SmolLM2 that is ~110 MB of copying per step, a tenth of the step. ``SlackLayer`` keeps its
 keys and values as views of the first columns of a larger buffer (the *room*) and writes each
-step's new columns in place; only when the room is full does it move to a room ``SLACK`` columns
-larger. The cache manager's joins and trims replace ``keys``/``values`` with
-exact-size tensors (``replace``); the next update moves them into a room of their own.
+step's new columns in place; only when the room is full does it move to a room
+``FULL_ATTENTION_SLACK`` columns larger (once every 32 steps; memory plans count the spare
+columns). The cache manager's joins and trims replace ``keys``/``values`` with exact-size tensors
+(``replace``); the next update moves them into a room of their own.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ollm.memory import FULL_ATTENTION_SLACK
-
-# Spare columns a room is made with, so a decode moves its KV once every SLACK steps instead of
-# every step. Memory plans count them (ollm.memory.FULL_ATTENTION_SLACK).
-SLACK = FULL_ATTENTION_SLACK
 
 
 class SlackLayer(DynamicLayer):
@@ -38,12 +35,9 @@ class SlackLayer(DynamicLayer):
         assert self.values is not None
         used, new = self.keys.shape[2], key_states.shape[2]
         room = self._room
-        if (
-            room is None
-            or self.keys is not self._view
-            or room[0].shape[0] != key_states.shape[0]
-            or room[0].shape[2] < used + new
-        ):
+        # Keys that are not this layer's last view were assigned from outside (a crop, a batch
+        # selection): they move into a room of their own, as they do when the room is full.
+        if room is None or self.keys is not self._view or room[0].shape[2] < used + new:
             room = self._move(used + new)
         keys, values = room[0][:, :, : used + new], room[1][:, :, : used + new]
         keys[:, :, used:] = key_states
@@ -54,7 +48,7 @@ class SlackLayer(DynamicLayer):
     def _move(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A room for ``needed`` columns and the slack, holding the current keys and values."""
         assert self.keys is not None and self.values is not None
-        columns = needed + SLACK
+        columns = needed + FULL_ATTENTION_SLACK
         used = self.keys.shape[2]
         rooms = []
         for tensor in (self.keys, self.values):
@@ -81,7 +75,3 @@ class SlackLayer(DynamicLayer):
     def reset(self) -> None:
         self._room = self._view = None
         super().reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._view = None  # the cropped views start a new room on the next update
