@@ -29,6 +29,7 @@ from ollm.engine.batch_invariant import make_batch_invariant
 from ollm.engine.batching import BatchingEngine, SequenceBuilder, supports_batching
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
+from ollm.engine.decode_attention import ATTENTION as DECODE_ATTENTION
 from ollm.engine.gguf_weights import find_gguf, load_gguf_int4
 from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
@@ -278,8 +279,9 @@ def _batching_engine(
 
 def _attention(plan: RuntimePlan) -> str | None:
     """The <family>.sdpa-attention pass: SDPA's fused kernels, which never hold [tokens x tokens]
-    (tests/test_attention_memory.py), rather than whatever the checkpoint's config asks for."""
-    return "sdpa" if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
+    (tests/test_attention_memory.py), rather than whatever the checkpoint's config asks for; decode
+    queries packed onto their key/value heads (ollm/engine/decode_attention.py)."""
+    return DECODE_ATTENTION if any(p.endswith(".sdpa-attention") for p in plan.applied_passes) else None
 
 
 def _decoder_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> Any:
