@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 _BEAT_EVERY = 1.0
 # How long one blocking pop waits for a job: also how soon a stop request is honoured while idle.
 _POLL_SECONDS = 1
+# How long one read of a pub/sub channel blocks: also how soon its thread stops when asked.
+_CHANNEL_READ_SECONDS = 0.1
 # The pop's length while batch lines wait for a slot of this worker's to free up.
 _BATCH_RECHECK_SECONDS = 0.05
 # A job handed back to its queue: tries, and the pause before each retry (Redis blinking).
@@ -127,6 +129,17 @@ class GenerationWorker(SimpleWorker):
         self._listen_for_cancels()
         # Registered last: the server routes here only once this worker can take jobs.
         self._registration.start()
+
+    def subscribe(self) -> None:
+        # RQ's own, but its command-channel thread reads for up to 60 s at a time, and redis-py 8.2's
+        # PubSubWorkerThread.stop() waits for that read to end: a stopping worker under load hung
+        # there until its supervisor killed it (15 s later). A short read keeps the stop prompt.
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ infers None for it
+            sleep_time=_CHANNEL_READ_SECONDS, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         # RQ beats before every dequeue and after every job, three round trips each time, on the
@@ -342,7 +355,7 @@ class GenerationWorker(SimpleWorker):
         self._cancel_pubsub.subscribe(**{self.context.keys.cancel_channel: self._on_cancel})
         # sleep_time bounds each read, and so how long teardown waits for this thread to stop.
         self._cancel_thread = self._cancel_pubsub.run_in_thread(
-            sleep_time=0.1, daemon=True, exception_handler=_log_pubsub_error
+            sleep_time=_CHANNEL_READ_SECONDS, daemon=True, exception_handler=_log_pubsub_error
         )
 
     def _on_cancel(self, message: dict[str, Any]) -> None:
