@@ -24,12 +24,12 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ollm.engine.decode_attention import packed_decode_sdpa
 from ollm.engine.quantize import QuantizedLinear
 
 ATTENTION = "ollm_batch_invariant"
@@ -47,23 +47,23 @@ def _per_sequence_attention(
     if query.shape[2] > 1:
         # Prefill: the engine runs one sequence per forward, so this is the call it gets alone.
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
     # sdpa_mask gives a boolean [batch, 1, queries, keys] mask (True = attend) or None when nothing
     # is masked; the engine pads on the left, so a row's padding is its leading run of False.
-    starts = [0] * batch if attention_mask is None else (~attention_mask[:, 0, -1, :]).sum(dim=-1).tolist()
-    # One decode query per row attends to all of that row's own keys: no mask, the row's grouped
-    # query heads as the query length (the cheap form of grouped-query attention on every backend).
+    starts = [0] * query.shape[0] if attention_mask is None else (~attention_mask[:, 0, -1, :]).sum(dim=-1).tolist()
+    # One decode query per row attends to all of that row's own keys, unmasked: the call it gets alone.
     outputs = [
-        F.scaled_dot_product_attention(
-            query[row].reshape(1, kv_heads, heads // kv_heads, dim),
+        packed_decode_sdpa(
+            module,
+            query[row : row + 1],
             key[row : row + 1, :, start:],
             value[row : row + 1, :, start:],
-            scale=scaling,
-        )
+            None,
+            scaling=scaling,
+            **kwargs,
+        )[0]
         for row, start in enumerate(starts)
     ]
-    return torch.cat(outputs).reshape(batch, 1, heads, dim), None
+    return torch.cat(outputs), None
 
 
 def _fixed_rows_linear(forward: Callable[[torch.Tensor], torch.Tensor], rows: int, x: torch.Tensor) -> torch.Tensor:

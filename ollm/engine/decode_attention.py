@@ -33,12 +33,12 @@ def packed_decode_sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
     plain = all(kwargs.get(name) is None for name in ("softcap", "position_bias"))
-    if query.shape[2] != 1 or groups == 1 or attention_mask is not None or not plain:
+    if queries != 1 or kv_heads == heads or attention_mask is not None or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    batch, heads, _, dim = query.shape
-    packed = query.reshape(batch, heads // groups, groups, dim)
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(packed, key, value, scale=kwargs.get("scaling"))
     # [batch, 1, heads, value dim], the layout Transformers' attention functions return.
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
