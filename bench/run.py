@@ -122,13 +122,10 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-QUANTIZATION_MAX_BATCH = 32  # so 32 streams batch together instead of 16 waiting (worker.max_batch)
-
-
 def quantization_comparison(model: str, levels: list[int], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """llama.cpp's server, then ollm at each runtime.quantization, at the same levels; and their quality."""
-    result: dict[str, Any] = {"levels": levels, "ollm_max_batch": QUANTIZATION_MAX_BATCH, "ollm": {}}
     settings = load_settings({"runtime": {"model_reference": model}})
+    result: dict[str, Any] = {"levels": levels, "ollm_max_batch": settings.worker.max_batch, "ollm": {}}
     with llama_cpp_peer(model, settings.runtime, out / "llama-server.log", build=not args.skip_peer) as peer:
         if peer is not None:
             url, peer_model = peer
@@ -137,7 +134,7 @@ def quantization_comparison(model: str, levels: list[int], args: argparse.Namesp
                                                                          label="llama.cpp server")]  # fmt: skip
     for mode in args.quantization.split(","):
         env = {"OLLM_RUNTIME__QUANTIZATION": mode}
-        with embedded_stack(model, QUANTIZATION_MAX_BATCH, out / f"stack-{mode}.log", env) as url:
+        with embedded_stack(model, settings.worker.max_batch, out / f"stack-{mode}.log", env) as url:
             asyncio.run(run_level(url, model, 1, 1, 8))
             result["ollm"][mode] = [lv.as_dict() for lv in measure(url, model, levels, 1, args.max_tokens,
                                                                    label=f"ollm {mode}")]  # fmt: skip
@@ -204,7 +201,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ("ollm max_batch=1", report.get("stack_max_batch_1")),
         ("llama.cpp server", comparison.get("llama_cpp_server")),
     ]
-    series += [(f"ollm {mode}, max_batch 32", levels) for mode, levels in (comparison.get("ollm") or {}).items()]
+    batch = comparison.get("ollm_max_batch", "auto")
+    series += [(f"ollm {mode}, max_batch {batch}", levels) for mode, levels in (comparison.get("ollm") or {}).items()]
     for label, levels in series:
         levels = levels or []
         if not levels:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
@@ -47,7 +48,7 @@ def wait_for_model(base_url: str, model: str, timeout: float = 300.0) -> None:
 
 @contextmanager
 def embedded_stack(
-    model: str, max_batch: int, log_path: Path, extra_env: dict[str, str] | None = None
+    model: str, max_batch: int | Literal["auto"], log_path: Path, extra_env: dict[str, str] | None = None
 ) -> Iterator[str]:
     """`ollm serve` with its own Redis and one worker serving ``model``; yields the base URL."""
     port = free_port()

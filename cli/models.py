@@ -104,7 +104,9 @@ def info_command(
     settings = settings_or_exit({"runtime": overrides})
     try:
         if plan_json:
-            typer.echo(plan_model(reference, settings.runtime).model_dump_json(indent=2))
+            worker = settings.worker
+            plan = plan_model(reference, settings.runtime, None, worker.max_tokens_per_step, worker.max_batch)
+            typer.echo(plan.model_dump_json(indent=2))
             return
         info = model_info(reference, settings.runtime)
     except OllmError as exc:
@@ -161,6 +163,8 @@ def _print_info(info: dict[str, Any]) -> None:
                 "activations "
                 f"{_human_bytes(memory['activations_bytes'])}): {memory['strategy']}",
             )
+        if plan.get("max_batch_reason"):
+            table.add_row("plan: max batch", f"{plan['max_batch']} ({plan['max_batch_reason']})")
         if plan["applied_passes"]:
             table.add_row("plan: applied passes", ", ".join(plan["applied_passes"]))
         if plan["fallback_reason"]:

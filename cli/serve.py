@@ -175,6 +175,7 @@ def worker(
 
     from ollm.contract import Keys
     from ollm.devices import resolve_device, resolve_dtype
+    from ollm.plan import jobs_at_once
     from workers.engines import load_models
     from workers.job import JobContext, install
     from workers.keep_alive import KeepAliveSweeper
@@ -221,7 +222,7 @@ def worker(
 
     try:
         run_worker(
-            served, connection, context, settings.worker.max_batch, settings.worker.heartbeat_seconds, level,
+            served, connection, context, jobs_at_once(settings), settings.worker.heartbeat_seconds, level,
             status=status, served=attach, drain_seconds=settings.worker.drain_seconds,
             batch_slots=settings.worker.batch_slots,
         )  # fmt: skip

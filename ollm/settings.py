@@ -229,9 +229,12 @@ class WorkerSettings(Section):
         "available when it starts (the device's memory on a GPU), shared by `ollm serve`'s embedded workers.",
     )
     max_loaded_models: int = Field(3, ge=0, description="Models one worker holds at once at most (0: no limit).")
-    # 32: measured on SmolLM2 (CPU, one run), 32 streams gave 1.33x the tokens/s of 16 once they
-    # batched together instead of 16 of them waiting; the KV budget still bounds what is admitted.
-    max_batch: int = Field(32, ge=1, le=1024, description="Concurrent sequences in one decode batch.")
+    max_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Concurrent sequences in one decode batch (1 to 1024); auto = sized by the model's plan from "
+        "what the memory budget leaves for the KV cache, at most 128 on a CPU and 256 on an accelerator "
+        "(docs/configuration.md).",
+    )
     max_tokens_per_step: int = Field(
         256, ge=16, description="Prompt tokens prefilled per engine step, so prefill never stalls decoding."
     )
@@ -252,6 +255,17 @@ class WorkerSettings(Section):
         description="On SIGTERM/Ctrl-C, how long a worker that takes no new jobs lets its running generations "
         "finish before cancelling them (they end with finish reason `cancelled`).",
     )
+
+    @field_validator("max_batch", mode="before")
+    @classmethod
+    def _parse_max_batch(cls, value: Any) -> int | str:
+        # One message for the whole field (the union's own errors would come once per member).
+        if value == "auto":
+            return value
+        rows = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 1024:
+            raise ValueError(f"expected auto or a whole number from 1 to 1024, got {value!r}")
+        return rows
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.loader import load_engine
 from ollm.errors import MemoryBudgetError, SettingsError
 from ollm.memory import FULL_ATTENTION_SLACK, parse_size
-from ollm.plan import plan_model
+from ollm.plan import jobs_at_once, plan_model
 from ollm.settings import RuntimeSettings, load_settings
 
 # A small llama: 2 layers, hidden 64, 4 heads of 16 (2 KV heads), intermediate 256, vocab 1000.
@@ -256,3 +256,31 @@ def test_embedding_models_have_no_kv_cache_and_unpulled_models_no_estimate(
     unpulled = plan_model("gpt-oss-20B", tmp_runtime).memory
     assert (unpulled.expected_peak_bytes, unpulled.strategy) == (None, "unknown")
     assert unpulled.reason is not None and "not materialized" in unpulled.reason
+
+
+def test_auto_max_batch_is_what_the_budget_leaves_kv_room_for(llama_dir: Path, tmp_runtime: RuntimeSettings) -> None:
+    roomy = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget="1GiB"))
+    assert (roomy.max_batch, roomy.max_batch_reason) == (128, "auto: 128, the most for cpu")
+    memory = roomy.memory
+    assert memory.weights_in_memory_bytes is not None and memory.activations_bytes is not None
+    # Room for ten prefill steps of 256 tokens and a bit: ten sequences.
+    budget = memory.weights_in_memory_bytes + memory.activations_bytes + (10 * 256 + 100) * KV_PER_TOKEN_F32
+    tight = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget))
+    assert tight.max_batch == 10
+    assert tight.max_batch_reason == "auto: the budget leaves KV room for 2660 tokens, 256 (a prefill step) a sequence"
+    # Nothing left for the KV cache still decodes one sequence at a time.
+    bare = memory.weights_in_memory_bytes + memory.activations_bytes
+    assert plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=bare)).max_batch == 1
+    # An explicit worker.max_batch is the plan's, whatever the budget; batch-invariant mode keeps 32.
+    explicit = plan_model(str(llama_dir), runtime(tmp_runtime, memory_budget=budget), max_batch=200)
+    assert (explicit.max_batch, explicit.max_batch_reason) == (200, "worker.max_batch")
+    invariant = plan_model(str(llama_dir), runtime(tmp_runtime, batch_invariant=True))
+    assert invariant.max_batch == 32
+    assert invariant.max_batch_reason == "auto: 32, the most for cpu in batch-invariant mode"
+
+
+def test_worker_runs_as_many_jobs_as_its_device_batches(tmp_runtime: RuntimeSettings) -> None:
+    auto = load_settings({"runtime": {"models_dir": tmp_runtime.models_dir, "device": "cpu"}})
+    assert (auto.worker.max_batch, jobs_at_once(auto)) == ("auto", 128)
+    explicit = load_settings({"runtime": {"models_dir": tmp_runtime.models_dir}, "worker": {"max_batch": 6}})
+    assert jobs_at_once(explicit) == 6

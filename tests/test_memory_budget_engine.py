@@ -12,6 +12,7 @@ from ollm.generation import ErrorEvent, FinalEvent, GenerationRequest, SamplingP
 from ollm.plan import plan_model
 from ollm.settings import RuntimeSettings, load_settings
 from tests.conftest import DEFAULT_CHAT_MODEL
+from tests.together import submit_together
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +56,32 @@ def test_kv_cache_is_capped_to_what_the_budget_leaves(
         engine.close()
     assert isinstance(refused, ErrorEvent) and refused.code == "context_length_exceeded"
     assert "budget of 64 (what runtime.memory_budget leaves" in refused.message
+
+
+def test_auto_max_batch_admits_what_the_budget_leaves_kv_room_for(
+    default_runtime: RuntimeSettings, default_model_dir: Any
+) -> None:
+    roomy = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
+                                       "memory_budget": "8GiB"}})  # fmt: skip
+    estimate = plan_model(DEFAULT_CHAT_MODEL, roomy.runtime).memory
+    assert estimate.weights_bytes is not None and estimate.activations_bytes is not None
+    per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2: 30 layers, 3 KV heads of 64, float32
+    # Room for three prefill steps of 256 tokens and a bit: three sequences at once.
+    budget = estimate.weights_bytes + estimate.activations_bytes + (3 * 256 + 100) * per_token
+    settings = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
+                                          "memory_budget": budget}})  # fmt: skip
+    plan = plan_model(DEFAULT_CHAT_MODEL, settings.runtime)
+    assert settings.worker.max_batch == "auto" and plan.max_batch == 3
+    engine = load_engine(plan, settings)
+    try:
+        requests = [
+            GenerationRequest(model=DEFAULT_CHAT_MODEL, id=f"r{i}", prompt=f"Count to {i + 3}.",
+                              sampling=SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
+            for i in range(5)
+        ]  # fmt: skip
+        events, largest = submit_together(engine, requests)  # type: ignore[arg-type]
+    finally:
+        engine.close()
+    assert all(isinstance(each[-1], FinalEvent) for each in events)
+    # Five requests, three decoded together at most: the other two waited for a slot.
+    assert largest == 3

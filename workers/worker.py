@@ -2,7 +2,7 @@
 
 RQ's default worker forks a horse per job, which would reload the model every time; this one
 subclasses ``SimpleWorker`` (jobs run in-process) and hands each dequeued job to a bounded thread
-pool, going straight back to dequeueing while up to ``worker.max_batch`` jobs are in flight. All of
+pool, going straight back to dequeueing while up to ``jobs_at_once`` (``worker.max_batch``) jobs are in flight. All of
 them submit to the same engine, which batches them. ``perform_job`` is safe to run from several
 threads in rq 3: each call gets its own Execution (``worker.executions`` holds many), builds its
 own pipelines, and the current job is a context variable. Job timeouts use ``TimerDeathPenalty``

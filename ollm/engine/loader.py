@@ -40,7 +40,7 @@ from ollm.engine.sequence import Sequence
 from ollm.engine.single import SingleEngine
 from ollm.errors import ContextLengthError, InvalidRequestError, MemoryBudgetError, UnsupportedModelError
 from ollm.generation import ExecutionInfo, GenerationRequest
-from ollm.plan import RuntimePlan
+from ollm.plan import RuntimePlan, max_batch_for
 from ollm.settings import Settings
 
 transformers_logging.disable_progress_bar()  # load progress would garble CLI output and worker logs
@@ -258,7 +258,7 @@ def _batching_engine(
     why_not = supports_batching(model)
     if why_not:
         info.fallback_reason = "; ".join(filter(None, [info.fallback_reason, why_not]))
-    max_batch = 1 if why_not else settings.worker.max_batch
+    max_batch = 1 if why_not else max_batch_for(plan, settings.worker)
     if plan.batch_invariant:
         make_batch_invariant(model, rows=max_batch)
     kv_store = None
