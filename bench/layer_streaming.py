@@ -74,7 +74,7 @@ args = json.loads(sys.argv[1])
 print("imported", flush=True); sys.stdin.readline()
 settings = load_settings({
     "runtime": {"model_reference": args["model"], "dtype": args["dtype"], "memory_budget": args["budget"],
-                "layer_streaming": args["layer_streaming"]},
+                "layer_streaming": args["layer_streaming"], "quantization": args["quantization"]},
     "worker": {"max_batch": 16},
 })
 plan = plan_model(args["model"], settings.runtime)
@@ -164,10 +164,16 @@ def _go(child: subprocess.Popen[str]) -> None:
 
 
 def measure(
-    model: Path, budget: str, layer_streaming: str, streams: list[int], tokens: int, dtype: str = "bfloat16"
+    model: Path,
+    budget: str,
+    layer_streaming: str,
+    streams: list[int],
+    tokens: int,
+    dtype: str = "bfloat16",
+    quantization: str = "none",
 ) -> dict[str, Any]:
     args = {"model": str(model), "budget": budget, "layer_streaming": layer_streaming, "streams": streams,
-            "tokens": tokens, "dtype": dtype}  # fmt: skip
+            "tokens": tokens, "dtype": dtype, "quantization": quantization}  # fmt: skip
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -197,6 +203,7 @@ def measure(
     memory = plan["memory"]
     return {
         "layer_streaming": layer_streaming,
+        "quantization": quantization,
         "budget": budget,
         "applied_passes": plan["applied_passes"],
         "strategy": memory["strategy"],
@@ -233,6 +240,9 @@ def main() -> None:
     parser.add_argument("--skip-generic", action="store_true", help="Do not load the whole model for comparison.")
     parser.add_argument("--text-check", action="store_true", help="Compare streamed and whole greedy text in float32.")
     parser.add_argument("--keep", action="store_true", help="Keep the checkpoint under /tmp (else it is deleted).")
+    parser.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+                        help="runtime.quantization of the streamed run (its layers stream packed; the first load "
+                        "writes the packed file, so its load_seconds include quantizing).")  # fmt: skip
     args = parser.parse_args()
     path = checkpoint(args.family)
     disk = sum(file.stat().st_size for file in path.glob("*.safetensors"))
@@ -246,13 +256,14 @@ def main() -> None:
         "checkpoint": {"weights_bytes": weights, "disk_bytes": disk, **json.loads((path / "config.json").read_text())},
         "budget_fraction_of_weights": budget / weights,
     }
-    streamed = measure(path, args.budget, "auto", [1, 16], args.tokens)
+    streamed = measure(path, args.budget, "auto", [1, 16], args.tokens, quantization=args.quantization)
     print(json.dumps(streamed), flush=True)
     report["streamed"] = streamed
     limit = streamed["baseline_mib"] + budget / 2**20 * 1.1
     single, sixteen = (run["decode_tokens_per_second"] for run in streamed["runs"])
     report["contract"] = {
         "family": args.family,
+        "quantization": args.quantization,
         "weights_mib": weights / 2**20,
         "budget_mib": budget / 2**20,
         "peak_mib": streamed["peak_mib"],
@@ -281,7 +292,8 @@ def main() -> None:
         report["contract"]["float32_text_streamed_equals_whole"] = texts[0] == texts[1]
         report["float32_texts"] = texts
     print(json.dumps(report["contract"]), flush=True)
-    out = Path("docs/benchmarks") / f"layer-streaming-{args.family}-cpu-{report['date']}.json"
+    mode = "" if args.quantization == "none" else f"-{args.quantization}"
+    out = Path("docs/benchmarks") / f"layer-streaming-{args.family}{mode}-cpu-{report['date']}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     if not args.keep:

@@ -36,6 +36,7 @@ from ollm.errors import (
     ModelNotMaterializedError,
     OllmError,
 )
+from ollm.packed_index import PACKED_DIR
 from ollm.reasoning import thinking_template
 from ollm.references import ModelReference, parse_reference, unknown_name
 from ollm.settings import RuntimeSettings
@@ -669,8 +670,11 @@ def weight_bytes(path: Path | None) -> tuple[int, str]:
     """The size of a model's weight files and the dtype they are stored in (config.json)."""
     if path is None or not path.is_dir():
         return 0, "float32"
+    # The packed copy a quantized, streamed model is read from (ollm/packed_index.py) is not its weights.
     weights = sum(
-        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) and PACKED_DIR not in f.relative_to(path).parts
     )
     config = read_json(path / "config.json") or {}
     return weights, str(config.get("torch_dtype") or config.get("dtype") or "float32")

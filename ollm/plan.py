@@ -25,6 +25,7 @@ from ollm.memory import (
     resolve_budget,
     safetensors_weight_bytes,
 )
+from ollm.packed_index import planned_packed_layout
 from ollm.references import ModelReference
 from ollm.settings import Quantization, RuntimeSettings, Settings, WorkerSettings
 from ollm.specialization import SpecializationProvider, provider_for, providers, streaming_layout
@@ -329,13 +330,11 @@ def _plan_memory(
     assert budget is not None
     held = weights
     if isinstance(layout, LayerLayout) and (forced or weights + activations > budget):
-        assert provider is not None
-        held = _plan_streaming(plan, provider, layout, plan.dtype, plan.device)
+        assert provider is not None and facts.path is not None
         if plan.quantization != "none":
-            # Streamed layers are read in the run dtype: packed streaming is not implemented yet.
-            weights += memory.quantization_saved_bytes or 0
-            memory.weights_bytes, memory.quantization_saved_bytes = weights, None
-            _skip_quantization(plan, "decoder layers stream from disk in the run dtype")
+            # Quantized layers stream packed: their slots and reads are the packed bytes.
+            layout = planned_packed_layout(facts.path, layout, plan.quantization, plan.dtype, plan.device.split(":")[0])
+        held = _plan_streaming(plan, provider, layout, plan.dtype, plan.device)
     memory.weights_in_memory_bytes = held
     memory.expected_peak_bytes = held + kv + activations
     memory.fits = memory.expected_peak_bytes <= budget

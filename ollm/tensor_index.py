@@ -19,6 +19,8 @@ from typing import Any
 
 # safetensors dtype -> bytes per element, for the floating dtypes a streamed layer may hold.
 FLOATING_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# ... and for the packed (quantized) tensors held as they are stored (ollm/engine/packed_layers.py).
+STORED_BYTES = {**FLOATING_BYTES, "U8": 1, "I8": 1, "I32": 4}
 RUN_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _RUN_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Casting reads go through a staging buffer of at most this many bytes, a piece at a time, so the
@@ -105,14 +107,22 @@ class Piece:
 
 @dataclass(frozen=True)
 class LayerParam:
-    """One parameter of a decoder layer: its shape in the model and the pieces that fill it."""
+    """One parameter of a decoder layer: its shape in the model and the pieces that fill it.
+
+    ``stored`` names the safetensors dtype of a tensor held as it is stored (a quantized layer's
+    packed values and scales); None: the parameter is in the run dtype."""
 
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
     experts: int = 0  # > 0: dim 0 indexes experts, and a piece fills one expert's slice
+    stored: str | None = None
 
     def run_bytes(self, dtype: str) -> int:
-        return prod(self.shape) * RUN_BYTES[dtype]
+        return prod(self.shape) * (STORED_BYTES[self.stored] if self.stored else RUN_BYTES[dtype])
+
+    def needs_staging(self, piece: Piece, dtype: str, device: str) -> bool:
+        """A piece read straight into its parameter needs no staging: same dtype, on the host."""
+        return device != "cpu" or piece.entry.dtype != (self.stored or _RUN_TO_SAFETENSORS[dtype])
 
 
 LayerParams = dict[str, LayerParam]  # name within the layer -> parameter
@@ -209,7 +219,7 @@ class LayerLayout:
                         rows, groups = min(piece.entry.shape[0], MXFP4_ROWS), piece.entry.shape[1]
                         # The blocks and scales, then per chunk of rows: an int64 index a byte, and the values twice.
                         mxfp4.append(piece.read_bytes() + rows * groups * (16 * 8 + 32 * 2 * RUN_BYTES[dtype]))
-                    elif piece.entry.needs_staging(dtype, device):
+                    elif param.needs_staging(piece, dtype, device):
                         cast.append(piece.entry.nbytes)
         cast += [e.nbytes for m in self.on_demand.values() for e in m.values() if e.needs_staging(dtype, device)]
         return min(max(cast), STAGING_CHUNK_BYTES) + max(mxfp4)

@@ -9,6 +9,7 @@ they are. Only llama-family GGUFs are read (their tensor names and q/k row order
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,38 +61,59 @@ def _unpermute_rows(heads: int) -> Any:
     return order
 
 
-def load_gguf_int4(model: Any, gguf_file: Path, dtype: torch.dtype) -> int:
-    """Replace every decoder projection whose GGUF tensor is Q4_1 with an int4 ``QuantizedLinear``
-    built from the file's bits, computing in ``dtype``; returns how many were replaced (others keep
-    their loaded weights)."""
+Int4Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values, scale, zero (q4_1_to_int4)
+
+
+def q4_1_projections(gguf_file: Path, config: Any) -> dict[tuple[int, str], Callable[[], Int4Parts]]:
+    """The GGUF's Q4_1 decoder projections by (layer, Transformers projection such as
+    ``self_attn.q_proj``), each converted when called (in Transformers' row order for q and k)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
-    config = model.config
-    layers = model.get_decoder().layers
-    reader = GGUFReader(gguf_file)
-    replaced = 0
-    for tensor in reader.tensors:
+    found: dict[tuple[int, str], Callable[[], Int4Parts]] = {}
+    for tensor in GGUFReader(gguf_file).tensors:
         parts = tensor.name.split(".")
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LLAMA_NAMES:
             continue
         if tensor.tensor_type != GGMLQuantizationType.Q4_1:
             continue
-        parent_path, _, attribute = _LLAMA_NAMES[parts[2]].rpartition(".")
-        parent = layers[int(parts[1])].get_submodule(parent_path)
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(parts[2])
+
+        def convert(data: Any = tensor.data, heads: int | None = heads) -> Int4Parts:
+            values, scale, zero = q4_1_to_int4(np.asarray(data))
+            if heads is None:
+                return values, scale, zero
+            order = _unpermute_rows(heads)(values.shape[0])
+            return values[order], scale[order], zero[order]
+
+        found[int(parts[1]), _LLAMA_NAMES[parts[2]]] = convert
+    return found
+
+
+def load_gguf_int4(model: Any, gguf_file: Path, dtype: torch.dtype) -> int:
+    """Replace every decoder projection whose GGUF tensor is Q4_1 with an int4 ``QuantizedLinear``
+    built from the file's bits, computing in ``dtype``; returns how many were replaced (others keep
+    their loaded weights)."""
+    layers = model.get_decoder().layers
+    replaced = 0
+    for (number, name), convert in q4_1_projections(gguf_file, model.config).items():
+        parent_path, _, attribute = name.rpartition(".")
+        parent = layers[number].get_submodule(parent_path)
         linear = getattr(parent, attribute)
         if not quantizable(tuple(linear.weight.shape), "int4") or linear.bias is not None:
             continue
-        values, scale, zero = q4_1_to_int4(np.asarray(tensor.data))
-        if parts[2] in ("attn_q", "attn_k"):
-            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
-            order = _unpermute_rows(heads)(values.shape[0])
-            values, scale, zero = values[order], scale[order], zero[order]
-        if tuple(values.shape) != tuple(linear.weight.shape):
-            raise ValueError(
-                f"{gguf_file.name}: {tensor.name} is {tuple(values.shape)}, the checkpoint's "
-                f"{_LLAMA_NAMES[parts[2]]} is {tuple(linear.weight.shape)}; the GGUF is not this model's"
-            )
+        values, scale, zero = convert()
+        check_gguf_shape(gguf_file, number, name, tuple(values.shape), tuple(linear.weight.shape))
         quantized = QuantizedLinear.from_int4(values.to(linear.weight.device), scale, zero, dtype)
         setattr(parent, attribute, quantized.to(linear.weight.device))
         replaced += 1
     return replaced
+
+
+def check_gguf_shape(
+    gguf_file: Path, number: int, name: str, found: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    if found != expected:
+        raise ValueError(
+            f"{gguf_file.name}: layer {number}'s {name} is {found}, the checkpoint's is {expected}; "
+            "the GGUF is not this model's"
+        )

@@ -46,15 +46,23 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from ollm.engine.expert_offload import ExpertOffload, ExpertStore, ModuleOffload
+from ollm.engine.gguf_weights import find_gguf, q4_1_projections
 from ollm.engine.mxfp4 import dequantize
+from ollm.engine.packed_layers import ensure_packed
 from ollm.engine.positioned_io import pread_full, tensor_bytes
+from ollm.engine.quantize import QuantizedLinear
 from ollm.errors import UnsupportedModelError
+from ollm.packed_index import quantized_projections
+from ollm.settings import Quantization
 from ollm.specialization import streaming_layout
 from ollm.tensor_index import MXFP4_ROWS, LayerLayout, LayerParam, Piece, TensorEntry
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,  # packed (quantized) layers, held as stored
+}  # fmt: skip
 _RUN_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _ALIGN = 64  # bytes: every view in a slot starts on a cache line
 
@@ -197,13 +205,13 @@ class LayerStreamer:
 
     @staticmethod
     def _slot(params: dict[str, LayerParam], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """One layer's parameters as views of one flat buffer."""
-        item = torch.empty((), dtype=dtype).element_size()
-        sizes = {name: prod(param.shape) * item for name, param in params.items()}
+        """One layer's parameters as views of one flat buffer (packed ones in their stored dtype)."""
+        dtypes = {name: _TORCH_DTYPES[param.stored] if param.stored else dtype for name, param in params.items()}
+        sizes = {name: prod(param.shape) * dtypes[name].itemsize for name, param in params.items()}
         flat = torch.empty(sum(_aligned(size) for size in sizes.values()), dtype=torch.uint8, device=device)
         views, offset = {}, 0
         for name, param in params.items():
-            views[name] = flat[offset : offset + sizes[name]].view(dtype).view(param.shape)
+            views[name] = flat[offset : offset + sizes[name]].view(dtypes[name]).view(param.shape)
             offset += _aligned(sizes[name])
         return views
 
@@ -308,13 +316,16 @@ def load_streamed(
     attn_implementation: str | None = None,
     auto_class: Any = AutoModelForCausalLM,
     expert_cache_bytes: int = 0,
+    quantization: Quantization = "none",
 ) -> PreTrainedModel:
     """A causal LM from ``path`` whose decoder layers stream from the files at each forward.
 
     The layout (which tensors fill which layer's parameters) is the family provider's; MoE layers'
-    experts are offloaded (read per forward, only the chosen ones). Raises UnsupportedModelError
-    (with the reason) when the checkpoint cannot stream; the planner checks the same layout first,
-    so this is a second line of defence.
+    experts are offloaded (read per forward, only the chosen ones). With ``quantization``, the
+    layers' projections are ``QuantizedLinear`` and stream packed, from the packed file
+    (ollm/engine/packed_layers.py). Raises UnsupportedModelError (with the reason) when the
+    checkpoint cannot stream; the planner checks the same layout first, so this is a second line
+    of defence.
     """
     config = AutoConfig.from_pretrained(path)
     layout = streaming_layout(path, config.to_dict())
@@ -332,6 +343,8 @@ def load_streamed(
                 f"cannot stream the layers of {path}: layer {number}'s tensors in the files {sorted(mapped.items())} "
                 f"are not the model's {sorted(built.items())}"
             )
+    if quantization != "none":
+        layout = _packed(path, model, layout, quantization, dtype, target)
     reader = _Reader(layout.files())
     try:
         run = _RUN_NAMES[dtype]
@@ -345,6 +358,48 @@ def load_streamed(
         # Until the model owns the streamer (and its finalizer closes the files), this does.
         reader.close()
         raise
+
+
+def _packed(
+    path: Path, model: Any, layout: LayerLayout, mode: Quantization, dtype: torch.dtype, device: torch.device
+) -> LayerLayout:
+    """The layout with the layers' projections packed (the packed file written first if need be), and
+    the model's projections swapped for ``QuantizedLinear`` modules shaped for it (still unloaded)."""
+    layers = model.get_submodule(layout.layers_module)
+    projections = [
+        [name for name in quantized_projections(params, mode) if type(layers[number].get_submodule(name)) is nn.Linear]
+        for number, params in enumerate(layout.layers)
+    ]
+    gguf_file = find_gguf(path) if mode == "int4" and model.config.model_type == "llama" else None
+    gguf = (gguf_file, q4_1_projections(gguf_file, model.config)) if gguf_file else None
+    reader = _Reader(layout.files())
+    try:
+        filler = _Filler(reader, torch.device("cpu"), layout.staging_bytes(_RUN_NAMES[dtype], "cpu"))
+
+        def weight_of(number: int, name: str) -> torch.Tensor:
+            param = layout.layers[number][f"{name}.weight"]
+            weight = torch.empty(param.shape, dtype=dtype)
+            for piece in param.pieces:
+                filler.fill_piece(piece, weight)
+            return weight
+
+        packed = ensure_packed(path, layout, projections, mode, dtype, device, weight_of, gguf)
+    finally:
+        reader.close()
+    for number, names in enumerate(projections):
+        for name in names:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = layers[number].get_submodule(parent_name)
+            linear = getattr(parent, attribute)
+            values, scales = (packed.layers[number][f"{name}.{part}"] for part in ("packed", "scales"))
+            assert values.stored is not None and scales.stored is not None
+            setattr(parent, attribute, QuantizedLinear(
+                mode, linear.in_features, linear.out_features,
+                torch.empty(values.shape, dtype=_TORCH_DTYPES[values.stored], device="meta"),
+                torch.empty(scales.shape, dtype=_TORCH_DTYPES[scales.stored], device="meta"),
+                linear.bias,
+            ))  # fmt: skip
+    return packed
 
 
 def _in_model_names(layout: LayerLayout, model: Any) -> LayerLayout:
@@ -391,7 +446,7 @@ def _assemble(
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     for module in model.modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None:
+            if buffer is not None and not buffer.is_meta:  # a packed layer's buffers: the streamer binds them
                 module._buffers[name] = buffer.to(target)
     if side is not None:
         model.encoders = [ModuleOffload(model.get_submodule(m), t, side, dtype) for m, t in layout.on_demand.items()]

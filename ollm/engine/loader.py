@@ -292,13 +292,14 @@ def _decoder_model(plan: RuntimePlan, auto_class: Any, dtype: torch.dtype) -> An
     if plan.memory.layer_streaming:
         slots = plan.memory.stream_slots or 2
         cache = plan.memory.expert_cache_bytes or 0
-        model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class, cache)
+        # Quantized layers stream packed: the loader quantizes them once into a file it then reads.
+        model = load_streamed(plan.path, dtype, plan.device, slots, attention, auto_class, cache, plan.quantization)
     else:
         extra = _dequantizing(plan)
         model = auto_class.from_pretrained(plan.path, dtype=dtype, attn_implementation=attention, **extra)
         model = model.to(plan.device).eval()
-    if plan.quantization != "none":  # causal LMs only: the plan skips it for the others
-        quantize_weights(model, plan, dtype)
+        if plan.quantization != "none":  # causal LMs only: the plan skips it for the others
+            quantize_weights(model, plan, dtype)
     if plan.dense_projection_chunk_rows and any(p.endswith(".chunked-mlp") for p in plan.applied_passes):
         chunk_mlps(model, plan.dense_projection_chunk_rows)
     return model

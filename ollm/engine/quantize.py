@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ollm.memory import INT4_GROUP, quantizable
+from ollm.packed_index import INT4_INNER_K_TILES, compute_dtype_name
 from ollm.settings import Quantization
 
-# torch's int4 CPU packing works on tiles of (inner_k_tiles x 16) inputs; ollm.memory.quantizable checks the shape.
-_INT4_INNER_K_TILES = 2
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class QuantizedLinear(nn.Module):
@@ -72,16 +72,24 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: Quantization, dtype: torch.dtype) -> QuantizedLinear:
         """Quantize ``linear``'s weight; ``dtype`` is the compute dtype (:func:`compute_dtype`)."""
-        weight = linear.weight.detach().float()
+        return cls.from_weight(linear.weight.detach(), mode, dtype, _bias(linear))
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, mode: Quantization, dtype: torch.dtype, bias: torch.Tensor | None = None
+    ) -> QuantizedLinear:
+        """Quantize an ``[out, in]`` weight (int8: a scale per row; int4: scale and zero per group)."""
+        weight = weight.float()
+        out_features, in_features = weight.shape
         if mode == "int8":
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             values = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            return cls(mode, linear.in_features, linear.out_features, values, scale.to(dtype), _bias(linear))
-        groups = weight.view(weight.shape[0], -1, INT4_GROUP)
+            return cls(mode, in_features, out_features, values, scale.to(dtype), bias)
+        groups = weight.view(out_features, -1, INT4_GROUP)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
         values = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).view_as(weight)
-        return cls.from_int4(values.to(torch.int32), scale, low + 8 * scale, dtype, _bias(linear))
+        return cls.from_int4(values.to(torch.int32), scale, low + 8 * scale, dtype, bias)
 
     @classmethod
     def from_int4(
@@ -99,9 +107,9 @@ class QuantizedLinear(nn.Module):
         if device.type == "cuda":
             # The CUDA kernel packs two values per byte first (high nibble first), then tiles.
             pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _INT4_INNER_K_TILES)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INT4_INNER_K_TILES)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, _INT4_INNER_K_TILES)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, INT4_INNER_K_TILES)
         # torch's layout: [in / group, out, 2] with scale then zero, in the activations' dtype.
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
         return cls("int4", in_features, out_features, packed, scales_and_zeros, bias)
@@ -155,8 +163,9 @@ def decoder_linears(model: Any) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
 
 
 def compute_dtype(run_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The activations' dtype in the packed kernels: bfloat16 on CPU (vectorized there), else the run dtype."""
-    return torch.bfloat16 if torch.device(device).type == "cpu" else run_dtype
+    """The activations' dtype in the packed kernels (``ollm.packed_index.compute_dtype_name``)."""
+    name = compute_dtype_name(_NAMES[run_dtype], torch.device(device).type)
+    return next(dtype for dtype, known in _NAMES.items() if known == name)
 
 
 def quantize_model(model: Any, mode: Quantization, dtype: torch.dtype | None = None) -> int:
