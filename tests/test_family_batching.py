@@ -22,6 +22,7 @@ from ollm.engine.batching import BatchingEngine
 from ollm.engine.kv_offload import OffloadedLayer
 from ollm.engine.layer_streaming import streamer_of
 from ollm.engine.loader import load_engine
+from ollm.engine.quantize import QuantizedLinear
 from ollm.generation import ErrorEvent, Event, FinalEvent, GenerationRequest, SamplingParams, TokenEvent
 from ollm.memory import FULL_ATTENTION_SLACK
 from ollm.plan import plan_model
@@ -178,6 +179,29 @@ def test_streamed_layers_offloaded_experts_and_kv_give_the_resident_tokens_alone
         assert largest >= 3
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_layers_stream_packed_and_give_the_resident_int4_tokens(
+    family: str, tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    answers = {}
+    for streaming in ("off", "on"):
+        settings = _settings(tmp_path_factory)
+        settings.runtime.quantization, settings.runtime.layer_streaming = "int4", streaming
+        plan = plan_model(str(tiny[family]), settings.runtime)
+        assert plan.quantization == "int4" and plan.memory.layer_streaming == (streaming == "on")
+        engine = load_engine(plan, settings)
+        assert isinstance(engine, BatchingEngine)
+        try:
+            if streaming == "on":
+                layer = engine.runner.model.get_decoder().layers[0]
+                assert any(isinstance(m, QuantizedLinear) for m in layer.modules())
+            together, _ = _concurrently(engine, REQUESTS)
+            answers[streaming] = [_answer(events) for events in together]
+        finally:
+            engine.close()
+    assert answers["on"] == answers["off"]
 
 
 @pytest.mark.parametrize("family", sorted(MOE))
