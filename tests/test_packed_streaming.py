@@ -15,6 +15,7 @@ from ollm.engine.layer_streaming import streamer_of
 from ollm.engine.loader import load_engine
 from ollm.engine.packed_layers import _pack
 from ollm.engine.quantize import QuantizedLinear
+from ollm.errors import OllmError
 from ollm.packed_index import PACKED_DIR
 from ollm.plan import plan_model
 from ollm.tensor_index import LayerLayout
@@ -124,3 +125,11 @@ def test_smollm2_int4_streams_its_gguf_bits_as_the_resident_model_runs_them(defa
     assert [f.text for f in streamed] == [f.text for f in resident]
     assert streamed[0].execution is not None
     assert streamed[0].execution.applied_passes == ["llama.sdpa-attention", "llama.layer-offload"]
+
+
+def test_a_packed_file_that_cannot_be_written_fails_the_load_with_what_to_do(tmp_path: Path) -> None:
+    path = write_llama_checkpoint(tmp_path / "llama", SHAPE, "bfloat16", seed=7)
+    (path / PACKED_DIR).write_text("not a directory")  # as unwritable as a read-only models dir
+    settings = _settings(path, quantization="int4", layer_streaming="on")
+    with pytest.raises(OllmError, match=r"cannot write the quantized layers of llama to .*runtime.quantization=none"):
+        load_engine(plan_model(str(path), settings.runtime), settings)
