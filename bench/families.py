@@ -183,7 +183,7 @@ def decode_rate(engine: Engine, streams: int, max_tokens: int) -> float:
 
 def measure(reference: str, levels: list[int], max_tokens: int, dtype: str) -> dict[str, float]:
     settings = load_settings({"runtime": {"dtype": dtype}, "worker": {"max_batch": max(levels)}})
-    engine = load_engine(plan_model(reference, settings.runtime), settings)
+    engine = load_engine(plan_model(reference, settings.runtime, max_batch=settings.worker.max_batch), settings)
     try:
         decode_rate(engine, 1, 4)  # warm-up
         return {str(level): decode_rate(engine, level, max_tokens) for level in levels}

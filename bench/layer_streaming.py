@@ -77,7 +77,7 @@ settings = load_settings({
                 "layer_streaming": args["layer_streaming"], "quantization": args["quantization"]},
     "worker": {"max_batch": 16},
 })
-plan = plan_model(args["model"], settings.runtime)
+plan = plan_model(args["model"], settings.runtime, max_batch=settings.worker.max_batch)
 engine = load_engine(plan, settings)
 from ollm.engine.layer_streaming import streamer_of
 streamer = streamer_of(engine.runner.model)

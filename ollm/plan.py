@@ -156,29 +156,35 @@ def plan_model(
 def _plan_max_batch(
     plan: RuntimePlan, shape: TextShape | None, setting: int | Literal["auto"], cap: int, prefill_tokens: int
 ) -> None:
-    """``plan.max_batch``: the setting, or (auto) ``cap`` sequences unless the memory the budget leaves
-    for the KV cache holds fewer: each sequence admitted holds at least one prefill step of KV."""
+    """``plan.max_batch``: the setting, or (auto) ``cap`` sequences unless what the budget leaves
+    beside the weights and one forward holds fewer, each sequence counted at one prefill step of
+    cache. That count includes what does not shrink with tokens: a linear-attention layer's state
+    (qwen3-next) is held whole by every sequence, so it bounds the batch where a token budget cannot."""
     if setting != "auto":
         plan.max_batch, plan.max_batch_reason = setting, "worker.max_batch"
         return
     memory = plan.memory
-    room = memory.kv_cache_token_limit
-    if room is None and not memory.kv_offload and shape is not None and None not in (
-        memory.budget_bytes, memory.weights_in_memory_bytes, memory.activations_bytes
-    ):
-        assert memory.budget_bytes is not None and memory.weights_in_memory_bytes is not None
-        assert memory.activations_bytes is not None
-        per_token = max(shape.kv_bytes(2, plan.dtype) - shape.kv_bytes(1, plan.dtype), 1)
-        room = max(memory.budget_bytes - memory.weights_in_memory_bytes - memory.activations_bytes, 0) // per_token
-    if room is None or room >= cap * prefill_tokens:
-        plan.max_batch = cap
-        plan.max_batch_reason = f"auto: {cap}, the most for {plan.device}" + (
-            " in batch-invariant mode" if plan.batch_invariant else ""
-        )
+    held, activations, budget = memory.weights_in_memory_bytes, memory.activations_bytes, memory.budget_bytes
+    if held is not None:
+        held += memory.expert_cache_bytes or 0  # the experts kept ready take their share of the budget first
+    plan.max_batch = cap
+    plan.max_batch_reason = f"auto: {cap}, the most for {plan.device}" + (
+        " in batch-invariant mode" if plan.batch_invariant else ""
+    )
+    if shape is None or held is None or activations is None or budget is None:
         return
-    plan.max_batch = max(room // prefill_tokens, 1)
+    by_kind = shape.kv_bytes_by_kind(prefill_tokens, plan.dtype)
+    if memory.kv_offload:  # full-attention layers' cache is on disk; the rest stays in memory
+        by_kind.pop("full_attention", None)
+        held += memory.kv_resident_bytes or 0
+    per_sequence = sum(by_kind.values())
+    room = max(budget - held - activations, 0)
+    if per_sequence == 0 or room >= cap * per_sequence:
+        return
+    plan.max_batch = max(room // per_sequence, 1)
     plan.max_batch_reason = (
-        f"auto: the budget leaves KV room for {room} tokens, {prefill_tokens} (a prefill step) a sequence"
+        f"auto: the budget leaves {human(room)} beside the weights and one forward, {human(per_sequence)} "
+        f"a sequence at one prefill step ({prefill_tokens} tokens)"
     )
 
 

@@ -383,3 +383,20 @@ def test_the_plan_counts_kv_by_layer_kind_as_the_cache_manager_holds_it(
         assert engine.caches.peak_bytes["linear_attention"] == qwen.kv_cache_bytes_by_layer_kind["linear_attention"]
     finally:
         engine.close()
+
+
+def test_auto_max_batch_counts_each_sequences_linear_attention_state(
+    tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory)
+    settings.runtime.memory_budget = 2**30
+    roomy = plan_model(str(tiny["qwen3-next"]), settings.runtime)
+    memory = roomy.memory
+    assert roomy.max_batch == 128 and memory.weights_in_memory_bytes and memory.activations_bytes
+    by_kind = memory.kv_cache_bytes_by_layer_kind
+    assert by_kind is not None and by_kind["linear_attention"] > 0
+    # One sequence at one prefill step: its full layer's 256 columns and the linear layers' whole state.
+    per_sequence = 256 * 2 * 2 * 16 * 4 + by_kind["linear_attention"]
+    settings.runtime.memory_budget = memory.weights_in_memory_bytes + memory.activations_bytes + 5 * per_sequence + 1
+    tight = plan_model(str(tiny["qwen3-next"]), settings.runtime)
+    assert tight.max_batch == 5, tight.max_batch_reason

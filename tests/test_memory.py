@@ -267,7 +267,10 @@ def test_auto_max_batch_is_what_the_budget_leaves_kv_room_for(llama_dir: Path, t
     budget = memory.weights_in_memory_bytes + memory.activations_bytes + (10 * 256 + 100) * KV_PER_TOKEN_F32
     tight = plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=budget))
     assert tight.max_batch == 10
-    assert tight.max_batch_reason == "auto: the budget leaves KV room for 2660 tokens, 256 (a prefill step) a sequence"
+    assert tight.max_batch_reason == (
+        "auto: the budget leaves 1.3 MiB beside the weights and one forward, 128.0 KiB a sequence at one prefill "
+        "step (256 tokens)"
+    )
     # Nothing left for the KV cache still decodes one sequence at a time.
     bare = memory.weights_in_memory_bytes + memory.activations_bytes
     assert plan_model(str(llama_dir), runtime(tmp_runtime, dtype="float32", memory_budget=bare)).max_batch == 1
