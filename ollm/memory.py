@@ -341,6 +341,11 @@ class MemoryPlan(BaseModel):
         "handed to attention, expanded to every query head); kv_cache_bytes then lives on disk "
         "(host memory on an accelerator).",
     )
+    batch_state_bytes: int | None = Field(
+        None,
+        description="What the other max_batch - 1 sequences hold whatever their length (a linear-attention "
+        "layer's whole state); counted in expected_peak_bytes, beside kv_cache_bytes for one request.",
+    )
     fits: bool | None = None
     enforced: bool = Field(False, description="True for an explicit budget: loading refuses to exceed it.")
     reason: str | None = None

@@ -150,7 +150,30 @@ def plan_model(
     rows = batch_cap(device, runtime.batch_invariant) if max_batch == "auto" else max_batch
     _plan_memory(plan, provider_for(facts.model_type), facts, runtime, context_tokens, prefill_tokens, rows)
     _plan_max_batch(plan, facts.shape, max_batch, rows, prefill_tokens)
+    _plan_batch_state(plan, facts.shape)
     return plan
+
+
+def _plan_batch_state(plan: RuntimePlan, shape: TextShape | None) -> None:
+    """Count what every other sequence of a full batch holds whatever its length (the KV estimate
+    is one request's): a linear-attention layer's whole state."""
+    memory = plan.memory
+    if shape is None or memory.expected_peak_bytes is None or memory.budget_bytes is None:
+        return
+    state = shape.kv_bytes_by_kind(1, plan.dtype).get("linear_attention", 0) * (plan.max_batch - 1)
+    if not state:
+        return
+    memory.batch_state_bytes = state
+    memory.expected_peak_bytes += state
+    if memory.fits and memory.expected_peak_bytes > memory.budget_bytes:
+        memory.fits = False
+        why = (
+            f"{plan.max_batch} sequences' linear-attention state ({human(state + state // (plan.max_batch - 1))}) "
+            f"brings the expected peak to {human(memory.expected_peak_bytes)}, over the budget of "
+            f"{human(memory.budget_bytes)}: lower worker.max_batch or raise the budget"
+        )
+        memory.reason = "; ".join(filter(None, [memory.reason, why]))
+        plan.fallback_reason = "; ".join(filter(None, [plan.fallback_reason, why]))
 
 
 def _plan_max_batch(

@@ -400,3 +400,25 @@ def test_auto_max_batch_counts_each_sequences_linear_attention_state(
     settings.runtime.memory_budget = memory.weights_in_memory_bytes + memory.activations_bytes + 5 * per_sequence + 1
     tight = plan_model(str(tiny["qwen3-next"]), settings.runtime)
     assert tight.max_batch == 5, tight.max_batch_reason
+
+
+def test_the_expected_peak_counts_every_sequences_linear_attention_state(
+    tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = _settings(tmp_path_factory)
+    settings.runtime.memory_budget = 2**30
+    reference = str(tiny["qwen3-next"])
+    alone = plan_model(reference, settings.runtime, max_batch=1).memory
+    four = plan_model(reference, settings.runtime, max_batch=4).memory
+    assert alone.kv_cache_bytes_by_layer_kind is not None and alone.expected_peak_bytes is not None
+    state = alone.kv_cache_bytes_by_layer_kind["linear_attention"]
+    assert (alone.batch_state_bytes, four.batch_state_bytes) == (None, 3 * state)
+    parts = [four.weights_in_memory_bytes, four.kv_cache_bytes, four.activations_bytes]
+    assert four.expected_peak_bytes == sum(part or 0 for part in parts) + 3 * state
+    # A batch whose states alone overrun the budget is said to, with what to change.
+    settings.runtime.memory_budget = alone.expected_peak_bytes + state
+    crowded = plan_model(reference, settings.runtime, max_batch=8)
+    assert crowded.memory.fits is False
+    assert crowded.fallback_reason is not None and "lower worker.max_batch" in crowded.fallback_reason
+    # gemma3 and llama hold nothing per sequence beyond their tokens.
+    assert plan_model(str(tiny["gemma3"]), settings.runtime, max_batch=8).memory.batch_state_bytes is None
