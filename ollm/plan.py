@@ -160,7 +160,8 @@ def _plan_batch_state(plan: RuntimePlan, shape: TextShape | None) -> None:
     memory = plan.memory
     if shape is None or memory.expected_peak_bytes is None or memory.budget_bytes is None:
         return
-    state = shape.kv_bytes_by_kind(1, plan.dtype).get("linear_attention", 0) * (plan.max_batch - 1)
+    one = shape.kv_bytes_by_kind(1, plan.dtype).get("linear_attention", 0)
+    state = one * (plan.max_batch - 1)
     if not state:
         return
     memory.batch_state_bytes = state
@@ -168,7 +169,7 @@ def _plan_batch_state(plan: RuntimePlan, shape: TextShape | None) -> None:
     if memory.fits and memory.expected_peak_bytes > memory.budget_bytes:
         memory.fits = False
         why = (
-            f"{plan.max_batch} sequences' linear-attention state ({human(state + state // (plan.max_batch - 1))}) "
+            f"{plan.max_batch} sequences' linear-attention state ({human(one * plan.max_batch)}) "
             f"brings the expected peak to {human(memory.expected_peak_bytes)}, over the budget of "
             f"{human(memory.budget_bytes)}: lower worker.max_batch or raise the budget"
         )

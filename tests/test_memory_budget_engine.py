@@ -10,7 +10,7 @@ from ollm.engine.base import stream
 from ollm.engine.loader import load_engine
 from ollm.generation import ErrorEvent, FinalEvent, GenerationRequest, SamplingParams
 from ollm.plan import plan_model
-from ollm.settings import RuntimeSettings, load_settings
+from ollm.settings import RuntimeSettings, Settings, load_settings
 from tests.conftest import DEFAULT_CHAT_MODEL
 from tests.together import submit_together
 
@@ -29,17 +29,22 @@ def test_prompt_under_a_budget_below_the_weights_is_refused(
     assert "weights 513.1 MiB" in result.stderr  # 134.5M parameters x 4 bytes, from the headers
 
 
-def test_kv_cache_is_capped_to_what_the_budget_leaves(
-    default_runtime: RuntimeSettings, default_model_dir: Any
-) -> None:
-    roomy = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
+def _budget_with_kv_room(runtime: RuntimeSettings, tokens: int) -> Settings:
+    """SmolLM2 in float32 under a budget of its weights and one forward plus ``tokens`` of KV cache."""
+    roomy = load_settings({"runtime": {"models_dir": runtime.models_dir, "dtype": "float32",
                                        "memory_budget": "8GiB"}})  # fmt: skip
     estimate = plan_model(DEFAULT_CHAT_MODEL, roomy.runtime).memory
     assert estimate.weights_bytes is not None and estimate.activations_bytes is not None
     per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2: 30 layers, 3 KV heads of 64, float32
-    budget = estimate.weights_bytes + estimate.activations_bytes + 64 * per_token
-    settings = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
-                                          "memory_budget": budget}})  # fmt: skip
+    budget = estimate.weights_bytes + estimate.activations_bytes + tokens * per_token
+    return load_settings({"runtime": {"models_dir": runtime.models_dir, "dtype": "float32",
+                                      "memory_budget": budget}})  # fmt: skip
+
+
+def test_kv_cache_is_capped_to_what_the_budget_leaves(
+    default_runtime: RuntimeSettings, default_model_dir: Any
+) -> None:
+    settings = _budget_with_kv_room(default_runtime, 64)
     plan = plan_model(DEFAULT_CHAT_MODEL, settings.runtime)
     assert (plan.memory.strategy, plan.memory.kv_cache_token_limit) == ("resident-capped-kv", 64)
     engine = load_engine(plan, settings)
@@ -61,15 +66,8 @@ def test_kv_cache_is_capped_to_what_the_budget_leaves(
 def test_auto_max_batch_admits_what_the_budget_leaves_kv_room_for(
     default_runtime: RuntimeSettings, default_model_dir: Any
 ) -> None:
-    roomy = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
-                                       "memory_budget": "8GiB"}})  # fmt: skip
-    estimate = plan_model(DEFAULT_CHAT_MODEL, roomy.runtime).memory
-    assert estimate.weights_bytes is not None and estimate.activations_bytes is not None
-    per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2: 30 layers, 3 KV heads of 64, float32
     # Room for three prefill steps of 256 tokens and a bit: three sequences at once.
-    budget = estimate.weights_bytes + estimate.activations_bytes + (3 * 256 + 100) * per_token
-    settings = load_settings({"runtime": {"models_dir": default_runtime.models_dir, "dtype": "float32",
-                                          "memory_budget": budget}})  # fmt: skip
+    settings = _budget_with_kv_room(default_runtime, 3 * 256 + 100)
     plan = plan_model(DEFAULT_CHAT_MODEL, settings.runtime)
     assert settings.worker.max_batch == "auto" and plan.max_batch == 3
     engine = load_engine(plan, settings)

@@ -38,6 +38,12 @@ def find_gguf(model_dir: Path) -> Path | None:
     return files[0] if files else None
 
 
+def int4_gguf(model_dir: Path, model_type: str | None) -> Path | None:
+    """The GGUF whose Q4_1 bits int4 runs as they are: a kept one, for the llama family (the only
+    one whose GGUF tensor names and row order are read here)."""
+    return find_gguf(model_dir) if model_type == "llama" else None
+
+
 def q4_1_to_int4(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw Q4_1 rows ``[out, in / 32 * 20]`` (uint8) -> values int32 ``[out, in]``, scale and zero
     float32 ``[out, in / 32]`` such that ``(values - 8) * scale + zero`` is the Q4_1 weight."""

@@ -46,11 +46,11 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from ollm.engine.expert_offload import ExpertOffload, ExpertStore, ModuleOffload
-from ollm.engine.gguf_weights import find_gguf, q4_1_projections
+from ollm.engine.gguf_weights import int4_gguf
 from ollm.engine.mxfp4 import dequantize
 from ollm.engine.packed_layers import ensure_packed
 from ollm.engine.positioned_io import pread_full, tensor_bytes
-from ollm.engine.quantize import QuantizedLinear
+from ollm.engine.quantize import RUN_DTYPE_NAMES, QuantizedLinear
 from ollm.errors import UnsupportedModelError
 from ollm.packed_index import quantized_projections
 from ollm.settings import Quantization
@@ -63,7 +63,6 @@ _TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,  # packed (quantized) layers, held as stored
 }  # fmt: skip
-_RUN_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _ALIGN = 64  # bytes: every view in a slot starts on a cache line
 
 
@@ -347,7 +346,7 @@ def load_streamed(
         layout = _packed(path, model, layout, quantization, dtype, target)
     reader = _Reader(layout.files())
     try:
-        run = _RUN_NAMES[dtype]
+        run = RUN_DTYPE_NAMES[dtype]
         filler = _Filler(reader, target, layout.staging_bytes(run, target.type))
         # Experts and encoders are read on the compute thread, while a layer may be filling in the
         # background: they have their own staging buffer.
@@ -370,11 +369,10 @@ def _packed(
         [name for name in quantized_projections(params, mode) if type(layers[number].get_submodule(name)) is nn.Linear]
         for number, params in enumerate(layout.layers)
     ]
-    gguf_file = find_gguf(path) if mode == "int4" and model.config.model_type == "llama" else None
-    gguf = (gguf_file, q4_1_projections(gguf_file, model.config)) if gguf_file else None
+    gguf_file = int4_gguf(path, model.config.model_type) if mode == "int4" else None
     reader = _Reader(layout.files())
     try:
-        filler = _Filler(reader, torch.device("cpu"), layout.staging_bytes(_RUN_NAMES[dtype], "cpu"))
+        filler = _Filler(reader, torch.device("cpu"), layout.staging_bytes(RUN_DTYPE_NAMES[dtype], "cpu"))
 
         def weight_of(number: int, name: str) -> torch.Tensor:
             param = layout.layers[number][f"{name}.weight"]
@@ -383,7 +381,7 @@ def _packed(
                 filler.fill_piece(piece, weight)
             return weight
 
-        packed = ensure_packed(path, layout, projections, mode, dtype, device, weight_of, gguf)
+        packed = ensure_packed(path, layout, projections, mode, dtype, device, weight_of, gguf_file, model.config)
     finally:
         reader.close()
     for number, names in enumerate(projections):

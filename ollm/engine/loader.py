@@ -30,7 +30,7 @@ from ollm.engine.batching import BatchingEngine, SequenceBuilder, supports_batch
 from ollm.engine.chunked_mlp import chunk_mlps
 from ollm.engine.constrained import GrammarCompiler
 from ollm.engine.decode_attention import ATTENTION as DECODE_ATTENTION
-from ollm.engine.gguf_weights import find_gguf, load_gguf_int4
+from ollm.engine.gguf_weights import int4_gguf, load_gguf_int4
 from ollm.engine.kv_offload import KVOffloadStore
 from ollm.engine.layer_streaming import load_streamed
 from ollm.engine.output import harmony_markers
@@ -199,8 +199,8 @@ def quantize_weights(model: Any, plan: RuntimePlan, dtype: torch.dtype) -> None:
     remaining decoder projections are quantized from the loaded weights."""
     assert plan.path is not None
     compute = compute_dtype(dtype, model.device)
-    gguf_file = find_gguf(plan.path) if plan.quantization == "int4" else None
-    if gguf_file is not None and plan.model_type == "llama":
+    gguf_file = int4_gguf(plan.path, plan.model_type) if plan.quantization == "int4" else None
+    if gguf_file is not None:
         load_gguf_int4(model, gguf_file, compute)
     quantize_model(model, plan.quantization, compute)
 

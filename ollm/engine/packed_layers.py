@@ -16,11 +16,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ollm.engine.gguf_weights import Int4Parts, check_gguf_shape
-from ollm.engine.quantize import QuantizedLinear, compute_dtype
+from ollm.engine.gguf_weights import Int4Parts, check_gguf_shape, q4_1_projections
+from ollm.engine.quantize import RUN_DTYPE_NAMES, QuantizedLinear, compute_dtype
 from ollm.errors import OllmError
 from ollm.packed_index import packed_header, packed_layout, packed_path, source_fingerprint
 from ollm.settings import Quantization
@@ -28,12 +29,12 @@ from ollm.tensor_index import LayerLayout
 
 log = logging.getLogger(__name__)
 
-_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Rows quantized at a time, so the float32 temporaries stay a few MiB whatever the weight. torch's
 # CPU int4 packing tiles 64 rows: chunks of 512 rows pack to exactly the rows of the whole weight.
 _ROWS = 512
 
 WeightOf = Callable[[int, str], torch.Tensor]  # (layer, projection) -> its weight, in the run dtype
+GgufInt4 = tuple[Path, dict[tuple[int, str], Callable[[], Int4Parts]]]  # a GGUF and its Q4_1 projections
 
 
 def ensure_packed(
@@ -44,13 +45,15 @@ def ensure_packed(
     dtype: torch.dtype,
     device: torch.device,
     weight_of: WeightOf,
-    gguf: tuple[Path, dict[tuple[int, str], Callable[[], Int4Parts]]] | None = None,
+    gguf_file: Path | None = None,
+    config: Any = None,
 ) -> LayerLayout:
     """``layout`` with ``projections`` read packed from the model's packed file, written first when
-    it is missing or was made from other files. ``gguf``: a Q4_1 GGUF and its projections (int4)."""
+    it is missing or was made from other files. ``gguf_file``: a Q4_1 GGUF whose bits int4 takes
+    (read only when the file is written), with the model's ``config`` (its head counts)."""
     compute = compute_dtype(dtype, device)
-    compute_name = _NAMES[compute]
-    sources = layout.files() | ({gguf[0]} if gguf else set())
+    compute_name = RUN_DTYPE_NAMES[compute]
+    sources = layout.files() | ({gguf_file} if gguf_file else set())
     header = packed_header(layout, projections, mode, device.type, compute_name, source_fingerprint(sources))
     file = packed_path(model_dir, mode, device.type, compute_name)
     packed = packed_layout(layout, file, header, projections)
@@ -61,6 +64,7 @@ def ensure_packed(
     log.info("quantizing %d projections of %s to %s once, into %s", count, model_dir.name, mode, file)
     try:
         file.parent.mkdir(exist_ok=True)
+        gguf = (gguf_file, q4_1_projections(gguf_file, config)) if gguf_file and mode == "int4" else None
         _write(file, header, packed, projections, mode, compute, device, weight_of, gguf)
     except OSError as exc:
         raise OllmError(
@@ -104,7 +108,7 @@ def _write(
     compute: torch.dtype,
     device: torch.device,
     weight_of: WeightOf,
-    gguf: tuple[Path, dict[tuple[int, str], Callable[[], Int4Parts]]] | None,
+    gguf: GgufInt4 | None,
 ) -> None:
     partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
     try:
@@ -132,12 +136,12 @@ def _pack(
     compute: torch.dtype,
     device: torch.device,
     weight_of: WeightOf,
-    gguf: tuple[Path, dict[tuple[int, str], Callable[[], Int4Parts]]] | None,
+    gguf: GgufInt4 | None,
     packed: LayerLayout,
 ) -> dict[str, torch.Tensor]:
     """One projection's packed values and scales, as ``QuantizedLinear`` holds them on ``device``."""
     layer = packed.layers[number]
-    convert = gguf[1].get((number, module)) if gguf and mode == "int4" and f"{module}.bias" not in layer else None
+    convert = gguf[1].get((number, module)) if gguf and f"{module}.bias" not in layer else None
     if convert is not None:
         assert gguf is not None
         values, scale, zero = convert()

@@ -34,7 +34,8 @@ from ollm.memory import INT4_GROUP, quantizable
 from ollm.packed_index import INT4_INNER_K_TILES, compute_dtype_name
 from ollm.settings import Quantization
 
-_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# torch dtype -> the run dtype names of settings and plans.
+RUN_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class QuantizedLinear(nn.Module):
@@ -164,8 +165,8 @@ def decoder_linears(model: Any) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
 
 def compute_dtype(run_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The activations' dtype in the packed kernels (``ollm.packed_index.compute_dtype_name``)."""
-    name = compute_dtype_name(_NAMES[run_dtype], torch.device(device).type)
-    return next(dtype for dtype, known in _NAMES.items() if known == name)
+    name = compute_dtype_name(RUN_DTYPE_NAMES[run_dtype], torch.device(device).type)
+    return next(dtype for dtype, known in RUN_DTYPE_NAMES.items() if known == name)
 
 
 def quantize_model(model: Any, mode: Quantization, dtype: torch.dtype | None = None) -> int:
